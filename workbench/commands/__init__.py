@@ -1,0 +1,13 @@
+"""Subcommands of the ``workbench`` command line, one module each (see :mod:`workbench.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_arg(parser: argparse.ArgumentParser) -> None:
+    """The ``--model`` option shared by every subcommand that loads a model."""
+    parser.add_argument("--model", "-m", default="toy-facts",
+                        help="'toy-facts' (bundled, default), a local Hugging Face folder, or a hub name")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")

@@ -1,0 +1,21 @@
+"""``workbench info``: the size of a model."""
+
+from __future__ import annotations
+
+from . import add_model_arg
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="layers, d_model, vocabulary, parameters and device of a model")
+    add_model_arg(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..loading import load_model, model_info
+
+    info = model_info(load_model(args.model, device=args.device))
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value:,}" if isinstance(value, int) else f"{key:<{width}}  {value}")
+    return 0
