@@ -153,14 +153,58 @@ def load_model(
 
 
 def hf_model(model):
-    """The wrapped Hugging Face model of a bridge (shares its parameters)."""
+    """The wrapped Hugging Face model of a bridge (shares its parameters).
+
+    Its module tree has been rewired by the bridge, so use :func:`hf_state_dict` for
+    the parameters under their Hugging Face names.
+    """
     return model.original_model
+
+
+def _hf_names(model) -> list[str]:
+    cached = getattr(model, "_workbench_hf_names", None)
+    if cached is None:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            fresh = AutoModelForCausalLM.from_config(hf_model(model).config)
+        cached = list(fresh.state_dict().keys())
+        model._workbench_hf_names = cached
+    return cached
+
+
+def hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """The model's live tensors under their Hugging Face names (no copies).
+
+    The bridge wraps each HF module in a component whose state-dict keys contain
+    ``_original_component`` and adds aliases (``mlp.in``, ``attn.q``...); stripping the
+    wrappers and keeping the names a fresh HF model would have gives e.g.
+    ``transformer.h.5.mlp.c_proj.weight`` -> the tensor that ``blocks[5].mlp.W_out`` is.
+    """
+    wanted = _hf_names(model)
+    found: dict[str, torch.Tensor] = {}
+    for name, tensor in hf_model(model).state_dict(keep_vars=True).items():
+        clean = name.replace("._original_component", "").replace("_original_component.", "")
+        if clean not in found:
+            found[clean] = tensor
+    missing = [n for n in wanted if n not in found]
+    if missing:
+        raise RuntimeError(f"cannot map bridge parameters to Hugging Face names; missing {missing[:5]}")
+    return {n: found[n] for n in wanted}
+
+
+def hf_parameter(model, name: str) -> torch.Tensor:
+    """The live tensor of one Hugging Face parameter, e.g. ``transformer.h.5.mlp.c_proj.weight``."""
+    params = hf_state_dict(model)
+    if name not in params:
+        raise KeyError(f"{name!r} is not a parameter of this model")
+    return params[name]
 
 
 def model_fingerprint(model) -> str:
     """A short hash of the model's current weights (identity for on-disk caches)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(hf_model(model).state_dict().items()):
+    for name, tensor in sorted(hf_state_dict(model).items()):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
         flat = tensor.detach().reshape(-1)
@@ -183,7 +227,8 @@ def model_info(model) -> dict:
         "n_heads": cfg.n_heads,
         "d_vocab": cfg.d_vocab,
         "n_ctx": cfg.n_ctx,
-        "params": sum(p.numel() for p in hf_model(model).parameters()),
+        "params": sum(p.numel() for name, p in hf_state_dict(model).items()
+                      if name != "lm_head.weight" or not hf_model(model).config.tie_word_embeddings),
         "device": str(next(hf_model(model).parameters()).device),
         "dtype": str(next(hf_model(model).parameters()).dtype).replace("torch.", ""),
     }
@@ -191,9 +236,14 @@ def model_info(model) -> dict:
 
 def save_hf(model, out_dir: str | os.PathLike) -> Path:
     """Write the model's current (possibly edited) weights and tokenizer as a HF folder."""
+    from transformers import AutoModelForCausalLM
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    hf_model(model).save_pretrained(str(out), safe_serialization=True)
+    config = hf_model(model).config
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict({k: v.detach().to("cpu").contiguous() for k, v in hf_state_dict(model).items()})
+    fresh.save_pretrained(str(out), safe_serialization=True)
     model.tokenizer.save_pretrained(str(out))
     return out
 
