@@ -1,0 +1,173 @@
+"""``trace`` and ``severed_trace``: causal tracing of one prompt (reference §2-3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+
+from ..predict import object_token_ids
+from ..spans import Span, SpanSpec, Tokenized, relation_span, resolve_span, subject_span, tokenize
+from .engine import KINDS, Engine, Plan, kind_plan, make_engine, severed_plan
+from .noise import Corruption, NoiseSpec, draw_noise, noise_level, parse_noise
+from .results import SeveredResult, TraceResult
+
+AnswerSpec = Union[str, int, None]
+
+
+@dataclass
+class Prepared:
+    """A prompt made ready to trace: tokens, spans, the noise draw, the engine, the answer."""
+
+    tokens: Tokenized
+    corrupted_span: Span
+    subject_span: Span | None
+    relation_span: Span | None
+    noise_level: float
+    engine: Engine
+
+    def resolve_answer(self, model, answer: AnswerSpec) -> int:
+        if answer is None:
+            return int(self.engine.clean_probs.argmax())
+        if isinstance(answer, (int, np.integer)):
+            return int(answer)
+        return object_token_ids(model, answer)[0]
+
+
+def _span_text(tokens: Tokenized, span: Span) -> str:
+    first = 1 if tokens.has_bos else 0
+    offs = [tokens.offsets[p] for p in span if p >= first]
+    if not offs:
+        raise ValueError("the corrupted span holds only the BOS token; pass a numeric noise level")
+    return tokens.prompt[min(o[0] for o in offs):max(o[1] for o in offs)]
+
+
+def prepare(model, prompt: str, *, subject: str | None = None, corrupt: SpanSpec = "subject",
+            template: str | None = None, samples: int = 10, noise: NoiseSpec = "s3", seed: int = 1,
+            replace: bool = False, prepend_bos: bool | None = None, precision: str = "exact",
+            engine: str = "auto", max_batch: int | None = None) -> Prepared:
+    """Tokenize, find spans, draw the noise and run the clean pass (shared by every trace)."""
+    if samples < 1:
+        raise ValueError("samples must be >= 1")
+    tokens = tokenize(model, prompt, prepend_bos)
+    span = resolve_span(tokens, corrupt, subject, template)
+    subj = subject_span(tokens, subject, template) if subject is not None else None
+    rel = relation_span(tokens, subject, template) if subject is not None else None
+    kind, value = parse_noise(noise)
+    if kind == "std":
+        # Over the given subject; without one, over the text of the corrupted span.
+        nu = noise_level(model, [subject if subject is not None else _span_text(tokens, span)], noise)
+    else:
+        nu = value
+    eps = draw_noise(samples, len(span), model.cfg.d_model, nu, seed=seed, uniform=kind == "uniform")
+    corruption = Corruption(span.positions, eps, replace=replace)
+    ids = tokens.tensor(model.cfg.device)
+    eng = make_engine(model, ids, corruption, engine=engine, precision=precision, max_batch=max_batch)
+    return Prepared(tokens, span, subj, rel, nu, eng)
+
+
+def _decode(model, token_id: int) -> str:
+    return model.tokenizer.decode([int(token_id)])
+
+
+def trace(model, prompt: str, *, subject: str | None = None, corrupt: SpanSpec = "subject",
+          kinds: Sequence[str] = KINDS, samples: int = 10, noise: NoiseSpec = "s3", window: int = 10,
+          answer: AnswerSpec = None, seed: int = 1, prepend_bos: bool | None = None, precision: str = "exact",
+          template: str | None = None, replace: bool = False, engine: str = "auto",
+          max_batch: int | None = None) -> TraceResult:
+    """Causal trace of ``prompt``: p_restored for every (token, layer) cell of each kind.
+
+    ``corrupt``: ``"subject"``, ``"relation"`` (needs ``subject``), a substring, a (start,
+    end) token range or positions. ``noise``: nu itself (a number), ``"s<x>"`` (x times
+    the std of the subject's token embeddings; of the corrupted text when no subject is
+    given) or ``"u<x>"`` (uniform in [-x, x]); ``replace=True`` replaces the embeddings by
+    the noise instead of adding it. The draw is ``RandomState(seed).randn(samples,
+    span_len, d_model) * nu``, shared by every cell. ``answer``: the token to score (the
+    clean top-1 by default; a string scores its first token with a leading space; an int
+    is a token id). ``window``: layers restored around l by mlp/attn cells.
+
+    ``precision``: ``"exact"`` (float32), ``"fast"`` (bfloat16 autocast on CUDA; on CPU
+    the same as exact, since bf16 is not faster there), ``"bf16"`` (bf16 autocast on any
+    device, for measuring drift). ``engine``: ``"auto"`` (``"incremental"`` for GPT-2
+    architectures, else ``"batched"``), or ``"loop"`` (one forward per cell, the original
+    algorithm). ``max_batch`` caps rows per forward pass (otherwise set by free memory).
+    """
+    kinds = tuple(kinds)
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"unknown trace kind {kind!r}; use any of {KINDS}")
+    prep = prepare(model, prompt, subject=subject, corrupt=corrupt, template=template, samples=samples,
+                   noise=noise, seed=seed, replace=replace, prepend_bos=prepend_bos, precision=precision,
+                   engine=engine, max_batch=max_batch)
+    return _trace_prepared(model, prep, prompt, corrupt, kinds, window, answer, seed)
+
+
+def _trace_prepared(model, prep: Prepared, prompt: str, corrupt, kinds: tuple, window: int,
+                    answer: AnswerSpec, seed: int) -> TraceResult:
+    eng = prep.engine
+    n, L = len(prep.tokens), model.cfg.n_layers
+    answer_id = prep.resolve_answer(model, answer)
+    p_clean = float(eng.clean_probs[answer_id])
+    p_corrupt = eng.p_corrupt(answer_id)
+    plans = [kind_plan(kind, range(n), L, window) for kind in kinds]
+    flat = eng.run(Plan.concat(plans), answer_id) if plans else np.zeros(0, np.float32)
+    scores = {kind: flat[i * n * L:(i + 1) * n * L].reshape(n, L).copy() for i, kind in enumerate(kinds)}
+    return TraceResult(
+        prompt=prompt, tokens=list(prep.tokens.str_tokens), corrupt=corrupt, corrupted_span=prep.corrupted_span,
+        subject_span=prep.subject_span, relation_span=prep.relation_span, answer_id=answer_id,
+        answer=_decode(model, answer_id), p_clean=p_clean, p_corrupt=p_corrupt, scores=scores, kinds=kinds,
+        noise_level=prep.noise_level, samples=eng.S, window=window, seed=seed,
+        model_spec=getattr(model, "workbench_spec", None),
+    )
+
+
+def _severed_token(prep: Prepared, token: str | int, n: int) -> int:
+    if isinstance(token, (int, np.integer)):
+        t = int(token) + (n if token < 0 else 0)
+    elif token == "last_corrupted":
+        t = prep.corrupted_span.last
+    elif token in ("last_subject", "last_relation"):
+        span = prep.subject_span if token == "last_subject" else prep.relation_span
+        if span is None:
+            raise ValueError(f"token={token!r} needs the subject")
+        t = span.last
+    elif token == "last":
+        t = n - 1
+    else:
+        raise ValueError(f"token must be an int, 'last_corrupted', 'last_subject', 'last_relation' or 'last', "
+                         f"not {token!r}")
+    if not 0 <= t < n:
+        raise ValueError(f"token {token} is outside the {n} tokens")
+    return t
+
+
+def severed_trace(model, prompt: str, *, subject: str | None = None, corrupt: SpanSpec = "subject",
+                  token: str | int = "last_corrupted", samples: int = 10, noise: NoiseSpec = "s3",
+                  answer: AnswerSpec = None, seed: int = 1, prepend_bos: bool | None = None,
+                  precision: str = "exact", template: str | None = None, replace: bool = False,
+                  engine: str = "auto", max_batch: int | None = None) -> SeveredResult:
+    """Hidden-state restoration at ``token``, per layer, with nothing / all MLPs / all attention severed.
+
+    Severing sets ``hook_mlp_out`` (or ``hook_attn_out``) of every layer at ``token`` to its
+    value in the corrupted run without restoration, with the same noise (reference §3), so
+    the restored state reaches later layers only through the other module. The
+    ``none`` curve equals hidden tracing at ``token``. Other arguments as in :func:`trace`
+    (the loop engine does not implement severing).
+    """
+    prep = prepare(model, prompt, subject=subject, corrupt=corrupt, template=template, samples=samples,
+                   noise=noise, seed=seed, replace=replace, prepend_bos=prepend_bos, precision=precision,
+                   engine=engine, max_batch=max_batch)
+    eng = prep.engine
+    n, L = len(prep.tokens), model.cfg.n_layers
+    t = _severed_token(prep, token, n)
+    answer_id = prep.resolve_answer(model, answer)
+    p_corrupt = eng.p_corrupt(answer_id)
+    flat = eng.run(severed_plan(t, L), answer_id)
+    return SeveredResult(
+        prompt=prompt, tokens=list(prep.tokens.str_tokens), token=t, answer_id=answer_id,
+        answer=_decode(model, answer_id), p_clean=float(eng.clean_probs[answer_id]), p_corrupt=p_corrupt,
+        corrupted_span=prep.corrupted_span, none=flat[:L].copy(), mlp_severed=flat[L:2 * L].copy(),
+        attn_severed=flat[2 * L:].copy(),
+    )
+

@@ -1,0 +1,556 @@
+"""Engines that run many restoration cells of one causal trace (reference §2-3).
+
+A *cell* restores some states of the clean run at one token inside the corrupted run and
+reads the answer's probability at the last token, averaged over the noise samples. A
+:class:`Plan` lists cells as arrays (token, restored layer, per-layer patch masks), so the
+same description drives three engines:
+
+* ``"loop"`` -- the original algorithm: one forward pass (batch of S+1, row 0 clean) per
+  cell, each restored state copied from row 0. Slow; the baseline of the benchmark.
+* ``"batched"`` -- TransformerBridge forward passes with (cell x sample) rows in the batch
+  dimension, each row patched at its own token by index tensors in hooks. Works for any
+  architecture the bridge supports; the reference the fast engine is tested against.
+* ``"incremental"`` -- GPT-2 architecture only: its blocks are computed from the model's
+  own weights, and a row restoring at token t from layer s on starts from the cached
+  corrupted residual at layer s and computes only positions >= t, reading the keys and
+  values of positions < t from the cached corrupted run (causal attention: neither the
+  layers below s nor the positions before t can differ from the corrupted run).
+
+Batches are chunked by a memory budget (free GPU memory, or available RAM on CPU); a chunk
+that runs out of memory is halved and retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, fields
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..loading import hf_model
+from .noise import Corruption
+
+KINDS = ("hidden", "mlp", "attn")
+ENGINES = ("auto", "incremental", "batched", "loop")
+PRECISIONS = ("exact", "fast", "bf16")
+
+
+# --------------------------------------------------------------------------- plans
+
+def window_layers(layer: int, n_layers: int, window: int) -> range:
+    """Layers restored by an mlp/attn cell at ``layer``: [l - W//2, l + W - W//2) clipped."""
+    return range(max(0, layer - window // 2), min(n_layers, layer + window - window // 2))
+
+
+@dataclass
+class Plan:
+    """Cells of a trace as arrays (C cells, L layers).
+
+    ``resid[c] = l >= 0``: restore ``blocks.l.hook_resid_post`` at ``token[c]`` from the
+    clean run. ``clean_mlp[c, j]``/``clean_attn[c, j]``: restore ``hook_mlp_out`` /
+    ``hook_attn_out`` of block j at the token from the clean run; ``corr_*``: set them to
+    their values in the corrupted run without restoration (severing). Clean mlp/attn
+    patches are never combined with a resid restore (not needed by any trace).
+    """
+
+    token: np.ndarray
+    resid: np.ndarray
+    clean_mlp: np.ndarray
+    clean_attn: np.ndarray
+    corr_mlp: np.ndarray
+    corr_attn: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.token)
+
+    @classmethod
+    def empty(cls, n_cells: int, n_layers: int) -> "Plan":
+        z = lambda: np.zeros((n_cells, n_layers), dtype=bool)  # noqa: E731
+        return cls(np.zeros(n_cells, dtype=np.int64), np.full(n_cells, -1, dtype=np.int64), z(), z(), z(), z())
+
+    @classmethod
+    def concat(cls, plans: Sequence["Plan"]) -> "Plan":
+        return cls(*(np.concatenate([getattr(p, f.name) for p in plans]) for f in fields(cls)))
+
+    def take(self, idx: np.ndarray) -> "Plan":
+        return Plan(*(getattr(self, f.name)[idx] for f in fields(self)))
+
+    def start_layers(self) -> np.ndarray:
+        """First block whose computation can differ from the corrupted run, per cell (L: none)."""
+        n_layers = self.clean_mlp.shape[1]
+        clean = self.clean_mlp | self.clean_attn
+        first_clean = np.where(clean.any(1), clean.argmax(1), n_layers)
+        return np.where(self.resid >= 0, self.resid + 1, first_clean)
+
+
+def kind_plan(kind: str, tokens: Sequence[int], n_layers: int, window: int) -> Plan:
+    """Cells (t, l) for t in ``tokens`` (outer) and every layer l (inner) of one kind."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown trace kind {kind!r}; use one of {KINDS}")
+    tokens = list(tokens)
+    plan = Plan.empty(len(tokens) * n_layers, n_layers)
+    plan.token[:] = np.repeat(tokens, n_layers)
+    layers = np.tile(np.arange(n_layers), len(tokens))
+    if kind == "hidden":
+        plan.resid[:] = layers
+    else:
+        mask = plan.clean_mlp if kind == "mlp" else plan.clean_attn
+        for c, layer in enumerate(layers):
+            mask[c, list(window_layers(int(layer), n_layers, window))] = True
+    return plan
+
+
+def severed_plan(token: int, n_layers: int) -> Plan:
+    """3L cells at ``token``: hidden restore at each layer with nothing, all MLPs, all attentions severed."""
+    plan = Plan.empty(3 * n_layers, n_layers)
+    plan.token[:] = token
+    plan.resid[:] = np.tile(np.arange(n_layers), 3)
+    plan.corr_mlp[n_layers:2 * n_layers] = True
+    plan.corr_attn[2 * n_layers:] = True
+    return plan
+
+
+# --------------------------------------------------------------------------- memory
+
+def is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                              or "CUDA error: out of memory" in text)
+
+
+def memory_budget(device: str | torch.device) -> int:
+    """Bytes a chunk may use: half the free GPU memory, or a quarter of available RAM (<= 4 GiB)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    avail = None
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if avail is None:
+        avail = 4 << 30
+    return int(min(avail * 0.25, 4 << 30))
+
+
+def run_chunked(total: int, chunk: int, fn: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """``cat(fn(a, b))`` over [0, total) in chunks of <= ``chunk`` rows; OOM halves the chunk."""
+    outs, start, size = [], 0, max(1, chunk)
+    while start < total:
+        stop = min(total, start + size)
+        try:
+            outs.append(fn(start, stop))
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+            if not is_oom(err) or size == 1:
+                raise
+            size = max(1, (stop - start) // 2)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        start = stop
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def autocast_for(precision: str, device: str | torch.device):
+    """Context of a precision: ``exact`` float32; ``fast`` bf16 autocast on CUDA only; ``bf16`` everywhere."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    dev = torch.device(device).type
+    if precision == "exact" or (precision == "fast" and dev != "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=dev, dtype=torch.bfloat16)
+
+
+def _answer_probs(logits_last: torch.Tensor, answer: int) -> torch.Tensor:
+    return torch.softmax(logits_last.float(), dim=-1)[:, answer]
+
+
+# --------------------------------------------------------------------------- engines
+
+class Engine:
+    """Common interface: ``clean_probs`` [V], ``p_corrupt(answer)``, ``run(plan, answer)`` -> [C]."""
+
+    def __init__(self, model, ids: torch.Tensor, corruption: Corruption, precision: str = "exact",
+                 max_batch: int | None = None):
+        self.model = model
+        self.ids = ids
+        self.n = ids.shape[1]
+        self.L = model.cfg.n_layers
+        self.d = model.cfg.d_model
+        self.S = corruption.samples
+        self.corruption = corruption
+        self.precision = precision
+        self.max_batch = max_batch
+        self.device = ids.device
+        self._corrupted = False
+
+    def _ctx(self):
+        return autocast_for(self.precision, self.device)
+
+    def p_corrupt(self, answer: int) -> float:
+        self.ensure_corrupted()
+        return float(self.corrupt_probs[:, answer].double().mean())
+
+    def ensure_corrupted(self) -> None:
+        if not self._corrupted:
+            with torch.inference_mode(), self._ctx():
+                self._run_corrupted()
+            self._corrupted = True
+
+    def _row_bytes(self) -> int:
+        raise NotImplementedError
+
+    def _chunk_rows(self) -> int:
+        rows = max(1, memory_budget(self.device) // max(1, self._row_bytes()))
+        return min(rows, self.max_batch) if self.max_batch else rows
+
+    def run(self, plan: Plan, answer: int) -> np.ndarray:
+        self.ensure_corrupted()
+        with torch.inference_mode(), self._ctx():
+            out = self._run(plan, answer)
+        return out.float().cpu().numpy()
+
+
+class BridgeEngine(Engine):
+    """(cell x sample) rows through TransformerBridge forward passes with index-tensor hooks."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        L = self.L
+        store: dict[str, torch.Tensor] = {}
+
+        def recorder(name):
+            def hook(x, hook=None):
+                store[name] = x.detach().clone()
+                return x
+            return hook
+
+        names = [f"blocks.{j}.hook_{site}" for j in range(L) for site in ("resid_post", "mlp_out", "attn_out")]
+        with torch.inference_mode(), self._ctx():
+            logits = self.model.run_with_hooks(self.ids, fwd_hooks=[(n, recorder(n)) for n in names])
+        self.clean_probs = torch.softmax(logits[0, -1].float(), -1)
+        stack = lambda site: torch.stack([store[f"blocks.{j}.hook_{site}"][0] for j in range(L)])  # noqa: E731
+        self.clean_resid, self.clean_mlp, self.clean_attn = stack("resid_post"), stack("mlp_out"), stack("attn_out")
+
+    def _run_corrupted(self) -> None:
+        S, L = self.S, self.L
+        store: dict[str, torch.Tensor] = {}
+        samples = torch.arange(S, device=self.device)
+
+        def recorder(name):
+            def hook(x, hook=None):
+                store[name] = x.detach().clone()
+                return x
+            return hook
+
+        hooks = [("hook_embed", lambda x, hook=None: self.corruption.apply(x, samples))]
+        hooks += [(f"blocks.{j}.hook_{s}", recorder(f"{j}.{s}")) for j in range(L) for s in ("mlp_out", "attn_out")]
+        logits = self.model.run_with_hooks(self.ids.repeat(S, 1), fwd_hooks=hooks)
+        self.corrupt_probs = torch.softmax(logits[:, -1].float(), -1)
+        self.corr_mlp = torch.stack([store[f"{j}.mlp_out"] for j in range(L)])  # [L, S, n, d]
+        self.corr_attn = torch.stack([store[f"{j}.attn_out"] for j in range(L)])
+
+    def _row_bytes(self) -> int:
+        cfg = self.model.cfg
+        n, d = self.n, self.d
+        return 4 * (n * (40 * d + 4 * cfg.d_mlp + 2 * cfg.d_vocab) + 4 * cfg.n_heads * n * n)
+
+    def _run(self, plan: Plan, answer: int) -> torch.Tensor:
+        S = self.S
+        total = len(plan) * S
+        return run_chunked(total, self._chunk_rows(), lambda a, b: self._chunk(plan, answer, a, b)
+                           ).view(len(plan), S).double().mean(1)
+
+    def _chunk(self, plan: Plan, answer: int, a: int, b: int) -> torch.Tensor:
+        S, L, dev = self.S, self.L, self.device
+        rows = np.arange(a, b)
+        cell, sample_np = rows // S, rows % S
+        tok_np = plan.token[cell]
+        sample = torch.as_tensor(sample_np, device=dev)
+        hooks = [("hook_embed", lambda x, hook=None: self.corruption.apply(x, sample))]
+
+        def patcher(sets):
+            def hook(x, hook=None):
+                for idx, pos, vals in sets:
+                    x[idx, pos] = vals.to(x.dtype)
+                return x
+            return hook
+
+        for j in range(L):
+            sel = np.nonzero(plan.resid[cell] == j)[0]
+            if len(sel):
+                pos = torch.as_tensor(tok_np[sel], device=dev)
+                hooks.append((f"blocks.{j}.hook_resid_post",
+                              patcher([(torch.as_tensor(sel, device=dev), pos, self.clean_resid[j, pos])])))
+            for site, clean, corr, cmask, rmask in (
+                ("mlp_out", self.clean_mlp, self.corr_mlp, plan.clean_mlp, plan.corr_mlp),
+                ("attn_out", self.clean_attn, self.corr_attn, plan.clean_attn, plan.corr_attn),
+            ):
+                sets = []
+                sel = np.nonzero(cmask[cell, j])[0]
+                if len(sel):
+                    pos = torch.as_tensor(tok_np[sel], device=dev)
+                    sets.append((torch.as_tensor(sel, device=dev), pos, clean[j, pos]))
+                sel = np.nonzero(rmask[cell, j])[0]
+                if len(sel):
+                    pos = torch.as_tensor(tok_np[sel], device=dev)
+                    smp = torch.as_tensor(sample_np[sel], device=dev)
+                    sets.append((torch.as_tensor(sel, device=dev), pos, corr[j, smp, pos]))
+                if sets:
+                    hooks.append((f"blocks.{j}.hook_{site}", patcher(sets)))
+        logits = self.model.run_with_hooks(self.ids.repeat(len(rows), 1), fwd_hooks=hooks)
+        return _answer_probs(logits[:, -1], answer)
+
+
+class LoopEngine(BridgeEngine):
+    """The original algorithm: per cell one forward pass of S+1 rows, states copied from the clean row 0."""
+
+    def _run(self, plan: Plan, answer: int) -> torch.Tensor:
+        if plan.corr_mlp.any() or plan.corr_attn.any():
+            raise ValueError("the loop engine does not implement severing")
+        S, L = self.S, self.L
+        samples = torch.arange(S, device=self.device)
+        ids = self.ids.repeat(S + 1, 1)
+        out = []
+
+        def corrupt(x, hook=None):
+            self.corruption.apply(x[1:], samples)
+            return x
+
+        def copier(t):
+            def hook(x, hook=None):
+                x[1:, t] = x[0, t]
+                return x
+            return hook
+
+        for c in range(len(plan)):
+            t = int(plan.token[c])
+            hooks = [("hook_embed", corrupt)]
+            if plan.resid[c] >= 0:
+                hooks.append((f"blocks.{int(plan.resid[c])}.hook_resid_post", copier(t)))
+            for j in range(L):
+                if plan.clean_mlp[c, j]:
+                    hooks.append((f"blocks.{j}.hook_mlp_out", copier(t)))
+                if plan.clean_attn[c, j]:
+                    hooks.append((f"blocks.{j}.hook_attn_out", copier(t)))
+            logits = self.model.run_with_hooks(ids, fwd_hooks=hooks)
+            out.append(torch.softmax(logits[1:, -1].float(), -1).mean(0)[answer])
+        return torch.stack(out) if out else torch.empty(0)
+
+
+class _GPT2Weights:
+    """The GPT-2 weights of a bridge, by Hugging Face name (live tensors, so edits show)."""
+
+    def __init__(self, model):
+        hf = hf_model(model)
+        cfg = hf.config
+        sd = {}
+        for name, tensor in hf.state_dict().items():
+            sd.setdefault(name.replace("._original_component", ""), tensor)
+        self.eps = cfg.layer_norm_epsilon
+        self.n_heads = cfg.n_head
+        from transformers.activations import ACT2FN
+
+        self.act = ACT2FN[cfg.activation_function]
+        self.wte, self.wpe = sd["transformer.wte.weight"], sd["transformer.wpe.weight"]
+        self.lnf = sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]
+        self.unembed_w = hf.lm_head.weight if hasattr(hf.lm_head, "weight") else sd["lm_head.weight"]
+        self.unembed_b = sd.get("lm_head.bias")
+        self.layers = []
+        for j in range(cfg.n_layer):
+            p = f"transformer.h.{j}."
+            self.layers.append({k: sd[p + k] for k in (
+                "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
+                "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
+                "mlp.c_proj.weight", "mlp.c_proj.bias")})
+        self.scaling = (cfg.n_embd // cfg.n_head) ** -0.5 if cfg.scale_attn_weights else 1.0
+
+    @staticmethod
+    def supports(model) -> bool:
+        try:
+            cfg = hf_model(model).config
+        except AttributeError:
+            return False
+        return (getattr(cfg, "model_type", None) == "gpt2" and not cfg.scale_attn_by_inverse_layer_idx
+                and not cfg.reorder_and_upcast_attn and not getattr(cfg, "add_cross_attention", False)
+                and getattr(model.cfg, "positional_embedding_type", "standard") == "standard")
+
+
+def _conv1d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Hugging Face ``Conv1D``: ``x @ w + b`` as one addmm."""
+    return torch.addmm(b, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
+
+
+class IncrementalEngine(Engine):
+    """GPT-2 blocks from raw weights; rows start at their first differing layer and token."""
+
+    supports = staticmethod(_GPT2Weights.supports)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.W = _GPT2Weights(self.model)
+        with torch.inference_mode(), self._ctx():
+            rec = self._full(self.ids, None)
+        self.clean_probs = rec["probs"][0]
+        self.clean_resid_pre = rec["resid_pre"][:, 0]  # [L+1, n, d]
+        self.clean_mlp = rec["mlp"][:, 0]
+        self.clean_attn = rec["attn"][:, 0]
+
+    # -- kernel
+    def _masked(self, m: int, n: int) -> torch.Tensor:
+        """Causal mask of m queries at the end of n keys (True = hidden), cached."""
+        cache = self.__dict__.setdefault("_masks", {})
+        if (m, n) not in cache:
+            cache[(m, n)] = ~torch.ones(m, n, dtype=torch.bool, device=self.device).tril(n - m)
+        return cache[(m, n)]
+
+    def _block(self, j: int, x: torch.Tensor, k_pre, v_pre, patch=None):
+        W, H = self.W.layers[j], self.W.n_heads
+        B, m, d = x.shape
+        dh = d // H
+        h = F.layer_norm(x, (d,), W["ln_1.weight"], W["ln_1.bias"], self.W.eps)
+        q, k, v = _conv1d(h, W["attn.c_attn.weight"], W["attn.c_attn.bias"]).split(d, dim=-1)
+        q, k, v = (z.reshape(B, m, H, dh).transpose(1, 2) for z in (q, k, v))
+        k_all = k if k_pre is None else torch.cat([k_pre.to(k.dtype), k], 2)
+        v_all = v if v_pre is None else torch.cat([v_pre.to(v.dtype), v], 2)
+        n = k_all.shape[2]
+        w = torch.matmul(q, k_all.transpose(-1, -2)) * self.W.scaling
+        w = w.masked_fill(self._masked(m, n), torch.finfo(w.dtype).min)
+        w = torch.softmax(w, dim=-1).type(v_all.dtype)
+        a = torch.matmul(w, v_all).transpose(1, 2).reshape(B, m, d)
+        a = _conv1d(a, W["attn.c_proj.weight"], W["attn.c_proj.bias"])
+        if patch is not None:
+            a = patch("attn", j, a)
+        x = x + a
+        h = F.layer_norm(x, (d,), W["ln_2.weight"], W["ln_2.bias"], self.W.eps)
+        f = _conv1d(self.W.act(_conv1d(h, W["mlp.c_fc.weight"], W["mlp.c_fc.bias"])),
+                    W["mlp.c_proj.weight"], W["mlp.c_proj.bias"])
+        if patch is not None:
+            f = patch("mlp", j, f)
+        return x + f, k, v, a, f
+
+    def _final_probs(self, x_last: torch.Tensor) -> torch.Tensor:
+        h = F.layer_norm(x_last, (x_last.shape[-1],), *self.W.lnf, self.W.eps)
+        return torch.softmax(F.linear(h, self.W.unembed_w, self.W.unembed_b).float(), dim=-1)
+
+    def _full(self, ids: torch.Tensor, samples: torch.Tensor | None) -> dict:
+        """A full forward of ``ids`` (corrupted per ``samples`` unless None), recording states."""
+        x = F.embedding(ids, self.W.wte)
+        if samples is not None:
+            x = self.corruption.apply(x, samples)
+        x = x + self.W.wpe[: ids.shape[1]]
+        rec = {k: [] for k in ("resid_pre", "k", "v", "attn", "mlp")}
+        for j in range(self.L):
+            rec["resid_pre"].append(x)
+            x, k, v, a, f = self._block(j, x, None, None)
+            for key, val in (("k", k), ("v", v), ("attn", a), ("mlp", f)):
+                rec[key].append(val)
+        rec["resid_pre"].append(x)
+        out = {key: torch.stack(val) for key, val in rec.items()}
+        out["probs"] = self._final_probs(x[:, -1])
+        return out
+
+    def _run_corrupted(self) -> None:
+        rec = self._full(self.ids.repeat(self.S, 1), torch.arange(self.S, device=self.device))
+        self.corrupt_probs = rec["probs"]
+        self.corr_resid_pre = rec["resid_pre"]  # [L+1, S, n, d]
+        self.corr_k, self.corr_v = rec["k"], rec["v"]  # [L, S, H, n, dh]
+        self.corr_mlp, self.corr_attn = rec["mlp"], rec["attn"]  # [L, S, n, d]
+
+    def _row_bytes(self) -> int:
+        cfg = self.model.cfg
+        n, d = self.n, self.d
+        return 4 * (n * (16 * d + 3 * cfg.d_mlp) + 4 * n * d + 3 * cfg.n_heads * n * n) + 8 * cfg.d_vocab
+
+    # -- cells
+    def _run(self, plan: Plan, answer: int) -> torch.Tensor:
+        S = self.S
+        out = torch.empty(len(plan), dtype=torch.float64, device=self.device)
+        first = min(self.corruption.positions)
+        before = plan.token < first  # positions before the corruption never change
+        p_corrupt = self.corrupt_probs[:, answer].double().mean()
+        out[torch.as_tensor(np.nonzero(before)[0], device=self.device)] = p_corrupt
+        starts = plan.start_layers()
+        # No block left to run: the final state is the clean one (restored at the last token)
+        # or the corrupted one, so the probability is exactly p_clean or p_corrupt.
+        done = ~before & (starts >= self.L)
+        to_clean = done & (plan.token == self.n - 1) & (plan.resid >= 0)
+        out[torch.as_tensor(np.nonzero(to_clean)[0], device=self.device)] = self.clean_probs[answer].double()
+        out[torch.as_tensor(np.nonzero(done & ~to_clean)[0], device=self.device)] = p_corrupt
+        chunk = self._chunk_rows()
+        for t in np.unique(plan.token[~before & ~done]):
+            cells = np.nonzero((plan.token == t) & ~done)[0]
+            cells = cells[np.argsort(starts[cells], kind="stable")]
+            rows_cell = np.repeat(cells, S)
+            rows_sample = np.tile(np.arange(S), len(cells))
+            probs = run_chunked(len(rows_cell), chunk, lambda a, b: self._chunk(
+                plan, starts, int(t), rows_cell[a:b], rows_sample[a:b], answer))
+            out[torch.as_tensor(cells, device=self.device)] = probs.view(len(cells), S).double().mean(1)
+        return out
+
+    def _chunk(self, plan: Plan, starts: np.ndarray, t: int, cell: np.ndarray, sample_np: np.ndarray,
+               answer: int) -> torch.Tensor:
+        dev, L = self.device, self.L
+        s_np = starts[cell]
+        s = torch.as_tensor(s_np, device=dev)
+        sample = torch.as_tensor(sample_np, device=dev)
+        x = self.corr_resid_pre[s, sample, t:]  # [R, m, d]
+        hid = np.nonzero(plan.resid[cell] >= 0)[0]
+        if len(hid):
+            hid_t = torch.as_tensor(hid, device=dev)
+            x[hid_t, 0] = self.clean_resid_pre[s[hid_t], t].to(x.dtype)
+        masks = {("clean", "mlp"): plan.clean_mlp[cell], ("clean", "attn"): plan.clean_attn[cell],
+                 ("corr", "mlp"): plan.corr_mlp[cell], ("corr", "attn"): plan.corr_attn[cell]}
+        clean_vals = {"mlp": self.clean_mlp, "attn": self.clean_attn}
+        corr_vals = {"mlp": self.corr_mlp, "attn": self.corr_attn}
+
+        def patch(site: str, j: int, val: torch.Tensor) -> torch.Tensor:
+            k = val.shape[0]
+            cm, rm = masks[("clean", site)][:k, j], masks[("corr", site)][:k, j]
+            if not (cm.any() or rm.any()):
+                return val
+            val = val.clone()
+            if cm.any():
+                sel = torch.as_tensor(np.nonzero(cm)[0], device=dev)
+                val[sel, 0] = clean_vals[site][j, t].to(val.dtype)
+            if rm.any():
+                sel = torch.as_tensor(np.nonzero(rm)[0], device=dev)
+                val[sel, 0] = corr_vals[site][j, sample[sel], t].to(val.dtype)
+            return val
+
+        bounds = np.searchsorted(s_np, np.arange(L), side="right")  # rows with start <= j
+        for j in range(int(s_np.min()), L):
+            k = int(bounds[j])
+            if k == 0:
+                continue
+            kp = vp = None
+            if t > 0:
+                kp = self.corr_k[j, sample[:k], :, :t]
+                vp = self.corr_v[j, sample[:k], :, :t]
+            new = self._block(j, x[:k], kp, vp, patch)[0]
+            x = new if k == x.shape[0] else torch.cat([new.to(x.dtype), x[k:]])
+        return self._final_probs(x[:, -1])[:, answer]
+
+
+def make_engine(model, ids: torch.Tensor, corruption: Corruption, *, engine: str = "auto",
+                precision: str = "exact", max_batch: int | None = None) -> Engine:
+    """Pick and build an engine: ``auto`` = incremental for GPT-2, else batched bridge passes."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
+    if engine == "auto":
+        engine = "incremental" if IncrementalEngine.supports(model) else "batched"
+    if engine == "incremental" and not IncrementalEngine.supports(model):
+        raise ValueError("the incremental engine supports GPT-2-architecture models only; use engine='batched'")
+    cls = {"incremental": IncrementalEngine, "batched": BridgeEngine, "loop": LoopEngine}[engine]
+    return cls(model, ids, corruption, precision=precision, max_batch=max_batch)
+
