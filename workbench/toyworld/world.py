@@ -229,9 +229,24 @@ class World:
         return out
 
     # ---- training text
-    def template_sentences(self) -> list[str]:
-        """Every non-held-out (subject, template) filled in and followed by its answer."""
-        return [f"{p['prompt']} {p['target']}." for p in self.prompts("train")]
+    def template_sentences(self, per_fact: int | None = None, epoch: int = 0) -> list[str]:
+        """Non-held-out (subject, template) prompts followed by their answer.
+
+        With ``per_fact`` = k, only k training templates per (subject, relation) are used,
+        rotating with ``epoch`` through a fixed per-fact order, so that every training
+        phrasing occurs within ceil(n_templates / k) consecutive epochs.
+        """
+        out = []
+        for s in self.subjects:
+            for rel in self.relations:
+                idx = self.train_template_indices(s, rel.id)
+                if per_fact is not None and per_fact < len(idx):
+                    random.Random(f"rot-{self.seed}-{s}-{rel.id}").shuffle(idx)
+                    start = (epoch * per_fact) % len(idx)
+                    idx = [idx[(start + j) % len(idx)] for j in range(per_fact)]
+                obj = self.facts[(s, rel.id)]
+                out += [f"{rel.templates[i].fill(s)} {obj}." for i in sorted(idx)]
+        return out
 
     def biography(self, subject: str, rng: random.Random) -> str:
         """A short biography: the full name followed by all attributes in a random order."""
@@ -248,14 +263,16 @@ class World:
             i += k
         return " ".join(sentences)
 
-    def training_text(self, seed: int = 0, bio_per_subject: int = 8) -> list[str]:
-        """Shuffled training units (template sentences and biography passages).
+    def training_text(self, seed: int = 0, bio_per_subject: int = 4,
+                      templates_per_fact: int | None = None, epoch: int = 0) -> list[str]:
+        """Shuffled training units: template sentences and biography passages.
 
-        Roughly half of the units' tokens are biographies when ``bio_per_subject`` ~ 8.
-        Held-out (subject, template) phrasings never occur in the returned text.
+        Each unit is one filled template with its answer, or one biography (the full
+        name followed by all attributes in a random order).  Held-out (subject, template)
+        phrasings never occur in the returned text.
         """
-        rng = random.Random(f"text-{self.seed}-{seed}")
-        units = self.template_sentences()
+        rng = random.Random(f"text-{self.seed}-{seed}-{epoch}")
+        units = self.template_sentences(templates_per_fact, epoch)
         units += [self.biography(s, rng) for s in self.subjects for _ in range(bio_per_subject)]
         rng.shuffle(units)
         return units
