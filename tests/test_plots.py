@@ -1,0 +1,321 @@
+"""Figures: traces, axes, hover data, colours, and offline HTML export.
+
+Structure tests use small hand-built result objects shaped like tracing's results (so
+they pin the figure layout independently of tracing's numbers); the tests at the end
+draw real traces of a tiny random model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from workbench import plots
+from workbench.plots import (edit_eval_long, external_references, figure_html, plot_aie, plot_attention,
+                             plot_edit_eval, plot_severed, plot_trace, save_html, span_text, token_labels)
+from workbench.spans import Span
+
+TOKENS = ["<|endoftext|>", "The", " mother", " tongue", " of", " Varo", " Kel", "tin", " is"]
+BUCKETS = ("first subject token", "middle subject tokens", "last subject token",
+           "first subsequent token", "further tokens", "last token")
+
+
+@dataclass
+class FakeTrace:
+    prompt: str = "The mother tongue of Varo Keltin is"
+    tokens: list = field(default_factory=lambda: list(TOKENS))
+    corrupt: str = "subject"
+    corrupted_span: Span = Span((5, 6, 7))
+    subject_span: Span = Span((5, 6, 7))
+    relation_span: Span = Span((1, 2, 3, 4, 8))
+    answer_id: int = 7
+    answer: str = " French"
+    p_clean: float = 0.8
+    p_corrupt: float = 0.1
+    scores: dict = None
+    kinds: tuple = ("hidden", "mlp", "attn")
+    noise_level: float = 0.3
+    samples: int = 10
+    window: int = 10
+    seed: int = 1
+    model_spec: str = "fake"
+
+    def __post_init__(self):
+        if self.scores is None:
+            rng = np.random.default_rng(0)
+            self.scores = {k: 0.1 + 0.7 * rng.random((len(self.tokens), 4)) for k in self.kinds}
+
+    def ie(self, kind):
+        return self.scores[kind] - self.p_corrupt
+
+
+@dataclass
+class FakeDataset:
+    corrupt: str = "subject"
+    kinds: tuple = ("hidden", "mlp", "attn")
+    n_facts: int = 20
+    n_skipped: int = 3
+    p_clean: float = 0.7
+    p_corrupt: float = 0.2
+    scale: float = 1.0
+    aie: dict = None
+    counts: object = None
+
+    def __post_init__(self):
+        rng = np.random.default_rng(1)
+        if self.aie is None:
+            self.aie = {k: pd.DataFrame(self.scale * 0.5 * rng.random((6, 4)), index=list(BUCKETS), columns=range(4))
+                        for k in self.kinds}
+
+
+@dataclass
+class FakeSevered:
+    prompt: str = "The mother tongue of Varo Keltin is"
+    tokens: list = field(default_factory=lambda: list(TOKENS))
+    token: int = 7
+    answer: str = " French"
+    p_clean: float = 0.8
+    p_corrupt: float = 0.1
+    corrupted_span: Span = Span((5, 6, 7))
+    none: np.ndarray = field(default_factory=lambda: np.linspace(0.7, 0.15, 4))
+    mlp_severed: np.ndarray = field(default_factory=lambda: np.linspace(0.3, 0.15, 4))
+    attn_severed: np.ndarray = field(default_factory=lambda: np.linspace(0.65, 0.15, 4))
+
+
+METRICS = (("entity", "reliability_acc"), ("entity", "reliability_score"), ("entity", "generality_acc"),
+           ("entity", "generality_score"), ("relation", "reliability_acc"), ("relation", "reliability_score"),
+           ("relation", "generality_acc"), ("relation", "generality_score"), ("locality", "locality_acc"),
+           ("locality", "locality_score"))
+
+
+def eval_frame(layout: str = "multi") -> pd.DataFrame:
+    """A hand-made table shaped like workbench.evaluate's summary: rows (method, locus) with the
+    unedited baseline first, (family, metric) columns in percent, then ("n", "edits"/"errors")."""
+    rows = [("unedited", "-")] + [(m, l) for m in ("rome", "ft") for l in ("subject", "relation")]
+    cols = list(METRICS) + [("n", "edits"), ("n", "errors")]
+    values = np.round(np.linspace(0, 100, len(rows) * len(METRICS)).reshape(len(rows), len(METRICS)), 1)
+    values = np.hstack([values, np.full((len(rows), 1), 8.0), np.zeros((len(rows), 1))])
+    df = pd.DataFrame(values, index=pd.MultiIndex.from_tuples(rows, names=["method", "locus"]),
+                      columns=pd.MultiIndex.from_tuples(cols, names=["family", "metric"]))
+    if layout == "slash":
+        df.columns = [f"{f}/{m}" for f, m in cols]
+        df = df.reset_index()
+    elif layout == "csv":
+        df.columns = [f"{f}_{m}" for f, m in cols]
+    return df
+
+
+# --------------------------------------------------------------------------- plot_trace
+
+
+def test_token_labels_mark_corrupted_and_escape():
+    labels = token_labels(TOKENS, (5, 6, 7))
+    assert labels[5:8] == [" Varo*", " Kel*", "tin*"]
+    assert labels[0] == "&lt;|endoftext|&gt;"  # Plotly would eat a raw <...> as a tag
+    assert not any(lbl.endswith("*") for lbl in labels[:5] + labels[8:])
+
+
+def test_span_text_noncontiguous():
+    assert span_text(TOKENS, Span((5, 6, 7))) == "Varo Keltin"
+    assert span_text(TOKENS, Span((1, 2, 3, 4, 8))) == "The mother tongue of … is"
+
+
+def test_plot_trace_panels_axes_colours_hover():
+    r = FakeTrace()
+    fig = plot_trace(r)
+    assert [t.type for t in fig.data] == ["heatmap"] * 3
+    assert [t.name for t in fig.data] == ["hidden", "mlp", "attn"]
+    scales = [t.colorscale for t in fig.data]
+    # Purples, Greens, Reds: dark ends are purple, green, red.
+    assert [s[-1][1] for s in scales] == ["rgb(63,0,125)", "rgb(0,68,27)", "rgb(103,0,13)"]
+    y = fig.layout.yaxis
+    assert list(y.tickvals) == list(range(len(TOKENS)))
+    assert y.ticktext[5] == " Varo*" and y.ticktext[8] == " is"
+    assert y.autorange == "reversed"  # first token at the top
+    for trace, k in zip(fig.data, r.kinds):
+        np.testing.assert_allclose(np.asarray(trace.z, dtype=float), r.scores[k])
+        assert trace.zmin == pytest.approx(r.p_corrupt)
+        custom = np.asarray(trace.customdata)
+        assert custom.shape == (len(TOKENS), 4, 3)
+        assert custom[5, 2, 0] == " Varo*"
+        assert float(custom[5, 2, 2]) == pytest.approx(r.scores[k][5, 2] - r.p_corrupt)
+        for word in ("token", "layer", "p_restored", "IE", "p_clean 0.8000", "p_corrupt 0.1000"):
+            assert word in trace.hovertemplate
+    assert "French" in fig.layout.title.text and "Varo Keltin" in fig.layout.title.text
+    assert "restored MLP" in fig.layout.xaxis2.title.text
+
+
+def test_plot_trace_switch_and_single_kind():
+    r = FakeTrace()
+    fig = plot_trace(r, kind="mlp", value="ie")
+    assert len(fig.data) == 1 and fig.data[0].name == "mlp"
+    np.testing.assert_allclose(np.asarray(fig.data[0].z, dtype=float), r.ie("mlp"))
+    buttons = fig.layout.updatemenus[0].buttons
+    assert [b.label for b in buttons] == ["p_restored", "IE"]
+    np.testing.assert_allclose(np.asarray(buttons[0].args[0]["z"][0], dtype=float), r.scores["mlp"])
+    assert fig.layout.updatemenus[0].active == 1
+    with pytest.raises(ValueError):
+        plot_trace(r, kind="nonsense")
+    with pytest.raises(ValueError):
+        plot_trace(r, value="logit")
+
+
+# --------------------------------------------------------------------------- plot_aie
+
+
+def test_plot_aie_side_by_side_shared_scale():
+    subj, rel = FakeDataset(), FakeDataset(corrupt="relation", scale=0.3)
+    fig = plot_aie(subj, rel)
+    assert len(fig.data) == 6  # 3 kinds x 2 perspectives
+    by_kind: dict[str, set] = {}
+    for t in fig.data:
+        kind, label = t.name.split(" / ")
+        by_kind.setdefault(kind, set()).add(t.coloraxis)
+        assert "AIE" in t.hovertemplate and "layer" in t.hovertemplate
+    assert all(len(axes) == 1 for axes in by_kind.values())  # perspectives share the row's scale
+    assert len({next(iter(a)) for a in by_kind.values()}) == 3  # one scale per kind
+    top = max(float(subj.aie["hidden"].values.max()), float(rel.aie["hidden"].values.max()))
+    assert fig.layout.coloraxis.cmax == pytest.approx(top)
+    assert fig.layout.coloraxis.colorscale[-1][1] == "rgb(63,0,125)"
+    titles = [a.text for a in fig.layout.annotations]
+    assert any("subject corrupted" in t for t in titles) and any("relation corrupted" in t for t in titles)
+    assert list(fig.layout.yaxis.ticktext) == list(BUCKETS)
+    assert plot_aie({"S": subj, "R": rel}).data[1].name == "hidden / R"
+
+
+# --------------------------------------------------------------------------- plot_severed
+
+
+def test_plot_severed_three_series_and_average():
+    r = FakeSevered()
+    fig = plot_severed(r)
+    assert [t.name for t in fig.data] == ["nothing severed", "MLP severed", "attention severed"]
+    np.testing.assert_allclose(fig.data[1].y, r.mlp_severed)
+    assert fig.data[1].marker.color == plots.KIND_COLORS["mlp"]
+    assert {s.y0 for s in fig.layout.shapes} == {r.p_clean, r.p_corrupt}
+    two = plot_severed([r, FakeSevered(none=np.linspace(0.5, 0.1, 4))], value="ie")
+    np.testing.assert_allclose(two.data[0].y, (np.linspace(0.7, 0.15, 4) + np.linspace(0.5, 0.1, 4)) / 2 - 0.1)
+    assert two.data[0].error_y.visible
+
+
+# --------------------------------------------------------------------------- plot_edit_eval
+
+
+@pytest.mark.parametrize("layout", ["multi", "slash", "csv"])
+def test_plot_edit_eval_layouts(layout):
+    df = eval_frame(layout)
+    long = edit_eval_long(df)
+    assert set(long.columns) == {"method", "locus", "family", "metric", "value"}
+    assert len(long) == 5 * 12
+    fig = plot_edit_eval(df)
+    names = [t.name for t in fig.data if t.xaxis == "x"]
+    assert names == ["unedited", "rome @ subject", "rome @ relation", "ft @ subject", "ft @ relation"]
+    assert [a.text for a in fig.layout.annotations] == ["entity", "relation", "locality"]  # no "n" panel
+    assert all(t.type == "bar" for t in fig.data) and fig.layout.barmode == "group"
+    rome_subj_entity = next(t for t in fig.data if t.name == "rome @ subject" and t.xaxis == "x")
+    assert list(rome_subj_entity.x) == ["reliability", "generality"]
+    expected = eval_frame().loc[("rome", "subject"), ("entity", "reliability_acc")]
+    assert rome_subj_entity.y[0] == pytest.approx(expected)
+    relation_bars = [t for t in fig.data if t.name.endswith("@ relation")]
+    assert all(t.marker.pattern.shape == "/" for t in relation_bars)
+    assert tuple(fig.layout.yaxis.range) == pytest.approx((0, 105))
+    scores = plot_edit_eval(df, measure="score")
+    loc = next(t for t in scores.data if t.name == "ft @ relation" and t.xaxis == "x3")
+    assert list(loc.x) == ["locality"]
+    assert loc.y[0] == pytest.approx(eval_frame().loc[("ft", "relation"), ("locality", "locality_score")])
+    assert len(plot_edit_eval(df, measure=None).data[0].x) == 4
+
+
+def test_plot_edit_eval_rejects_unknown_layout():
+    with pytest.raises(ValueError, match="family"):
+        plot_edit_eval(pd.DataFrame({"x": [1.0]}))
+
+
+# --------------------------------------------------------------------------- export
+
+
+def test_exported_html_is_self_contained(tmp_path):
+    path = save_html(plot_trace(FakeTrace()), tmp_path / "t.html")
+    text = path.read_text()
+    assert external_references(text) == []
+    assert not re.search(r"<script[^>]+src=", text)
+    assert "Plotly.newPlot" in text and len(text) > 1_000_000  # plotly.js inline
+    fragment = figure_html(plot_severed(FakeSevered()))
+    assert "<script" in fragment and external_references(fragment) == []
+    assert external_references('<script src="https://cdn.plot.ly/x.js"></script>')
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def test_plot_attention_inline(tiny_model, tmp_path):
+    att = plot_attention(tiny_model, "The mother tongue of Varo Keltin is", layer=1)
+    html = att._repr_html_()
+    assert html == str(att)
+    assert att.pattern.shape[0] == tiny_model.cfg.n_heads
+    assert att.pattern.shape[1] == att.pattern.shape[2] == len(att.tokens)
+    assert "CircuitsVis.render" in html and "AttentionHeads" in html
+    assert external_references(html) == []
+    assert "unpkg.com" not in html and not re.search(r"""import[^;]*from\s*["']https?:""", html)
+    # The only URLs are string constants inside the bundle (XML namespaces, error-message links).
+    urls = set(re.findall(r"https?://[^\s\"'<>)]+", html))
+    assert all(("w3.org" in u) or ("github.com" in u) or ("reactjs.org" in u) or ("fb.me" in u)
+               or ("mozilla.org" in u) or ("arxiv.org" in u) or ("shadertoy.com" in u) for u in urls), urls
+    assert att.save(tmp_path / "a.html").read_text().startswith("<!DOCTYPE html>")
+    with pytest.raises(ValueError, match="out of range"):
+        plot_attention(tiny_model, "x", layer=99)
+
+
+# --------------------------------------------------------------------------- real results
+
+
+@pytest.fixture(scope="module")
+def tracing():
+    mod = pytest.importorskip("workbench.tracing")
+    if not hasattr(mod, "severed_trace"):
+        pytest.skip("workbench.tracing is not complete yet")
+    return mod
+
+
+def test_plot_trace_real_result(tiny_model, tracing):
+    r = tracing.trace(tiny_model, "The mother tongue of Varo Keltin is", subject="Varo Keltin", samples=3)
+    fig = plot_trace(r)
+    assert len(fig.data) == len(r.kinds)
+    assert len(fig.layout.yaxis.ticktext) == len(r.tokens)
+    marked = [i for i, t in enumerate(fig.layout.yaxis.ticktext) if t.endswith("*")]
+    assert marked == list(r.corrupted_span.positions)
+    for t, k in zip(fig.data, r.kinds):
+        assert np.asarray(t.z).shape == (len(r.tokens), tiny_model.cfg.n_layers)
+        np.testing.assert_allclose(np.asarray(t.z, dtype=float), r.scores[k])
+
+
+def test_plot_severed_real_result(tiny_model, tracing):
+    r = tracing.severed_trace(tiny_model, "The mother tongue of Varo Keltin is", subject="Varo Keltin")
+    fig = plot_severed(r)
+    assert len(fig.data) == 3 and len(fig.data[0].y) == tiny_model.cfg.n_layers
+
+
+def test_plot_edit_eval_real_summary(tiny_model):
+    """plot_edit_eval on what workbench.evaluation.evaluate really returns."""
+    import torch
+
+    evaluation = pytest.importorskip("workbench.evaluation")
+    from workbench.editing import Edit
+    from workbench.facts import Fact
+
+    def nudge(model, fact, locus="subject"):
+        w = model.blocks[0].mlp.W_out
+        return Edit({"transformer.h.0.mlp.c_proj.weight": torch.full_like(w, 1e-3)}, method="nudge", locus=locus)
+
+    facts = [Fact("Varo Keltin", "The mother tongue of {} is", "Tuvan", relation_id="P103", target_new="Greek",
+                  paraphrases=("Varo Keltin speaks",), neighborhood=("The mother tongue of Miles Davis is",),
+                  neighborhood_targets=("English",), id=1)]
+    summary = evaluation.evaluate(tiny_model, facts, methods=[nudge], loci=("subject", "relation"), progress=False)
+    fig = plot_edit_eval(summary)
+    names = [t.name for t in fig.data if t.xaxis == "x"]
+    assert names[0] == "unedited" and len(names) == 3 and all("@" in n for n in names[1:])
+    assert [a.text for a in fig.layout.annotations] == ["entity", "relation", "locality"]

@@ -1,0 +1,615 @@
+"""Figures of traces, averaged maps, severed traces, edit evaluations and attention.
+
+Every figure is a Plotly ``go.Figure`` (or, for attention, a small HTML object built
+from circuitsvis's bundled JavaScript) and renders with no network: :func:`to_html`
+embeds Plotly's JavaScript, and :func:`plot_attention` inlines circuitsvis's bundle
+instead of importing it from a CDN.
+
+Colours follow ROME's figures: hidden states purple, MLP green, attention red.
+Token maps put tokens on the y axis in prompt order (top to bottom) and mark the
+corrupted tokens with a trailing ``*``.
+"""
+
+from __future__ import annotations
+
+import html as _html
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+KIND_COLORSCALES: dict[str, str] = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
+"""Plotly colour scale of each kind of state (ROME's colour families)."""
+
+KIND_COLORS: dict[str, str] = {"hidden": "#6a51a3", "mlp": "#238b45", "attn": "#cb181d"}
+"""A solid colour of each family, for lines and bars."""
+
+KIND_NAMES: dict[str, str] = {"hidden": "hidden state", "mlp": "MLP", "attn": "attention"}
+
+KINDS: tuple[str, ...] = ("hidden", "mlp", "attn")
+
+VALUES = ("p", "ie")
+"""What a trace map's colour shows: ``"p"`` = p_restored, ``"ie"`` = p_restored - p_corrupt."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _kinds_of(result: Any, kind: str | Sequence[str] | None) -> list[str]:
+    available = list(getattr(result, "kinds", None) or result.scores.keys())
+    if kind is None:
+        return [k for k in KINDS if k in available] + [k for k in available if k not in KINDS]
+    wanted = [kind] if isinstance(kind, str) else list(kind)
+    missing = [k for k in wanted if k not in result.scores]
+    if missing:
+        raise ValueError(f"kind(s) {missing} not in this result (it has {sorted(result.scores)})")
+    return wanted
+
+
+def _positions(span: Any) -> tuple[int, ...]:
+    if span is None:
+        return ()
+    return tuple(getattr(span, "positions", span))
+
+
+def token_labels(tokens: Sequence[str], corrupted: Sequence[int] = ()) -> list[str]:
+    """Tick labels for a token axis: the tokens (HTML-escaped, as Plotly reads tags in
+    labels), with ``*`` after each corrupted one.
+
+    Whitespace is made visible enough to read (a leading space stays, a newline
+    becomes ``\\n``); an empty token shows as ``∅``.
+    """
+    marked = set(corrupted)
+    out = []
+    for i, tok in enumerate(tokens):
+        text = _html.escape(tok.replace("\n", "\\n"), quote=False) or "∅"
+        out.append(text + ("*" if i in marked else ""))
+    return out
+
+
+def span_text(tokens: Sequence[str], span: Any) -> str:
+    """The text of a (possibly non-contiguous) span: contiguous runs joined, runs separated by ``…``."""
+    pos = _positions(span)
+    if not pos:
+        return ""
+    runs: list[list[int]] = [[pos[0]]]
+    for p in pos[1:]:
+        if p == runs[-1][-1] + 1:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    return " … ".join("".join(tokens[p] for p in run).strip() for run in runs)
+
+
+def _window_label(kind: str, window: int | None) -> str:
+    if kind == "hidden":
+        return "layer (single restored hidden state)"
+    name = KIND_NAMES.get(kind, kind)
+    return f"center of {window} restored {name} layers" if window else f"center of the restored {name} window"
+
+
+def _colorbar_x(fig: go.Figure, col: int) -> float:
+    axis = fig.layout["xaxis" if col == 1 else f"xaxis{col}"]
+    return float(axis.domain[1]) + 0.005
+
+
+# --------------------------------------------------------------------------- trace maps
+
+
+def plot_trace(result: Any, kind: str | Sequence[str] | None = None, *, value: str = "p",
+               title: str | None = None, height: int | None = None) -> go.Figure:
+    """The causal-trace map of one prompt: one heatmap panel per kind.
+
+    ``result`` is a :class:`workbench.tracing.TraceResult`. ``kind`` picks one kind
+    (or a list); ``None`` shows every kind the result has. The colour shows
+    p_restored (``value="p"``, scale from p_corrupt up, as ROME draws it) or the
+    indirect effect (``value="ie"``); a dropdown in the figure switches between
+    the two. Hover shows token, layer, p_restored, IE, p_clean and p_corrupt.
+    """
+    if value not in VALUES:
+        raise ValueError(f"value must be one of {VALUES}, not {value!r}")
+    kinds = _kinds_of(result, kind)
+    tokens = list(result.tokens)
+    corrupted = _positions(getattr(result, "corrupted_span", None))
+    labels = token_labels(tokens, corrupted)
+    p_clean, p_corrupt = float(result.p_clean), float(result.p_corrupt)
+    window = getattr(result, "window", None)
+    n_tok = len(tokens)
+
+    fig = make_subplots(rows=1, cols=len(kinds), shared_yaxes=True, horizontal_spacing=0.09,
+                        subplot_titles=[f"{KIND_NAMES.get(k, k)}" for k in kinds])
+    z_sets: dict[str, list] = {"p": [], "ie": []}
+    ranges: dict[str, list] = {"p": [], "ie": []}
+    for col, k in enumerate(kinds, start=1):
+        p = np.asarray(result.scores[k], dtype=float)
+        if p.shape[0] != n_tok:
+            raise ValueError(f"scores[{k!r}] has {p.shape[0]} rows but the prompt has {n_tok} tokens")
+        ie = p - p_corrupt
+        layers = np.arange(p.shape[1])
+        custom = np.empty(p.shape + (3,), dtype=object)
+        custom[..., 0] = np.array(labels, dtype=object)[:, None]
+        custom[..., 1] = p
+        custom[..., 2] = ie
+        p_hi = max(float(np.nanmax(p)) if p.size else p_clean, p_corrupt + 1e-6)
+        ie_lo = min(0.0, float(np.nanmin(ie)) if ie.size else 0.0)
+        ie_hi = max(float(np.nanmax(ie)) if ie.size else 0.0, 1e-6)
+        z_sets["p"].append(p)
+        z_sets["ie"].append(ie)
+        ranges["p"].append((p_corrupt, p_hi))
+        ranges["ie"].append((ie_lo, ie_hi))
+        zmin, zmax = ranges[value][-1]
+        fig.add_trace(
+            go.Heatmap(
+                z=z_sets[value][-1], x=layers, y=np.arange(n_tok), customdata=custom,
+                colorscale=KIND_COLORSCALES.get(k, "Viridis"), zmin=zmin, zmax=zmax, name=k,
+                colorbar=dict(x=_colorbar_x(fig, col), thickness=12, len=0.9,
+                              title=dict(text="p" if value == "p" else "IE", side="top")),
+                hovertemplate=(
+                    "token %{customdata[0]} (position %{y})<br>layer %{x}<br>"
+                    "p_restored %{customdata[1]:.4f}<br>IE %{customdata[2]:+.4f}<br>"
+                    f"p_clean {p_clean:.4f}<br>p_corrupt {p_corrupt:.4f}<extra>{k}</extra>"
+                ),
+                xgap=1, ygap=1,
+            ),
+            row=1, col=col,
+        )
+        fig.update_xaxes(title_text=_window_label(k, window), row=1, col=col, dtick=1 if p.shape[1] <= 24 else None)
+    fig.update_yaxes(tickmode="array", tickvals=list(range(n_tok)), ticktext=labels,
+                     autorange="reversed", showgrid=False)
+    fig.update_xaxes(showgrid=False)
+
+    def restyle_args(v: str) -> list:
+        return [{"z": z_sets[v], "zmin": [r[0] for r in ranges[v]], "zmax": [r[1] for r in ranges[v]],
+                 "colorbar.title.text": ["p" if v == "p" else "IE"] * len(kinds)}]
+
+    fig_height = height or max(260, 110 + 24 * n_tok)
+    plot_height = fig_height - 150  # top and bottom margins below
+    fig.update_layout(
+        updatemenus=[dict(
+            type="buttons", direction="right", x=1.0, xanchor="right", y=1.0 + 26 / plot_height,
+            yanchor="bottom", pad=dict(t=0, b=0), showactive=True, active=VALUES.index(value),
+            buttons=[dict(label="p_restored", method="restyle", args=restyle_args("p")),
+                     dict(label="IE", method="restyle", args=restyle_args("ie"))],
+        )],
+    )
+    answer = getattr(result, "answer", "")
+    corrupt = getattr(result, "corrupt", "")
+    span = span_text(tokens, corrupted)
+    if title is None:
+        title = (f"Answer {_html.escape(repr(answer), quote=False)}: p_clean {p_clean:.3f}, p_corrupt {p_corrupt:.3f}"
+                 f"<br><sup>corrupted ({_html.escape(str(corrupt), quote=False)}): "
+                 f"{_html.escape(repr(span), quote=False)}"
+                 f" — tokens marked *; {getattr(result, 'samples', '?')} samples,"
+                 f" noise {float(getattr(result, 'noise_level', float('nan'))):.3g}</sup>")
+    fig.update_layout(
+        title=dict(text=title, x=0.0, xanchor="left"),
+        height=fig_height,
+        width=max(520, 330 * len(kinds) + 160),
+        margin=dict(l=10, r=40, t=100, b=50),
+        plot_bgcolor="white",
+    )
+    return fig
+
+
+# --------------------------------------------------------------------------- averaged maps
+
+
+def _as_results(results: Any) -> list[tuple[str, Any]]:
+    """Normalize plot_aie's input to [(label, DatasetTraceResult)]."""
+    if isinstance(results, Mapping) and not hasattr(results, "aie"):
+        return [(str(k), v) for k, v in results.items()]
+    if hasattr(results, "aie"):
+        results = [results]
+    out = []
+    for r in results:
+        label = str(getattr(r, "corrupt", "") or f"result {len(out) + 1}")
+        out.append((f"{label} corrupted", r))
+    return out
+
+
+def plot_aie(*results: Any, kind: str | Sequence[str] | None = None, window: int | None = None,
+             title: str | None = None, height: int | None = None) -> go.Figure:
+    """Averaged indirect-effect maps over ROME's position buckets.
+
+    Pass one or more :class:`workbench.tracing.DatasetTraceResult` (typically the
+    subject- and the relation-corrupted sweep: ``plot_aie(subj, rel)``), or a dict
+    ``{label: result}``. Perspectives are side by side (columns), kinds stacked
+    (rows); within a row all panels share one colour scale, so the contrast between
+    perspectives reads directly from the colours. ``window`` (the sweeps' MLP/attention
+    window) only labels the x axes.
+    """
+    if len(results) == 1:
+        pairs = _as_results(results[0])
+    else:
+        pairs = _as_results(list(results))
+    if not pairs:
+        raise ValueError("plot_aie needs at least one dataset result")
+    if kind is None:
+        seen: list[str] = []
+        for _, r in pairs:
+            for k in list(getattr(r, "kinds", None) or r.aie.keys()):
+                if k not in seen and k in r.aie:
+                    seen.append(k)
+        kinds = [k for k in KINDS if k in seen] + [k for k in seen if k not in KINDS]
+    else:
+        kinds = [kind] if isinstance(kind, str) else list(kind)
+
+    def sub_title(label: str, r: Any) -> str:
+        n = getattr(r, "n_facts", None)
+        skipped = getattr(r, "n_skipped", None)
+        if n is None:
+            return label
+        return f"{label} ({n - (skipped or 0)} of {n} facts)"
+
+    ncol = len(pairs)
+    indices = {tuple(map(str, df.index)) for _, r in pairs for df in r.aie.values() if df is not None}
+    fig = make_subplots(
+        rows=len(kinds), cols=ncol, shared_yaxes=len(indices) <= 1, vertical_spacing=0.14 if len(kinds) > 1 else 0.1,
+        horizontal_spacing=0.06,
+        subplot_titles=[f"{KIND_NAMES.get(k, k)} — {sub_title(lbl, r)}" for k in kinds for lbl, r in pairs],
+    )
+    for row, k in enumerate(kinds, start=1):
+        frames = [r.aie.get(k) for _, r in pairs]
+        values = [np.asarray(df.values, dtype=float) for df in frames if df is not None and df.size]
+        finite = [v[np.isfinite(v)] for v in values]
+        finite = [v for v in finite if v.size]
+        lo = min([0.0] + [float(v.min()) for v in finite])
+        hi = max([1e-6] + [float(v.max()) for v in finite])
+        axis = "coloraxis" if row == 1 else f"coloraxis{row}"
+        yaxis = fig.layout["yaxis" if (row - 1) * ncol + 1 == 1 else f"yaxis{(row - 1) * ncol + 1}"]
+        y0, y1 = yaxis.domain
+        fig.update_layout({axis: dict(
+            colorscale=KIND_COLORSCALES.get(k, "Viridis"), cmin=lo, cmax=hi,
+            colorbar=dict(title=dict(text="AIE", side="top"), thickness=12, x=1.01,
+                          y=(y0 + y1) / 2, len=(y1 - y0), yanchor="middle"),
+        )})
+        for col, ((label, r), df) in enumerate(zip(pairs, frames), start=1):
+            if df is None or not df.size:
+                continue
+            counts = _bucket_counts(r, k, df)
+            custom = np.empty(df.shape + (2,), dtype=object)
+            custom[..., 0] = np.array([str(b) for b in df.index], dtype=object)[:, None]
+            custom[..., 1] = counts[:, None]
+            fig.add_trace(
+                go.Heatmap(
+                    z=df.values.astype(float), x=[int(c) if str(c).isdigit() else c for c in df.columns],
+                    y=list(range(len(df.index))), coloraxis=axis, customdata=custom, xgap=1, ygap=1,
+                    name=f"{k} / {label}",
+                    hovertemplate=("%{customdata[0]}<br>layer %{x}<br>AIE %{z:+.4f}<br>positions averaged %{customdata[1]}"
+                                   f"<extra>{k}, {label}</extra>"),
+                ),
+                row=row, col=col,
+            )
+            fig.update_yaxes(tickmode="array", tickvals=list(range(len(df.index))),
+                             ticktext=[str(b) for b in df.index], row=row, col=col)
+        for col in range(1, ncol + 1):
+            fig.update_xaxes(title_text=_window_label(k, window or _window_of(pairs[col - 1][1])), row=row, col=col)
+    fig.update_yaxes(autorange="reversed", showgrid=False)
+    fig.update_xaxes(showgrid=False)
+    if title is None:
+        title = "Average indirect effect by position bucket"
+        pc = [(lbl, getattr(r, "p_clean", None), getattr(r, "p_corrupt", None)) for lbl, r in pairs]
+        bits = [f"{lbl}: p_clean {_mean(a):.3f}, p_corrupt {_mean(b):.3f}" for lbl, a, b in pc
+                if a is not None and b is not None]
+        if bits:
+            title += "<br><sup>" + "; ".join(bits) + "</sup>"
+    fig.update_layout(title=dict(text=title, x=0.0, xanchor="left"),
+                      height=height or 120 + 260 * len(kinds), width=max(640, 430 * ncol + 160),
+                      margin=dict(l=10, r=60, t=100, b=50), plot_bgcolor="white")
+    return fig
+
+
+def _window_of(r: Any) -> int | None:
+    return getattr(r, "window", None)
+
+
+def _mean(x: Any) -> float:
+    try:
+        arr = np.asarray(x, dtype=float)
+    except (TypeError, ValueError):
+        return float("nan")
+    finite = arr[np.isfinite(arr)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def _bucket_counts(r: Any, kind: str, df: pd.DataFrame) -> np.ndarray:
+    """How many (fact, position) pairs each bucket row averages (``r.counts``; else n_facts)."""
+    counts = getattr(r, "counts", None)
+    default = getattr(r, "n_facts", "?")
+    if isinstance(counts, Mapping) and kind in counts:
+        counts = counts[kind]
+    if isinstance(counts, pd.DataFrame):
+        counts = counts.iloc[:, 0] if counts.shape[1] else None
+    if isinstance(counts, (pd.Series, Mapping)):
+        return np.array([counts.get(b, default) for b in df.index], dtype=object)
+    return np.array([default] * len(df.index), dtype=object)
+
+
+# --------------------------------------------------------------------------- severed
+
+
+def _severed_curves(results: Sequence[Any]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    out = {}
+    for name in ("none", "mlp_severed", "attn_severed"):
+        arr = np.stack([np.asarray(getattr(r, name), dtype=float) for r in results])
+        mean = arr.mean(0)
+        sem = arr.std(0, ddof=1) / np.sqrt(len(arr)) if len(arr) > 1 else np.zeros_like(mean)
+        out[name] = (mean, sem)
+    return out
+
+
+def plot_severed(result: Any | Sequence[Any], *, value: str = "p", title: str | None = None) -> go.Figure:
+    """Restored probability per layer with nothing, the MLPs, or attention severed.
+
+    ``result`` is a :class:`workbench.tracing.SeveredResult`, or a list of them (the
+    curves are then averaged over prompts, with standard-error bars). ``value="ie"``
+    subtracts p_corrupt. Dashed lines mark p_clean and p_corrupt. A gap between the
+    purple bars and the green ones is the share of the effect that needs the MLPs
+    at later layers.
+    """
+    if value not in VALUES:
+        raise ValueError(f"value must be one of {VALUES}, not {value!r}")
+    results = list(result) if isinstance(result, (list, tuple)) else [result]
+    if not results:
+        raise ValueError("plot_severed needs at least one result")
+    curves = _severed_curves(results)
+    p_clean = float(np.mean([r.p_clean for r in results]))
+    p_corrupt = float(np.mean([r.p_corrupt for r in results]))
+    offset = p_corrupt if value == "ie" else 0.0
+    layers = np.arange(len(curves["none"][0]))
+    fig = go.Figure()
+    style = {"none": ("nothing severed", KIND_COLORS["hidden"]),
+             "mlp_severed": ("MLP severed", KIND_COLORS["mlp"]),
+             "attn_severed": ("attention severed", KIND_COLORS["attn"])}
+    label = "p_restored" if value == "p" else "IE"
+    for name, (mean, sem) in curves.items():
+        text, colour = style[name]
+        fig.add_bar(x=layers, y=mean - offset, name=text, marker_color=colour,
+                    error_y=dict(type="data", array=sem, visible=len(results) > 1),
+                    hovertemplate=f"layer %{{x}}<br>{label} %{{y:.4f}}<extra>{text}</extra>")
+    for y, text in ((p_clean, "p_clean"), (p_corrupt, "p_corrupt")):
+        fig.add_hline(y=y - offset, line_dash="dash", line_color="#555", line_width=1,
+                      annotation_text=text, annotation_position="top right")
+    if title is None:
+        first = results[0]
+        if len(results) == 1:
+            tok = first.tokens[first.token] if hasattr(first, "tokens") else first.token
+            title = (f"Severed trace of {first.prompt!r} → {first.answer!r}"
+                     f"<br><sup>restoring the hidden state at token {first.token} ({tok!r}); "
+                     f"corrupted: {span_text(first.tokens, first.corrupted_span)!r}</sup>")
+        else:
+            corrupt = getattr(first, "corrupt", None)
+            title = (f"Severed trace, mean of {len(results)} prompts"
+                     + (f" ({corrupt} corrupted)" if corrupt else "")
+                     + "<br><sup>restoring the hidden state at the last corrupted token; bars ± s.e.</sup>")
+    fig.update_layout(barmode="group", title=dict(text=title, x=0.0, xanchor="left"),
+                      xaxis=dict(title="layer of the restored hidden state", dtick=1 if len(layers) <= 24 else None),
+                      yaxis=dict(title=label), height=420, width=760, plot_bgcolor="white",
+                      legend=dict(orientation="h", y=-0.2), margin=dict(l=10, r=10, t=80, b=60))
+    return fig
+
+
+# --------------------------------------------------------------------------- edit evaluation
+
+_ROW_KEYS = ("method", "locus")
+KNOWN_FAMILIES = ("entity", "relation", "locality", "n")
+
+
+def edit_eval_long(df: pd.DataFrame) -> pd.DataFrame:
+    """Reshape an evaluation table to long form: method, locus, family, metric, value.
+
+    Accepts rows indexed by (method, locus) (a MultiIndex, or ``method``/``locus``
+    columns) and value columns that are a MultiIndex ``(family, metric[, ...])`` or
+    flat names ``"family/metric"`` (also ``.``, ``:`` or ``|`` as separator, or
+    ``"entity_reliability_acc"`` as in ``summary.csv``).
+    """
+    frame = df.copy()
+    if isinstance(frame.columns, pd.MultiIndex):
+        flat = []
+        for col in frame.columns:
+            parts = [str(c) for c in col if str(c) != ""]
+            flat.append(parts[0] if len(parts) == 1 and parts[0] in _ROW_KEYS else "/".join(parts))
+        frame.columns = flat
+    else:
+        frame.columns = [str(c) for c in frame.columns]
+    keys = [c for c in _ROW_KEYS if c in frame.columns]
+    if keys:
+        frame = frame.set_index(keys)
+    index_names = [n if n else f"level_{i}" for i, n in enumerate(frame.index.names)]
+    frame.index = frame.index.set_names(index_names)
+    rows = []
+    for idx, rec in frame.iterrows():
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        named = dict(zip(index_names, idx))
+        method = str(named.get("method", idx[0]))
+        locus = str(named.get("locus", idx[1] if len(idx) > 1 else ""))
+        for col, value in rec.items():
+            parts = re.split(r"[/.:|]", str(col), maxsplit=1)
+            if len(parts) != 2:  # summary.csv style: "entity_reliability_acc"
+                fam = next((f for f in KNOWN_FAMILIES if str(col).startswith(f + "_")), None)
+                if fam is None:
+                    continue
+                parts = [fam, str(col)[len(fam) + 1:]]
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                continue
+            rows.append(dict(method=method, locus=locus, family=parts[0], metric=parts[1], value=value))
+    if not rows:
+        raise ValueError(
+            "plot_edit_eval found no (family, metric) value columns; expected a MultiIndex "
+            f"(family, metric) or 'family/metric' names, got {list(df.columns)[:8]}"
+        )
+    return pd.DataFrame(rows)
+
+
+COUNT_FAMILIES = ("n",)
+"""Column families that hold counts, not rates (``("n", "edits")``, ``("n", "errors")``); not plotted."""
+
+
+def plot_edit_eval(df: pd.DataFrame, *, measure: str | None = "acc", title: str | None = None) -> go.Figure:
+    """Grouped bars of an edit evaluation: one panel per probe family, a group of bars per
+    metric, one bar per (method, edit locus).
+
+    ``df`` is what :func:`workbench.evaluate` returns: rows (method, locus), columns
+    (family, metric); see :func:`edit_eval_long` for the accepted layouts. ``measure``
+    keeps the metrics ending in ``_acc`` (accuracy, default) or ``_score`` (CounterFact's
+    P(new) > P(old)); ``None`` shows all. Count columns (family ``n``) are left out. Bars
+    of edits keyed at the relation are hatched; the unedited baseline is grey.
+    """
+    long = edit_eval_long(df)
+    long = long[~long["family"].isin(COUNT_FAMILIES)]
+    if measure is not None:
+        suffix = f"_{measure}"
+        keep = long["metric"].str.endswith(suffix)
+        if not keep.any():
+            raise ValueError(f"no metric ends with {suffix!r}; metrics are {sorted(set(long['metric']))}")
+        long = long[keep].assign(metric=lambda d: d["metric"].str[: -len(suffix)])
+    families = list(dict.fromkeys(long["family"]))
+    rows = list(dict.fromkeys(zip(long["method"], long["locus"])))
+    methods = [m for m in dict.fromkeys(long["method"]) if m != "unedited"]
+    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    fig = make_subplots(rows=1, cols=len(families), shared_yaxes=True, subplot_titles=families,
+                        horizontal_spacing=0.04)
+    for col, fam in enumerate(families, start=1):
+        part = long[long["family"] == fam]
+        metrics = list(dict.fromkeys(part["metric"]))
+        for method, locus in rows:
+            sel = part[(part["method"] == method) & (part["locus"] == locus)].set_index("metric")
+            if sel.empty:
+                continue
+            name = f"{method} @ {locus}" if locus and locus != "-" else method
+            colour = "#9e9e9e" if method == "unedited" else palette[methods.index(method) % len(palette)]
+            fig.add_bar(
+                x=metrics, y=[sel["value"].get(m, np.nan) for m in metrics], name=name, legendgroup=name,
+                showlegend=col == 1, row=1, col=col,
+                marker=dict(color=colour, pattern_shape="/" if locus == "relation" else ""),
+                hovertemplate=(f"{_html.escape(name, quote=False)}<br>{_html.escape(fam, quote=False)} "
+                               "%{x}: %{y:.3g}<extra></extra>"),
+            )
+    values = long["value"].dropna()
+    top = 100.0 if values.max() > 1.0 else 1.0
+    unit = "%" if top == 100.0 else "rate"
+    fig.update_yaxes(range=[0, top * 1.05], row=1, col=1,
+                     title_text={"acc": "accuracy", "score": "score (P(new) > P(old))"}.get(measure or "", "value")
+                     + f" ({unit})")
+    if title is None:
+        title = "Edit evaluation: probe families × edit locus"
+        if measure:
+            title += f" ({'teacher-forced accuracy' if measure == 'acc' else 'CounterFact score'})"
+    fig.update_layout(barmode="group", title=dict(text=title, x=0.0, xanchor="left"),
+                      height=440, width=max(760, 330 * len(families)), plot_bgcolor="white",
+                      legend=dict(orientation="h", y=-0.18), margin=dict(l=10, r=10, t=80, b=80))
+    return fig
+
+
+# --------------------------------------------------------------------------- attention
+
+
+@dataclass
+class AttentionHTML:
+    """Attention patterns rendered by circuitsvis with its JavaScript inlined.
+
+    Displays in Jupyter (``_repr_html_``); ``str()`` gives the same self-contained
+    HTML fragment; :meth:`save` writes a full page. Nothing is loaded from the
+    network, unlike circuitsvis's own ``RenderedHTML``, which probes the internet
+    and switches to a CDN bundle when it can.
+    """
+
+    html: str
+    tokens: list[str]
+    layer: int
+    pattern: np.ndarray  # [n_heads, dest, src]
+
+    def _repr_html_(self) -> str:
+        return self.html
+
+    def __repr__(self) -> str:
+        return f"AttentionHTML(layer={self.layer}, heads={self.pattern.shape[0]}, tokens={len(self.tokens)})"
+
+    def __html__(self) -> str:
+        return self.html
+
+    def __str__(self) -> str:
+        return self.html
+
+    def save(self, path: str | Path) -> Path:
+        """Write a complete offline HTML page."""
+        path = Path(path)
+        path.write_text("<!DOCTYPE html><html><head><meta charset='utf-8'></head><body>"
+                        f"{self.html}</body></html>", encoding="utf-8")
+        return path
+
+
+def circuitsvis_inline(element: str, **props: Any) -> str:
+    """HTML rendering circuitsvis's React ``element`` with its bundled JavaScript inline."""
+    from circuitsvis.utils.render import render_local
+
+    return render_local(element, **props)
+
+
+def plot_attention(model: Any, prompt: str, layer: int, heads: Sequence[int] | None = None) -> AttentionHTML:
+    """Attention patterns of one layer on a prompt, one small map per head (circuitsvis).
+
+    Runs the model once, caching only ``blocks.{layer}.attn.hook_pattern``.
+    """
+    import torch
+
+    from .spans import tokenize
+
+    n_layers = model.cfg.n_layers
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} is out of range: the model has layers 0..{n_layers - 1}")
+    toks = tokenize(model, prompt)
+    name = f"blocks.{layer}.attn.hook_pattern"
+    with torch.no_grad():
+        _, cache = model.run_with_cache(toks.tensor(model.cfg.device), names_filter=lambda n: n == name)
+    pattern = cache[name][0].float().cpu().numpy()  # [heads, dest, src]
+    head_ids = list(range(pattern.shape[0])) if heads is None else list(heads)
+    pattern = pattern[head_ids]
+    tokens = list(toks.str_tokens)
+    html = circuitsvis_inline(
+        "AttentionHeads", attention=pattern, tokens=tokens,
+        attentionHeadNames=[f"L{layer}H{h}" for h in head_ids], maskUpperTri=True,
+    )
+    return AttentionHTML(html=html, tokens=tokens, layer=layer, pattern=pattern)
+
+
+# --------------------------------------------------------------------------- export
+
+_EXTERNAL = re.compile(r"<script[^>]*\bsrc\s*=|<link[^>]*\bhref\s*=\s*[\"']?(https?:)?//|@import\s+url\(\s*[\"']?(https?:)?//",
+                       re.IGNORECASE)
+
+
+def external_references(html: str) -> list[str]:
+    """External script/stylesheet references in an HTML text (empty when self-contained)."""
+    return [m.group(0) for m in _EXTERNAL.finditer(html)]
+
+
+def figure_html(fig: go.Figure, *, full_html: bool = False) -> str:
+    """A figure as HTML: a fragment that expects Plotly already loaded, or (``full_html``)
+    a complete page with Plotly's JavaScript embedded."""
+    if full_html:
+        return fig.to_html(full_html=True, include_plotlyjs=True, include_mathjax=False)
+    return fig.to_html(full_html=False, include_plotlyjs=False, include_mathjax=False)
+
+
+def save_html(fig: go.Figure | AttentionHTML, path: str | Path) -> Path:
+    """Write a figure as a self-contained HTML page that opens offline."""
+    path = Path(path)
+    if isinstance(fig, AttentionHTML):
+        return fig.save(path)
+    path.write_text(figure_html(fig, full_html=True), encoding="utf-8")
+    return path
+
+
+__all__ = [
+    "KIND_COLORSCALES", "KIND_COLORS", "AttentionHTML", "plot_trace", "plot_aie", "plot_severed",
+    "plot_edit_eval", "edit_eval_long", "plot_attention", "figure_html", "save_html",
+    "external_references", "token_labels", "span_text",
+]
