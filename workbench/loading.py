@@ -118,6 +118,9 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformer_lens.model_bridge import TransformerBridge
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars on every load are noise in notebooks
     kind, path = resolve_spec(spec)
     device = str(device or default_device())
     dtype = dtype or torch.float32

@@ -19,8 +19,8 @@ def register(sub) -> None:
     p.add_argument("--sweep", type=int, default=24, help="facts per averaged-map sweep (default 24)")
     p.add_argument("--samples", type=int, default=10, help="noise samples per trace (default 10)")
     p.add_argument("--noise", default="s3", help="noise rule: 's3' (default), a number, or 'u<x>'")
-    p.add_argument("--window", type=int, default=10,
-                   help="layers restored together by MLP/attention cells (default 10, ROME's)")
+    p.add_argument("--window", type=int, default=None,
+                   help="layers restored together by MLP/attention cells (default: 10 as ROME, at most half the depth)")
     p.add_argument("--seed", type=int, default=1, help="noise seed (default 1)")
     p.add_argument("--no-edit", action="store_true", help="skip the editing section")
     p.add_argument("--threads", type=int, default=None,
