@@ -6,16 +6,24 @@ and weight edits (ROME, MEMIT, FT, KN) on TransformerLens ``TransformerBridge`` 
 
 from __future__ import annotations
 
+from .editing import (Edit, EditError, EditStateError, FTHyperParams, KNHyperParams, MEMITHyperParams, ROMEHyperParams,
+                      ft, kn, layer_stats, memit, rome)
+from .evaluation import evaluate, full_table, paper_table, probes, relation_templates, score_fact, write_tables
 from .facts import Fact, FactFormatError, load_facts
 from .loading import ModelLoadError, load_model, model_info, random_model, save_hf
 from .predict import next_token_probs, top_tokens
 from .spans import Span, SpanError, relation_span, resolve_span, subject_span, tokenize
+from .plots import plot_aie, plot_attention, plot_edit_eval, plot_severed, plot_trace
 from .tracing import (BUCKETS, DatasetTraceResult, SeveredResult, TraceResult, noise_level, severed_trace, trace,
                       trace_dataset)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Edit", "EditError", "EditStateError", "FTHyperParams", "KNHyperParams", "MEMITHyperParams", "ROMEHyperParams",
+    "ft", "kn", "layer_stats", "memit", "rome",
+    "evaluate", "full_table", "paper_table", "probes", "relation_templates", "score_fact", "write_tables",
+    "plot_aie", "plot_attention", "plot_edit_eval", "plot_severed", "plot_trace", "Inspector",
     "Fact", "FactFormatError", "load_facts",
     "ModelLoadError", "load_model", "model_info", "random_model", "save_hf",
     "next_token_probs", "top_tokens",
@@ -23,3 +31,12 @@ __all__ = [
     "BUCKETS", "DatasetTraceResult", "SeveredResult", "TraceResult", "noise_level", "severed_trace", "trace",
     "trace_dataset",
 ]
+
+
+def __getattr__(name: str):
+    # ipywidgets is imported only when the Inspector is asked for.
+    if name == "Inspector":
+        from .widgets import Inspector
+
+        return Inspector
+    raise AttributeError(f"module 'workbench' has no attribute {name!r}")

@@ -1,0 +1,73 @@
+"""``workbench edit``: rewrite one fact with ROME or MEMIT and show predictions before and after."""
+
+from __future__ import annotations
+
+from . import add_model_arg
+
+
+def register(sub) -> None:
+    p = sub.add_parser("edit", help="edit one fact (ROME/MEMIT) and print the prompt's predictions before and after")
+    add_model_arg(p)
+    p.add_argument("--subject", "-s", required=True, help="the subject, e.g. 'Danielle Darrieux'")
+    p.add_argument("--prompt", "-p", required=True,
+                   help="the prompt with {} where the subject goes, e.g. 'The mother tongue of {} is'")
+    p.add_argument("--new-object", "-o", required=True, help="the new object, e.g. 'English'")
+    p.add_argument("--method", choices=["rome", "memit"], default="rome", help="editing method (default rome)")
+    p.add_argument("--locus", choices=["subject", "relation"], default="subject",
+                   help="key the edit at the subject's last token (default) or the relation's last token")
+    p.add_argument("--layer", type=int, action="append", default=None,
+                   help="layer(s) to edit (repeat for MEMIT); default: the model's preset")
+    p.add_argument("--corpus", default=None,
+                   help="covariance corpus: a text file, a datasets name, or 'toy-facts' (default for the bundled model)")
+    p.add_argument("--n-tokens", type=int, default=None, help="tokens for the covariance statistics")
+    p.add_argument("--cache-dir", default=None, help="covariance cache folder (default: the user cache dir)")
+    p.add_argument("--save", default=None, metavar="EDIT.safetensors", help="write the edit (deltas + metadata)")
+    p.add_argument("--save-model", default=None, metavar="DIR", help="write the edited model as a Hugging Face folder")
+    p.add_argument("-k", type=int, default=5, help="how many predictions to show (default 5)")
+    p.set_defaults(func=run)
+
+
+def _show(model, prompt: str, k: int, title: str) -> None:
+    from ..predict import top_tokens
+
+    print(f"{title}: {prompt!r} ->")
+    for token, prob in top_tokens(model, prompt, k=k):
+        print(f"  {prob:7.2%}  {token!r}")
+
+
+def run(args) -> int:
+    from ..editing import memit, rome
+    from ..editing.hparams import memit_hparams_for, rome_hparams_for
+    from ..editing.stats import layer_stats
+    from ..loading import load_model
+
+    model = load_model(args.model, device=args.device)
+    request = {"prompt": args.prompt, "subject": args.subject, "target_new": {"str": args.new_object}}
+    prompt = args.prompt.format(args.subject)
+    hp = (rome_hparams_for if args.method == "rome" else memit_hparams_for)(model)
+    if args.layer:
+        hp.layers = list(args.layer)
+    if args.n_tokens:
+        hp.mom2_n_tokens = args.n_tokens
+    if args.corpus:
+        hp.mom2_dataset = args.corpus
+    stats = None
+    if hp.mom2_adjustment:
+        stats = {l: layer_stats(model, l, corpus=hp.mom2_dataset, n_tokens=hp.mom2_n_tokens, cache_dir=args.cache_dir)
+                 for l in hp.layers}
+    _show(model, prompt, args.k, "before")
+    if args.method == "rome":
+        edit = rome(model, request, locus=args.locus, hparams=hp, stats=stats)
+    else:
+        edit = memit(model, [request], locus=args.locus, hparams=hp, stats=stats)
+    norms = ", ".join(f"{n}: {v:.4g}" for n, v in edit.norms().items())
+    print(f"{args.method.upper()} edit ({args.locus} locus) at layers {hp.layers}; delta norms {norms}")
+    with edit.applied(model):
+        _show(model, prompt, args.k, "after")
+        if args.save_model:
+            from ..loading import save_hf
+
+            print(f"edited model written to {save_hf(model, args.save_model)}")
+    if args.save:
+        print(f"edit written to {edit.save(args.save)}")
+    return 0

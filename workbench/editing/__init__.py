@@ -1,0 +1,26 @@
+"""Weight editing: the :class:`Edit` object, ROME, MEMIT, the FT and KN baselines, covariance statistics.
+
+Every method returns an unapplied :class:`Edit`; ``edit.apply(model)`` / ``edit.revert(model)``
+/ ``with edit.applied(model):`` change the weights, bit-identically reversibly.
+"""
+
+from __future__ import annotations
+
+from .common import EditError
+from .context import context_templates
+from .edit import Edit, EditStateError
+from .ft import FTHyperParams, ft
+from .kn import KNHyperParams, kn
+from .hparams import (MEMIT_GPT2_XL, MEMIT_GPT_J, MEMIT_PRESETS, MEMIT_TOY, ROME_GPT2_XL, ROME_GPT_J, ROME_PRESETS,
+                      ROME_TOY, MEMITHyperParams, ROMEHyperParams, memit_hparams_for, rome_hparams_for)
+from .memit import memit
+from .rome import rome
+from .stats import LayerStats, layer_stats
+
+__all__ = [
+    "Edit", "EditStateError", "EditError",
+    "rome", "memit", "ft", "kn", "FTHyperParams", "KNHyperParams", "layer_stats", "LayerStats", "context_templates",
+    "ROMEHyperParams", "MEMITHyperParams", "rome_hparams_for", "memit_hparams_for",
+    "ROME_GPT2_XL", "ROME_GPT_J", "ROME_TOY", "MEMIT_GPT2_XL", "MEMIT_GPT_J", "MEMIT_TOY",
+    "ROME_PRESETS", "MEMIT_PRESETS",
+]

@@ -1,0 +1,295 @@
+"""The :class:`Edit` object: weight deltas plus what produced them.
+
+Every editing method (ROME, MEMIT, FT, KN, ...) returns an :class:`Edit`. It holds
+additive deltas keyed by Hugging Face parameter name (``"transformer.h.5.mlp.c_proj.weight"``)
+and never touches a model by itself: ``edit.apply(model)`` adds them in place,
+``edit.revert(model)`` restores the exact tensors that were there before (a stored
+copy, so the weights come back bit-identical, not ``w + d - d``), and
+``with edit.applied(model): ...`` does both.
+
+Building one (e.g. for a new baseline)::
+
+    Edit(deltas={"transformer.h.3.mlp.c_proj.weight": delta}, method="ft", locus="subject",
+         requests=[fact.to_request()], hparams={"lr": 5e-4}, info={"loss": [...]},
+         model_fingerprint=model_fingerprint(model))
+
+Only ``deltas`` is required. Deltas must have the parameter's shape (any float dtype;
+they are cast to the parameter's dtype and device when applied).
+
+Per-model state lives on the wrapped Hugging Face module (attribute
+``_workbench_applied_edits``), so the bridge and its HF model see the same state:
+applying an edit that is already applied, or reverting one that is not, raises
+:class:`EditStateError`; edits that touch the same parameter must be reverted in the
+reverse order of application (otherwise restoring one copy would erase the other edit).
+Applying is itself a transaction: if adding any delta fails, the parameters already
+changed are restored before the error propagates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+_STATE_ATTR = "_workbench_applied_edits"
+_META_KEY = "workbench_edit"
+
+
+class EditStateError(RuntimeError):
+    """An edit was applied twice, reverted while not applied, or reverted out of order."""
+
+
+def _hf(model):
+    """The Hugging Face module holding the parameters (bridge -> ``original_model``)."""
+    return getattr(model, "original_model", model)
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name as Hugging Face writes it (the bridge inserts ``._original_component``)."""
+    return name.replace("._original_component", "").replace("_original_component.", "")
+
+
+def named_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """``{hf_name: parameter}`` of a bridge or HF model, names in Hugging Face form."""
+    out: dict[str, torch.nn.Parameter] = {}
+    for name, param in _hf(model).named_parameters():
+        out.setdefault(canonical_name(name), param)
+    return out
+
+
+def param_name(model, param: torch.Tensor) -> str:
+    """The Hugging Face name of ``param`` (found by identity), e.g. of ``model.blocks[5].mlp.W_out``."""
+    for name, p in named_parameters(model).items():
+        if p is param:
+            return name
+    raise KeyError("tensor is not a parameter of this model")
+
+
+def _state(hf) -> list:
+    """The list of (edit_id, {name: original tensor}, {name: checksum}) applied to ``hf``, oldest first."""
+    state = hf.__dict__.get(_STATE_ATTR)
+    if state is None:
+        state = []
+        object.__setattr__(hf, _STATE_ATTR, state)
+    return state
+
+
+def _checksum(t: torch.Tensor) -> float:
+    return float(t.detach().double().sum().item())
+
+
+def _jsonable(obj: Any) -> Any:
+    """Best-effort JSON conversion of metadata (tensors become lists, unknown objects strings)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().tolist()
+    if isinstance(obj, float) and obj != obj:  # NaN
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    if hasattr(obj, "item") and callable(obj.item):
+        try:
+            return obj.item()
+        except (ValueError, RuntimeError):
+            pass
+    return str(obj)
+
+
+@dataclass(eq=False)
+class Edit:
+    """Additive weight deltas keyed by HF parameter name, with provenance.
+
+    Attributes:
+        deltas: ``{hf_param_name: delta}``; each delta has the parameter's shape.
+        method: ``"rome"``, ``"memit"``, ``"ft"``, ``"kn"``, ``"compose"``, ...
+        locus: where the edit was keyed: ``"subject"`` or ``"relation"`` (free text for others).
+        requests: the CounterFact ``requested_rewrite``-shaped dicts it implements.
+        hparams: hyperparameters used (plain dict, JSON-serialisable).
+        info: diagnostics (losses, norms, layers, ...), JSON-serialisable.
+        model_fingerprint: :func:`workbench.loading.model_fingerprint` of the weights it was
+            computed on (``None`` if unknown).
+    """
+
+    deltas: dict[str, torch.Tensor]
+    method: str = "custom"
+    locus: str = "subject"
+    requests: list[dict] = field(default_factory=list)
+    hparams: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)
+    model_fingerprint: str | None = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.deltas, dict) or not self.deltas:
+            raise ValueError("Edit needs a non-empty dict of deltas {hf_param_name: tensor}")
+        for name, delta in self.deltas.items():
+            if not isinstance(delta, torch.Tensor):
+                raise TypeError(f"delta for {name!r} is not a tensor: {type(delta).__name__}")
+        self.deltas = {name: d.detach() for name, d in self.deltas.items()}
+
+    # ----------------------------------------------------------------- inspection
+    @property
+    def param_names(self) -> list[str]:
+        return list(self.deltas)
+
+    def norms(self) -> dict[str, float]:
+        """Frobenius norm of each delta."""
+        return {n: float(d.float().norm()) for n, d in self.deltas.items()}
+
+    def is_applied(self, model) -> bool:
+        """Whether this edit is currently applied to ``model`` (bridge or HF module)."""
+        return any(entry[0] == self.id for entry in _state(_hf(model)))
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{n}{tuple(d.shape)}" for n, d in self.deltas.items())
+        return (f"Edit(method={self.method!r}, locus={self.locus!r}, requests={len(self.requests)}, "
+                f"deltas=[{shapes}])")
+
+    # ----------------------------------------------------------------- apply / revert
+    def _params(self, hf) -> dict[str, torch.nn.Parameter]:
+        params = named_parameters(hf)
+        missing = [n for n in self.deltas if n not in params]
+        if missing:
+            raise KeyError(f"model has no parameter(s) {missing}; this edit targets {self.param_names}")
+        for name, delta in self.deltas.items():
+            if tuple(params[name].shape) != tuple(delta.shape):
+                raise ValueError(f"delta for {name} has shape {tuple(delta.shape)}, parameter has "
+                                 f"{tuple(params[name].shape)}")
+        return {n: params[n] for n in self.deltas}
+
+    def apply(self, model) -> "Edit":
+        """Add the deltas to ``model``'s parameters in place; returns ``self``.
+
+        Raises :class:`EditStateError` if this edit is already applied to ``model``.
+        Non-finite deltas are refused before any weight changes.
+        """
+        hf = _hf(model)
+        state = _state(hf)
+        if self.is_applied(hf):
+            raise EditStateError(f"{self!r} is already applied to this model; revert it first")
+        params = self._params(hf)
+        for name, delta in self.deltas.items():
+            if not torch.isfinite(delta).all():
+                raise ValueError(f"delta for {name} has non-finite values; refusing to apply")
+        originals: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            try:
+                for name, param in params.items():
+                    originals[name] = param.detach().clone()
+                    param.add_(self.deltas[name].to(device=param.device, dtype=param.dtype))
+            except BaseException:
+                for name, orig in originals.items():
+                    params[name].copy_(orig)
+                raise
+        checksums = {name: _checksum(p) for name, p in params.items()}
+        state.append((self.id, originals, checksums))
+        return self
+
+    def revert(self, model) -> "Edit":
+        """Restore the exact parameter values from before :meth:`apply`; returns ``self``."""
+        hf = _hf(model)
+        state = _state(hf)
+        index = next((i for i, entry in enumerate(state) if entry[0] == self.id), None)
+        if index is None:
+            raise EditStateError(f"{self!r} is not applied to this model; nothing to revert")
+        _, originals, checksums = state[index]
+        later = [e for e in state[index + 1:] if set(e[1]) & set(originals)]
+        if later:
+            raise EditStateError(
+                f"{self!r} shares parameters with {len(later)} edit(s) applied after it; revert those first "
+                "(edits on the same weights are undone in reverse order of application)")
+        params = named_parameters(hf)
+        with torch.no_grad():
+            for name, orig in originals.items():
+                if _checksum(params[name]) != checksums[name]:
+                    warnings.warn(f"{name} changed since {self.method} edit {self.id} was applied; "
+                                  "revert restores the pre-edit values anyway", RuntimeWarning, stacklevel=2)
+                params[name].copy_(orig)
+        del state[index]
+        return self
+
+    @contextlib.contextmanager
+    def applied(self, model) -> Iterator[Any]:
+        """Context manager: apply on entry, revert on exit (also on error)."""
+        self.apply(model)
+        try:
+            yield model
+        finally:
+            self.revert(model)
+
+    # ----------------------------------------------------------------- combination
+    def __add__(self, other: "Edit") -> "Edit":
+        return Edit.compose([self, other])
+
+    @staticmethod
+    def compose(edits: list["Edit"]) -> "Edit":
+        """One edit whose deltas are the sums of the given edits' deltas (same-named parameters add)."""
+        if not edits:
+            raise ValueError("compose needs at least one edit")
+        deltas: dict[str, torch.Tensor] = {}
+        for e in edits:
+            for name, d in e.deltas.items():
+                deltas[name] = deltas[name] + d.to(deltas[name]) if name in deltas else d.clone()
+        fps = {e.model_fingerprint for e in edits}
+        return Edit(deltas=deltas, method="compose", locus="+".join(sorted({e.locus for e in edits})),
+                    requests=[r for e in edits for r in e.requests],
+                    hparams={"parts": [{"method": e.method, "hparams": e.hparams} for e in edits]},
+                    info={"parts": [e.id for e in edits]},
+                    model_fingerprint=fps.pop() if len(fps) == 1 else None)
+
+    # ----------------------------------------------------------------- persistence
+    def metadata(self) -> dict:
+        """Everything but the deltas, JSON-ready."""
+        return _jsonable({"id": self.id, "method": self.method, "locus": self.locus, "requests": self.requests,
+                          "hparams": self.hparams, "info": self.info, "model_fingerprint": self.model_fingerprint,
+                          "format": 1})
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the deltas as safetensors, the metadata as JSON in the safetensors header."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {n: d.detach().to("cpu").contiguous() for n, d in self.deltas.items()}
+        save_file(tensors, str(path), metadata={_META_KEY: json.dumps(self.metadata())})
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Edit":
+        """Read an edit written by :meth:`save`."""
+        from safetensors import safe_open
+
+        deltas = {}
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            header = f.metadata() or {}
+            for name in f.keys():
+                deltas[name] = f.get_tensor(name)
+        if _META_KEY not in header:
+            raise ValueError(f"{path} is a safetensors file but not a workbench edit (no {_META_KEY!r} metadata)")
+        meta = json.loads(header[_META_KEY])
+        return cls(deltas=deltas, method=meta.get("method", "custom"), locus=meta.get("locus", "subject"),
+                   requests=meta.get("requests", []), hparams=meta.get("hparams", {}), info=meta.get("info", {}),
+                   model_fingerprint=meta.get("model_fingerprint"))  # a fresh id: a separate object
+
+    def save_model(self, model, out_dir: str | os.PathLike) -> Path:
+        """Write ``model`` with this edit applied as a Hugging Face folder (``loading.save_hf``).
+
+        The edit is applied for the duration of the save if it is not applied already; the
+        model is left in the state it was found in.
+        """
+        from ..loading import save_hf
+
+        if self.is_applied(model):
+            return save_hf(model, out_dir)
+        with self.applied(model):
+            return save_hf(model, out_dir)

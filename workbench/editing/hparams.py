@@ -1,0 +1,169 @@
+"""ROME and MEMIT hyperparameters, with the original field names, and presets.
+
+Field names follow ``rome/rome_hparams.py`` and ``memit/memit_hparams.py``. Module-name
+fields of the originals (``rewrite_module_tmp`` etc.) are replaced by TransformerLens
+hook names, which are the same for every model the bridge loads. Additions:
+
+* ``mom2_n_tokens`` — how many tokens :func:`workbench.editing.stats.layer_stats` uses
+  (the originals count ``mom2_n_samples`` Wikipedia articles; see ``stats.py``).
+* ``mom2_dataset`` — a corpus spec for ``layer_stats`` (``None``: the model's default).
+* ``context_templates`` — explicit templates (e.g. ``["{}"]``) instead of generated ones.
+* ``seed`` — seed of the context-template sampling.
+
+Presets: ``gpt2-xl`` and ``gpt-j`` (``EleutherAI/gpt-j-6B``) with the papers' values
+(reference §4-§5), and ``toy-facts`` for the bundled model (see ``TOY_NOTES``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+
+@dataclass
+class ROMEHyperParams:
+    """ROME (one rank-one update of ``W_out`` of each layer in ``layers``; usually one layer)."""
+
+    layers: list[int] = field(default_factory=lambda: [17])
+    fact_token: str = "subject_last"
+    v_num_grad_steps: int = 20
+    v_lr: float = 5e-1
+    v_loss_layer: int | None = None  # None: the model's last layer (the originals' value: L - 1)
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    # KL term's direction. "original": KL(P ‖ P₀), what the originals' code computes
+    # (F.kl_div(init, cur, log_target=True)) and ROME's paper writes; "reference": KL(P₀ ‖ P), as
+    # the project's methods.md §4 states it. Default "original" so numbers match the originals.
+    kl_direction: str = "original"
+    mom2_adjustment: bool = True
+    context_template_length_params: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+    mom2_dataset: Any = None
+    mom2_n_samples: int = 100_000
+    mom2_dtype: str = "float64"
+    mom2_n_tokens: int = 100_000
+    context_templates: list | None = None
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ROMEHyperParams":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def with_(self, **changes: Any) -> "ROMEHyperParams":
+        """A copy with some fields changed."""
+        return replace(copy.deepcopy(self), **changes)
+
+
+@dataclass
+class MEMITHyperParams:
+    """MEMIT (spread the edits of many facts over the layers ``layers``)."""
+
+    layers: list[int] = field(default_factory=lambda: [13, 14, 15, 16, 17])
+    layer_selection: str = "all"
+    fact_token: str = "subject_last"
+    v_num_grad_steps: int = 20
+    v_lr: float = 5e-1
+    v_loss_layer: int | None = None
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    # KL term's direction. "original": KL(P ‖ P₀), what the originals' code computes
+    # (F.kl_div(init, cur, log_target=True)) and ROME's paper writes; "reference": KL(P₀ ‖ P), as
+    # the project's methods.md §4 states it. Default "original" so numbers match the originals.
+    kl_direction: str = "original"
+    mom2_adjustment: bool = True
+    mom2_update_weight: float = 20_000.0
+    context_template_length_params: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
+    mom2_dataset: Any = None
+    mom2_n_samples: int = 100_000
+    mom2_dtype: str = "float64"
+    mom2_n_tokens: int = 100_000
+    context_templates: list | None = None
+    seed: int = 0
+
+    to_dict = ROMEHyperParams.to_dict
+    with_ = ROMEHyperParams.with_
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MEMITHyperParams":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ----------------------------------------------------------------------------- presets
+ROME_GPT2_XL = ROMEHyperParams(layers=[17], v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4,
+                               kl_factor=0.0625, mom2_adjustment=True, v_loss_layer=47,
+                               mom2_n_samples=100_000, mom2_n_tokens=10_000_000)
+ROME_GPT_J = ROMEHyperParams(layers=[5], v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4,
+                             kl_factor=0.0625, mom2_adjustment=True, v_loss_layer=27,
+                             mom2_n_samples=100_000, mom2_n_tokens=10_000_000)
+MEMIT_GPT2_XL = MEMITHyperParams(layers=[13, 14, 15, 16, 17], v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5,
+                                 clamp_norm_factor=0.75, kl_factor=0.0625, mom2_update_weight=20_000,
+                                 v_loss_layer=47, mom2_n_samples=100_000, mom2_n_tokens=10_000_000)
+MEMIT_GPT_J = MEMITHyperParams(layers=[3, 4, 5, 6, 7, 8], v_num_grad_steps=25, v_lr=0.5, v_weight_decay=0.5,
+                               clamp_norm_factor=0.75, kl_factor=0.0625, mom2_update_weight=15_000,
+                               v_loss_layer=27, mom2_n_samples=100_000, mom2_n_tokens=10_000_000)
+
+TOY_NOTES = """Bundled model (toy-facts, 6 layers) presets, read off its own causal traces
+(trace_dataset, 60 known facts, subject corrupted with 3σ noise, 10 samples; windows 1 and 3,
+since GPT-2 XL's window of 10/48 layers is ~1 layer here). AIE of MLP restoration at the
+last subject token, window 1, layers 0..5: 0.032 0.006 0.012 0.021 0.011 0.000; window 3:
+0.031 0.032 0.029 0.036 0.027 0.011. Layer 0's MLP acts on the token embeddings (as in
+GPT-2, where ROME's layers skip it); the mid-depth peak is layer 3 in both, so ROME edits
+layer 3 (GPT-2 XL's 17 is its MLP peak likewise). MEMIT's R ends at that layer, as 13..17
+ends at 17 in GPT-2 XL, and takes the layers whose window-1 AIE is at least half of the
+peak: R = [2, 3]. λ (mom2_update_weight) = 100: the originals' 20,000 is calibrated to
+GPT-2 XL's keys and here blocks the edit entirely (50 facts: efficacy 0.00); a sweep
+over 1..20,000 (10 steps, 6 templates, 50 facts) gave efficacy/unrelated-kept 0.78/0.42 (λ=10),
+0.84/0.50 (100), 0.40/0.74 (1000), 0.00/0.995 (20,000)."""
+
+ROME_TOY = ROMEHyperParams(layers=[3], mom2_n_tokens=200_000)
+MEMIT_TOY = MEMITHyperParams(layers=[2, 3], mom2_update_weight=100.0, mom2_n_tokens=200_000)
+
+ROME_PRESETS: dict[str, ROMEHyperParams] = {
+    "gpt2-xl": ROME_GPT2_XL, "gpt-j": ROME_GPT_J, "EleutherAI/gpt-j-6B": ROME_GPT_J, "toy-facts": ROME_TOY,
+}
+MEMIT_PRESETS: dict[str, MEMITHyperParams] = {
+    "gpt2-xl": MEMIT_GPT2_XL, "gpt-j": MEMIT_GPT_J, "EleutherAI/gpt-j-6B": MEMIT_GPT_J, "toy-facts": MEMIT_TOY,
+}
+
+
+def _model_key(model) -> str | None:
+    spec = str(getattr(model, "workbench_spec", "") or "")
+    name = spec.rstrip("/").split("/")[-1].lower()
+    if spec == "toy-facts" or name == "toy-facts":
+        return "toy-facts"
+    if name in ("gpt2-xl",):
+        return "gpt2-xl"
+    if name in ("gpt-j-6b", "gpt-j"):
+        return "gpt-j"
+    return None
+
+
+def _generic_layers(model, n: int) -> list[int]:
+    """Fallback layers for an unknown model: GPT-2 XL's relative depth (17/48 for ROME)."""
+    L = int(model.cfg.n_layers)
+    last = max(0, min(L - 1, round(17 / 48 * L)))
+    return list(range(max(0, last - n + 1), last + 1))
+
+
+def rome_hparams_for(model) -> ROMEHyperParams:
+    """The preset for ``model`` (by its spec), else GPT-2 XL's values at the same relative depth."""
+    key = _model_key(model)
+    if key is not None:
+        return copy.deepcopy(ROME_PRESETS[key])
+    return replace(ROME_GPT2_XL, layers=_generic_layers(model, 1), v_loss_layer=None, mom2_n_tokens=100_000)
+
+
+def memit_hparams_for(model) -> MEMITHyperParams:
+    """The preset for ``model`` (by its spec), else GPT-2 XL's values, 5 layers ending at 17/48 depth."""
+    key = _model_key(model)
+    if key is not None:
+        return copy.deepcopy(MEMIT_PRESETS[key])
+    n = min(5, int(model.cfg.n_layers))
+    return replace(MEMIT_GPT2_XL, layers=_generic_layers(model, n), v_loss_layer=None, mom2_n_tokens=100_000)

@@ -1,0 +1,291 @@
+"""Second-moment statistics of MLP keys: C = E[k kᵀ] (ROME's and MEMIT's covariance).
+
+The keys of layer l are ``blocks.{l}.mlp.hook_post`` (the input of ``W_out``). C is the
+*uncentred* second moment over every token of a text corpus, as in the originals'
+``layer_stats(..., to_collect=["mom2"])``; it is accumulated batch by batch in float64.
+
+Sample count. The originals count ``mom2_n_samples`` = 100,000 *Wikipedia articles*
+(each truncated to the model's context), i.e. tens of millions of tokens. Here the
+count is ``n_tokens``: the corpus is tokenized, texts are joined with the BOS/EOS
+token between them (as GPT-2 saw its training data) and cut into rows of ``seq_len``
+tokens; exactly ``n_tokens`` keys are accumulated (the first ``n_tokens`` of that
+stream). ``hparams.mom2_n_tokens`` is that number; ``mom2_n_samples`` is kept for
+reference only.
+
+Corpus (``corpus=``):
+
+* ``None``/``"toy-facts"``: the bundled world's training text (default for the bundled
+  model; the world is read from ``assets/toy-facts/world.json``).
+* a list of strings, or a path to a text file (one text per non-empty line).
+* a Hugging Face ``datasets`` name, ``"name"`` or ``"name:config"`` (``"text"`` column,
+  train split), where the hub is reachable. Default for other models:
+  ``"wikitext:wikitext-103-raw-v1"``.
+
+Cache. Results go to ``cache_dir`` (default: ``platformdirs.user_cache_dir("workbench")/stats``;
+``WORKBENCH_CACHE`` overrides), one safetensors file per (model fingerprint, layer,
+corpus id, n_tokens). A partial computation saves its running sum and count every
+``save_every`` batches to ``<file>.partial.safetensors``; the next call resumes from
+the saved count (the token stream is deterministic).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from jaxtyping import Float
+
+from ..loading import BUNDLED, assets_dir, model_fingerprint
+
+DEFAULT_HUB_CORPUS = "wikitext:wikitext-103-raw-v1"
+_MEMORY: dict[tuple, "LayerStats"] = {}
+
+
+@dataclass
+class LayerStats:
+    """E[k kᵀ] of one layer's MLP keys over ``n_tokens`` tokens of a corpus."""
+
+    mom2: Float[torch.Tensor, "d_mlp d_mlp"]  # float64
+    n_tokens: int
+    layer: int
+    corpus: str
+    fingerprint: str
+    path: Path | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def cov(self) -> torch.Tensor:
+        """Alias of ``mom2`` (the originals call the uncentred second moment the covariance)."""
+        return self.mom2
+
+
+def default_cache_dir() -> Path:
+    """``$WORKBENCH_CACHE/stats`` or the platform's user cache dir ``.../workbench/stats``."""
+    env = os.environ.get("WORKBENCH_CACHE")
+    if env:
+        return Path(env) / "stats"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("workbench")) / "stats"
+
+
+# --------------------------------------------------------------------------- corpus
+def _hash_texts(texts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()[:12]
+
+
+def _bundled_world_text() -> list[str]:
+    from ..toyworld.world import World
+
+    path = assets_dir() / BUNDLED / "world.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the bundled world's text needs the bundled model assets")
+    return World.load(str(path)).training_text(seed=1)
+
+
+def resolve_corpus(model, corpus) -> tuple[str, Iterator[str] | list[str]]:
+    """``(corpus_id, texts)`` for a corpus spec; the id enters the cache key."""
+    if corpus is None:
+        spec = getattr(model, "workbench_spec", None)
+        corpus = BUNDLED if spec == BUNDLED else DEFAULT_HUB_CORPUS
+    if isinstance(corpus, (list, tuple)):
+        texts = [str(t) for t in corpus]
+        return f"texts-{_hash_texts(texts)}", texts
+    text = str(corpus)
+    if text in (BUNDLED, "world", "toy-world"):
+        texts = _bundled_world_text()
+        return f"toyworld-{_hash_texts(texts)}", texts
+    path = Path(text).expanduser()
+    if path.is_file():
+        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return f"file-{path.stem}-{_hash_texts(texts)}", texts
+    name, _, config = text.partition(":")
+    return f"hf-{text.replace('/', '_').replace(':', '_')}", _hub_texts(name, config or None)
+
+
+def _hub_texts(name: str, config: str | None) -> Iterator[str]:
+    from ..loading import hub_reachable
+
+    ok, reason = hub_reachable()
+    if not ok:
+        raise RuntimeError(
+            f"corpus {name!r} is a Hugging Face dataset but the hub is unreachable ({reason}). "
+            "Pass corpus= a list of strings or a text file instead (or 'toy-facts' for the bundled world).")
+    import datasets
+
+    ds = datasets.load_dataset(name, config, split="train", streaming=True)
+    for row in ds:
+        t = row.get("text") or ""
+        if t.strip():
+            yield t
+
+
+def token_rows(model, texts, seq_len: int) -> Iterator[list[int]]:
+    """Texts joined by BOS/EOS and cut into rows of ``seq_len`` token ids (deterministic)."""
+    tok = model.tokenizer
+    sep = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    buf: list[int] = []
+    for text in texts:
+        if sep is not None:
+            buf.append(sep)
+        buf.extend(tok(text, add_special_tokens=False)["input_ids"])
+        while len(buf) >= seq_len:
+            yield buf[:seq_len]
+            buf = buf[seq_len:]
+    if buf:
+        yield buf
+
+
+# --------------------------------------------------------------------------- keys
+def _keys(model, layer: int, ids: torch.Tensor) -> torch.Tensor:
+    """Keys ``blocks.{layer}.mlp.hook_post`` for a batch of ids, [batch, pos, d_mlp]."""
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(x, hook):
+        store["k"] = x.detach()
+        return x
+
+    with torch.no_grad():
+        model.run_with_hooks(ids, return_type=None, fwd_hooks=[(f"blocks.{layer}.mlp.hook_post", hook)],
+                             stop_at_layer=layer + 1)
+    return store["k"]
+
+
+def _save(path: Path, mom2_sum: torch.Tensor, count: int, meta: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"mom2_sum": mom2_sum.contiguous()}, str(tmp), metadata={"count": str(count), "meta": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def _load(path: Path) -> tuple[torch.Tensor, int, dict]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+        s = f.get_tensor("mom2_sum")
+    return s, int(header["count"]), json.loads(header.get("meta", "{}"))
+
+
+def layer_stats(model, layer: int, *, corpus=None, n_tokens: int = 100_000, cache_dir: str | Path | None = None,
+                batch_size: int = 8, seq_len: int | None = None, save_every: int = 20, progress: bool = True,
+                force: bool = False, fingerprint: str | None = None, verbose: bool = True) -> LayerStats:
+    """E[k kᵀ] of ``blocks.{layer}.mlp.hook_post`` over the first ``n_tokens`` tokens of ``corpus``.
+
+    Cached on disk by (model fingerprint, layer, corpus, n_tokens) under ``cache_dir``
+    (printed); a partial computation resumes. ``force`` recomputes from scratch.
+    """
+    if n_tokens <= 0:
+        raise ValueError("n_tokens must be positive")
+    if not 0 <= int(layer) < int(model.cfg.n_layers):
+        raise ValueError(f"layer {layer} is out of range for a {model.cfg.n_layers}-layer model")
+    fp = fingerprint or model_fingerprint(model)
+    corpus_id, texts = resolve_corpus(model, corpus)
+    seq_len = int(seq_len or min(int(model.cfg.n_ctx), 256))
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    key = (fp, layer, corpus_id, n_tokens, str(cache))
+    if key in _MEMORY and not force:
+        return _MEMORY[key]
+    folder = cache / fp
+    path = folder / f"layer{layer}_{corpus_id}_n{n_tokens}.safetensors"
+    partial = path.with_name(path.stem + ".partial.safetensors")
+    meta = {"layer": layer, "corpus": corpus_id, "n_tokens": n_tokens, "fingerprint": fp, "seq_len": seq_len,
+            "hook": f"blocks.{layer}.mlp.hook_post", "spec": getattr(model, "workbench_spec", None)}
+
+    if path.exists() and not force:
+        s, count, _ = _load(path)
+        if verbose:
+            print(f"layer_stats: layer {layer}: cached E[kk^T] over {count} tokens from {path}", file=sys.stderr)
+        stats = LayerStats(mom2=s / count, n_tokens=count, layer=layer, corpus=corpus_id, fingerprint=fp, path=path,
+                           info={"resumed_from": None, "cached": True})
+        _MEMORY[key] = stats
+        return stats
+
+    folder.mkdir(parents=True, exist_ok=True)
+    d_mlp = int(model.cfg.d_mlp)
+    mom2_sum = torch.zeros(d_mlp, d_mlp, dtype=torch.float64)
+    count = 0
+    if partial.exists() and not force:
+        mom2_sum, count, pmeta = _load(partial)
+        if pmeta.get("seq_len") != seq_len:  # a different row layout: start over
+            mom2_sum, count = torch.zeros(d_mlp, d_mlp, dtype=torch.float64), 0
+    resumed = count
+    if verbose:
+        what = f"resuming at {count}" if count else "computing"
+        print(f"layer_stats: layer {layer}: {what} E[kk^T] over {n_tokens} tokens of {corpus_id}; cache {path}",
+              file=sys.stderr)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n_tokens, initial=count, unit="tok", desc=f"layer_stats L{layer}", disable=not progress,
+               leave=False)
+    device = model.cfg.device
+    rows = token_rows(model, texts, seq_len)
+    skipped = 0
+    batch: list[list[int]] = []
+    n_batches = 0
+
+    def flush(batch_rows: list[list[int]]) -> None:
+        nonlocal mom2_sum, count, n_batches
+        for width in sorted({len(r) for r in batch_rows}):  # the tail row may be shorter
+            same = [r for r in batch_rows if len(r) == width]
+            ids = torch.tensor(same, dtype=torch.long, device=device)
+            k = _keys(model, layer, ids).reshape(-1, d_mlp)
+            k = k[: n_tokens - count].to("cpu", torch.float64)
+            mom2_sum += k.T @ k
+            count += k.shape[0]
+            bar.update(k.shape[0])
+        n_batches += 1
+        if n_batches % save_every == 0 and count < n_tokens:
+            _save(partial, mom2_sum, count, meta)
+
+    try:
+        for row in rows:
+            if count >= n_tokens:
+                break
+            if skipped < resumed:  # resume: skip the tokens already accumulated
+                take = min(len(row), resumed - skipped)
+                skipped += take
+                row = row[take:]
+                if not row:
+                    continue
+            batch.append(row)
+            if len(batch) == batch_size:
+                flush(batch)
+                batch = []
+        if batch and count < n_tokens:
+            flush(batch)
+    except BaseException:
+        if count > resumed:
+            _save(partial, mom2_sum, count, meta)
+        raise
+    finally:
+        bar.close()
+    if count == 0:
+        raise ValueError(f"corpus {corpus_id} produced no tokens")
+    if count < n_tokens and verbose:
+        print(f"layer_stats: corpus {corpus_id} has only {count} tokens (< {n_tokens} asked); using all of them",
+              file=sys.stderr)
+    _save(path, mom2_sum, count, meta)
+    if partial.exists():
+        partial.unlink()
+    stats = LayerStats(mom2=mom2_sum / count, n_tokens=count, layer=layer, corpus=corpus_id, fingerprint=fp,
+                       path=path, info={"resumed_from": resumed or None, "cached": False})
+    _MEMORY[key] = stats
+    return stats
+
+
+def clear_memory_cache() -> None:
+    """Forget in-memory stats (the disk cache stays)."""
+    _MEMORY.clear()
