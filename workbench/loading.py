@@ -176,6 +176,11 @@ def _hf_names(model) -> list[str]:
     return cached
 
 
+def canonical_hf_name(name: str) -> str:
+    """A parameter name as Hugging Face writes it (the bridge inserts ``_original_component``)."""
+    return name.replace("._original_component", "").replace("_original_component.", "")
+
+
 def hf_state_dict(model) -> dict[str, torch.Tensor]:
     """The model's live tensors under their Hugging Face names (no copies).
 
@@ -187,7 +192,7 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
     wanted = _hf_names(model)
     found: dict[str, torch.Tensor] = {}
     for name, tensor in hf_model(model).state_dict(keep_vars=True).items():
-        clean = name.replace("._original_component", "").replace("_original_component.", "")
+        clean = canonical_hf_name(name)
         if clean not in found:
             found[clean] = tensor
     missing = [n for n in wanted if n not in found]

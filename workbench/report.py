@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
-from .plots import KINDS, external_references, figure_html, plot_aie, plot_severed, plot_trace
+from .plots import KINDS, _mean, external_references, figure_html, plot_aie, plot_severed, plot_trace
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 0; color: #222;
@@ -317,15 +317,6 @@ def _version() -> str:
         return "(source)"
 
 
-def _mean(x: Any) -> float:
-    import numpy as np
-
-    try:
-        arr = np.asarray(x, dtype=float)
-    except (TypeError, ValueError):
-        return float("nan")
-    finite = arr[np.isfinite(arr)]
-    return float(finite.mean()) if finite.size else float("nan")
 
 
 def _edit_section(model: Any, sec: Section, facts: Sequence[Any], common: dict, say: Callable[[str], None],

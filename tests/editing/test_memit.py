@@ -9,29 +9,10 @@ import torch
 
 from workbench.editing import EditError, MEMITHyperParams, layer_stats, memit
 from workbench.editing.common import activations_at, fact_row
-from workbench.editing.edit import named_parameters
+
+from .conftest import identical, snapshot
 
 memit_mod = importlib.import_module("workbench.editing.memit")
-
-CORPUS = [f"The capital of France is Paris. Miles Davis plays the trumpet. Varo Keltin speaks Tuvan {i}."
-          for i in range(200)]
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in named_parameters(model).items()}
-
-
-def identical(model, snap: dict[str, torch.Tensor]) -> bool:
-    params = named_parameters(model)
-    return all(torch.equal(params[n], t) for n, t in snap.items())
-
-
-@pytest.fixture(scope="module")
-def tiny_stats(tiny_model, tmp_path_factory):
-    # one cache folder per session: the second test module reuses the in-memory/disk cache
-    cache = tmp_path_factory.getbasetemp() / "editing-stats"
-    return {l: layer_stats(tiny_model, l, corpus=CORPUS, n_tokens=2000, cache_dir=cache, progress=False)
-            for l in range(tiny_model.cfg.n_layers)}
 
 
 REQS = [{"prompt": "The capital of {} is", "subject": s, "target_new": {"str": o}}
@@ -124,6 +105,7 @@ def test_bad_requests(tiny_model, tiny_stats):
 # ----------------------------------------------------------------------------- bundled model
 from workbench.loading import assets_dir  # noqa: E402
 from workbench.predict import next_token_probs, object_token_ids  # noqa: E402
+
 
 BUNDLED = assets_dir() / "toy-facts" / "model.safetensors"
 

@@ -9,30 +9,11 @@ import torch
 
 from workbench.editing import EditError, ROMEHyperParams, layer_stats, rome
 from workbench.editing.common import fact_row
-from workbench.editing.edit import named_parameters
 from workbench.predict import next_token_probs, object_token_ids
 
+from .conftest import identical, snapshot
+
 rome_mod = importlib.import_module("workbench.editing.rome")  # the package attribute `rome` is the function
-
-CORPUS = [f"The capital of France is Paris. Miles Davis plays the trumpet. Varo Keltin speaks Tuvan {i}."
-          for i in range(200)]
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in named_parameters(model).items()}
-
-
-def identical(model, snap: dict[str, torch.Tensor]) -> bool:
-    params = named_parameters(model)
-    return all(torch.equal(params[n], t) for n, t in snap.items())
-
-
-@pytest.fixture(scope="module")
-def tiny_stats(tiny_model, tmp_path_factory):
-    # one cache folder per session: the second test module reuses the in-memory/disk cache
-    cache = tmp_path_factory.getbasetemp() / "editing-stats"
-    return {l: layer_stats(tiny_model, l, corpus=CORPUS, n_tokens=2000, cache_dir=cache, progress=False)
-            for l in range(tiny_model.cfg.n_layers)}
 
 
 REQ = {"prompt": "The capital of {} is", "subject": "Miles Davis", "target_new": {"str": "trumpet"}}
@@ -177,6 +158,7 @@ def test_relation_locus(tiny_model, tiny_stats):
 
 # ----------------------------------------------------------------------------- bundled model
 from workbench.loading import assets_dir  # noqa: E402
+
 
 BUNDLED = assets_dir() / "toy-facts" / "model.safetensors"
 TOY_TEST_TOKENS = 30_000  # the preset uses more; a smaller sample keeps the tests fast

@@ -51,16 +51,13 @@ def _hf(model):
     return getattr(model, "original_model", model)
 
 
-def canonical_name(name: str) -> str:
-    """A parameter name as Hugging Face writes it (the bridge inserts ``._original_component``)."""
-    return name.replace("._original_component", "").replace("_original_component.", "")
-
-
 def named_parameters(model) -> dict[str, torch.nn.Parameter]:
-    """``{hf_name: parameter}`` of a bridge or HF model, names in Hugging Face form."""
+    """``{hf_name: parameter}`` of a bridge or of its (rewired) HF model, names in Hugging Face form."""
+    from ..loading import canonical_hf_name
+
     out: dict[str, torch.nn.Parameter] = {}
     for name, param in _hf(model).named_parameters():
-        out.setdefault(canonical_name(name), param)
+        out.setdefault(canonical_hf_name(name), param)
     return out
 
 
