@@ -22,8 +22,8 @@ from typing import Any
 
 
 @dataclass
-class ROMEHyperParams:
-    """ROME (one rank-one update of ``W_out`` of each layer in ``layers``; usually one layer)."""
+class _EditHyperParams:
+    """Fields ROME and MEMIT share (the originals' names): the target optimisation, the covariance."""
 
     layers: list[int] = field(default_factory=lambda: [17])
     fact_token: str = "subject_last"
@@ -50,49 +50,29 @@ class ROMEHyperParams:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ROMEHyperParams":
+    def from_dict(cls, d: dict):
+        """An instance from a dict, ignoring keys that are not fields (e.g. the originals' extras)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
-    def with_(self, **changes: Any) -> "ROMEHyperParams":
+    def with_(self, **changes: Any):
         """A copy with some fields changed."""
         return replace(copy.deepcopy(self), **changes)
 
 
 @dataclass
-class MEMITHyperParams:
+class ROMEHyperParams(_EditHyperParams):
+    """ROME (one rank-one update of ``W_out`` of each layer in ``layers``; usually one layer)."""
+
+
+@dataclass
+class MEMITHyperParams(_EditHyperParams):
     """MEMIT (spread the edits of many facts over the layers ``layers``)."""
 
     layers: list[int] = field(default_factory=lambda: [13, 14, 15, 16, 17])
-    layer_selection: str = "all"
-    fact_token: str = "subject_last"
-    v_num_grad_steps: int = 20
-    v_lr: float = 5e-1
-    v_loss_layer: int | None = None
-    v_weight_decay: float = 0.5
     clamp_norm_factor: float = 0.75
-    kl_factor: float = 0.0625
-    # KL term's direction. "original": KL(P ‖ P₀), what the originals' code computes
-    # (F.kl_div(init, cur, log_target=True)) and ROME's paper writes; "reference": KL(P₀ ‖ P), as
-    # the project's methods.md §4 states it. Default "original" so numbers match the originals.
-    kl_direction: str = "original"
-    mom2_adjustment: bool = True
+    layer_selection: str = "all"
     mom2_update_weight: float = 20_000.0
-    context_template_length_params: list[list[int]] = field(default_factory=lambda: [[5, 10], [10, 10]])
-    mom2_dataset: Any = None
-    mom2_n_samples: int = 100_000
-    mom2_dtype: str = "float64"
-    mom2_n_tokens: int = 100_000
-    context_templates: list | None = None
-    seed: int = 0
-
-    to_dict = ROMEHyperParams.to_dict
-    with_ = ROMEHyperParams.with_
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MEMITHyperParams":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 # ----------------------------------------------------------------------------- presets
