@@ -29,3 +29,26 @@ def tiny_stats(tiny_model, tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "editing-stats"
     return {l: layer_stats(tiny_model, l, corpus=CORPUS, n_tokens=2000, cache_dir=cache, progress=False)
             for l in range(tiny_model.cfg.n_layers)}
+
+
+def fail_on_second_call(monkeypatch, module, name: str, failure: str) -> dict:
+    """Replace ``module.name`` by a wrapper whose 2nd call fails: "error" raises RuntimeError,
+    "interrupt" KeyboardInterrupt, "nan" returns the real result with a NaN ``target``.
+    Returns the call counter ``{"n": ...}``."""
+    real = getattr(module, name)
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            if failure == "error":
+                raise RuntimeError("injected")
+            if failure == "interrupt":
+                raise KeyboardInterrupt
+            res = real(*args, **kwargs)
+            res.target = res.target * float("nan")
+            return res
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, failing)
+    return calls

@@ -10,7 +10,7 @@ import torch
 from workbench.editing import EditError, MEMITHyperParams, layer_stats, memit
 from workbench.editing.common import activations_at, fact_row
 
-from .conftest import identical, snapshot
+from .conftest import fail_on_second_call, identical, snapshot
 
 memit_mod = importlib.import_module("workbench.editing.memit")
 
@@ -76,16 +76,7 @@ def test_update_formula_single_layer(tiny_model, tiny_stats, monkeypatch):
 def test_transaction_mid_edit(tiny_model, tiny_stats, monkeypatch, failure):
     """Layer 0 is updated in place before layer 1's keys are read; a failure then must restore it."""
     before = snapshot(tiny_model)
-    real = memit_mod.compute_keys
-    calls = {"n": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt if failure == "interrupt" else RuntimeError("injected")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(memit_mod, "compute_keys", failing)
+    calls = fail_on_second_call(monkeypatch, memit_mod, "compute_keys", failure)
     with pytest.raises(KeyboardInterrupt if failure == "interrupt" else RuntimeError):
         memit(tiny_model, REQS, layers=[0, 1], hparams={**HP, "v_num_grad_steps": 2}, stats=tiny_stats, progress=False)
     assert calls["n"] == 2

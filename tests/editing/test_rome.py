@@ -11,7 +11,7 @@ from workbench.editing import EditError, ROMEHyperParams, layer_stats, rome
 from workbench.editing.common import fact_row
 from workbench.predict import next_token_probs, object_token_ids
 
-from .conftest import identical, snapshot
+from .conftest import fail_on_second_call, identical, snapshot
 
 rome_mod = importlib.import_module("workbench.editing.rome")  # the package attribute `rome` is the function
 
@@ -103,22 +103,7 @@ def test_bad_requests_leave_weights(tiny_model, tiny_stats):
 def test_transaction_mid_edit(tiny_model, tiny_stats, monkeypatch, failure):
     """A two-layer ROME edit changes layer 0 in place before layer 1: a failure there must undo it."""
     before = snapshot(tiny_model)
-    real = rome_mod.compute_target
-    calls = {"n": 0}
-
-    def failing(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            if failure == "error":
-                raise RuntimeError("injected")
-            if failure == "interrupt":
-                raise KeyboardInterrupt
-            res = real(*args, **kwargs)
-            res.target = res.target * float("nan")
-            return res
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(rome_mod, "compute_target", failing)
+    calls = fail_on_second_call(monkeypatch, rome_mod, "compute_target", failure)
     expected = {"error": RuntimeError, "interrupt": KeyboardInterrupt, "nan": EditError}[failure]
     with pytest.raises(expected):
         rome(tiny_model, REQ, hparams={**FAST, "layers": [0, 1]}, stats=tiny_stats)
