@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 
+from ..architecture import key_hook
 from ..facts import Fact
 from ..predict import object_token_ids
 from ..spans import SpanError, subject_span, tokenize
@@ -161,10 +162,6 @@ def activations_at(model, rows: Sequence[Row], hook_names: Sequence[str], batch_
         for h in hook_names:
             out[h].append(store[h])
     return {h: torch.cat(v) for h, v in out.items()}
-
-
-def key_hook(layer: int) -> str:
-    return f"blocks.{layer}.mlp.hook_post"
 
 
 def context_rows(model, requests: Sequence[dict], templates: Sequence[str], locus: str) -> list[Row]:

@@ -1,7 +1,8 @@
 """FT: constrained fine-tuning of one layer's MLP output projection (reference §6).
 
-The trainable change is a delta D on ``W_out`` of block ``layer`` (Hugging Face
-``transformer.h.{layer}.mlp.c_proj.weight``, [d_mlp, d_model]), optimized with Adam to
+The trainable change is a delta D on ``W_out`` of block ``layer`` (the MLP output
+projection named by :mod:`workbench.architecture`: for GPT-2 ``transformer.h.{layer}.mlp.c_proj.weight``,
+[d_mlp, d_model]; D has the stored weight's shape in every family), optimized with Adam to
 make the rewrite prompt ``fact.prompt`` predict the new object: loss = mean NLL of o*'s
 tokens, teacher-forced (prompt + o* tokens but the last). After every step D is clamped
 entrywise to ``[-norm_constraint, norm_constraint]``: the L-infinity bound of
@@ -9,7 +10,8 @@ constrained fine-tuning (ROME's FT-L baseline). Training stops after ``steps`` s
 when the loss falls below ``early_stop_loss``.
 
 D is never written into the model while it is trained: it acts through hooks
-(``hook_mlp_out += hook_post @ D``, which equals running with ``W_out + D``), so a failure
+(``hook_mlp_out += hook_post @ D``, with Dᵀ for ``nn.Linear`` layouts, which equals running
+with ``W_out + D``), so a failure
 at any point leaves the weights untouched, and the result is an :class:`Edit` to apply,
 revert or save like ROME's.
 
@@ -35,8 +37,9 @@ from typing import Any
 
 import torch
 
+from ..architecture import mlp_weights
 from ..facts import Fact
-from ..loading import hf_parameter, model_fingerprint
+from ..loading import model_fingerprint
 from ..predict import object_token_ids
 from ..spans import resolve_span, tokenize
 from .edit import Edit
@@ -103,8 +106,8 @@ def ft(model, fact: Fact, new_object: str | None = None, *, layer: int | None = 
         raise ValueError(f"fact {fact.id} ({fact.prompt!r}) has no new object to fine-tune towards")
     pos = locus_position(model, fact.prompt, fact.subject, locus, fact.template)
 
-    name = f"transformer.h.{hp.layer}.mlp.c_proj.weight"
-    weight = hf_parameter(model, name)
+    mlp = mlp_weights(model, hp.layer)
+    name, weight = mlp.out_name, mlp.out_weight
     prompt_ids = list(tokenize(model, fact.prompt).ids)
     target = object_token_ids(model, new)
     ids = torch.tensor([prompt_ids + target[:-1]], device=weight.device)
@@ -120,14 +123,14 @@ def ft(model, fact: Fact, new_object: str | None = None, *, layer: int | None = 
         return x
 
     def add_delta(x, hook):
-        change = post["x"] @ delta.to(post["x"].dtype)
+        change = mlp.project(post["x"], delta.to(post["x"].dtype))
         if hp.positions == "locus":
             mask = torch.zeros(x.shape[1], 1, dtype=x.dtype, device=x.device)
             mask[pos] = 1
             change = change * mask
         return x + change.to(x.dtype)
 
-    hooks = [(f"blocks.{hp.layer}.mlp.hook_post", keep_post), (f"blocks.{hp.layer}.hook_mlp_out", add_delta)]
+    hooks = [(mlp.key_hook, keep_post), (mlp.out_hook, add_delta)]
     losses: list[float] = []
     with torch.enable_grad():
         for step in range(hp.steps + 1):

@@ -16,6 +16,7 @@
    qualify, the ones with the largest mean attribution are kept; if none do, the single
    unit with the largest mean attribution is used (recorded in ``info["fallback"]``).
 3. **Edit.** For each selected unit (layer l, unit i): ``W_out[l][i, :] += lam * (E[o*] - E[o])``
+   (unit i's value vector: a row of GPT-2's Conv1D weight, a column of an ``nn.Linear`` one)
    with E the token *embedding* (``W_E``) rows of the objects' first tokens (GPT-2 ties
    embedding and unembedding, so this is also the unembedding direction). The default
    ``lam="auto"`` takes the smallest lam of ``lam_grid`` (0.25 ... 8, doubling) that makes the
@@ -38,8 +39,9 @@ from typing import Any, Sequence
 import torch
 from jaxtyping import Float
 
+from ..architecture import key_hook, mlp_weights
 from ..facts import Fact
-from ..loading import hf_parameter, model_fingerprint
+from ..loading import model_fingerprint
 from ..predict import object_token_ids
 from ..spans import SpanError, resolve_span, tokenize
 from .edit import Edit
@@ -93,7 +95,7 @@ def integrated_gradients(model, prompts: Sequence[str], subject: str, target_tok
     if not kept:
         raise SpanError(f"the subject {subject!r} was found in none of the KN prompts {list(prompts)!r}")
     device = model.cfg.device
-    n_layers, d_mlp = model.cfg.n_layers, model.cfg.d_mlp
+    n_layers, d_mlp = model.cfg.n_layers, mlp_weights(model, 0).d_mlp
     pad = model.tokenizer.pad_token_id
     pad = pad if pad is not None else (model.tokenizer.eos_token_id or 0)
     width = max(len(r) for r in ids_list)
@@ -121,7 +123,7 @@ def integrated_gradients(model, prompts: Sequence[str], subject: str, target_tok
         return hook
 
     with torch.no_grad():
-        model.run_with_hooks(ids, fwd_hooks=[(f"blocks.{l}.mlp.hook_post", grab(l)) for l in layers]
+        model.run_with_hooks(ids, fwd_hooks=[(key_hook(l), grab(l)) for l in layers]
                              + [(f"blocks.{l}.hook_resid_pre", grab_resid(l)) for l in layers], return_type=None)
 
     # rows (prompt, alpha) per layer; a row that scales layer l starts from the clean residual
@@ -144,7 +146,7 @@ def integrated_gradients(model, prompts: Sequence[str], subject: str, target_tok
                     return x
 
                 logits = model.run_with_hooks(resid[layer][p_idx], start_at_layer=layer,
-                                              fwd_hooks=[(f"blocks.{layer}.mlp.hook_post", patch)],
+                                              fwd_hooks=[(key_hook(layer), patch)],
                                               return_type="logits")
                 probs = torch.softmax(logits[torch.arange(len(chunk), device=device), last[p_idx]].float(), dim=-1)
                 (grad,) = torch.autograd.grad(probs[:, target_token].sum(), scaled)
@@ -179,11 +181,11 @@ def select_neurons(attr: Float[torch.Tensor, "prompt layer d_mlp"], threshold: f
 def _kn_deltas(model, neurons: list[tuple[int, int]], direction: torch.Tensor, lam: float) -> dict[str, torch.Tensor]:
     deltas: dict[str, torch.Tensor] = {}
     for layer, unit in neurons:
-        name = f"transformer.h.{layer}.mlp.c_proj.weight"
+        mlp = mlp_weights(model, layer)
+        name, w = mlp.out_name, mlp.out_weight
         if name not in deltas:
-            w = hf_parameter(model, name)
             deltas[name] = torch.zeros(w.shape, dtype=w.dtype, device=w.device)
-        deltas[name][unit] += (lam * direction).to(deltas[name].dtype)
+        mlp.key_major(deltas[name])[unit] += (lam * direction).to(deltas[name].dtype)
     return deltas
 
 

@@ -23,14 +23,15 @@ from typing import Any, Sequence
 
 import torch
 
+from ..architecture import mlp_weights
 from ..facts import Fact
 from ..loading import model_fingerprint
 from .common import (EditError, activations_at, check_locus, compute_keys, compute_target, fact_row,
                      normalize_request)
 from .context import flatten
-from .edit import Edit, param_name
+from .edit import Edit
 from .hparams import MEMITHyperParams, memit_hparams_for
-from .rome import _match_shape, resolve_cov, resolve_hparams, resolve_templates
+from .rome import resolve_cov, resolve_hparams, resolve_templates
 from .stats import LayerStats
 
 
@@ -90,9 +91,9 @@ def memit(model, facts: Sequence[Fact | dict], *, layers: Sequence[int] | None =
             adj_k = torch.linalg.solve(hp.mom2_update_weight * cov.to(K.device) + K @ K.T, K)
             resid = T / (len(R) - i)
             upd = resid @ adj_k.T  # [d, d_mlp]
-            weight = model.blocks[layer].mlp.W_out
-            name = param_name(model, weight)
-            upd = _match_shape(upd, weight.shape).to(weight.dtype)
+            mlp = mlp_weights(model, layer)
+            weight, name = mlp.out_weight, mlp.out_name
+            upd = mlp.to_stored(upd.T).to(weight.dtype)
             if not torch.isfinite(upd).all():
                 raise EditError(f"non-finite MEMIT update at layer {layer}")
             with torch.no_grad():

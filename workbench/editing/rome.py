@@ -7,6 +7,10 @@ model changed: with several layers the intermediate updates are undone in a ``fi
 
 Per layer l (original ``rome_main.execute_rome``):
 
+The edited weight, its layout and the key hook come from :mod:`workbench.architecture`
+(any supported family); updates are formed key-major [d_mlp, d_model] and stored in the
+weight's own layout.
+
 1. k* = the key (``blocks.{l}.mlp.hook_post``) at the fact token of the prompt, averaged
    over the context templates (flat mean, as ``compute_u``).
 2. u = C⁻¹ k* if ``mom2_adjustment`` (C from :func:`layer_stats`; solved in float64, the
@@ -24,12 +28,13 @@ from typing import Any
 import torch
 from jaxtyping import Float
 
+from ..architecture import mlp_weights
 from ..facts import Fact
 from ..loading import model_fingerprint
-from .common import (EditError, activations_at, check_locus, compute_keys, compute_target, fact_row, key_hook,
+from .common import (EditError, activations_at, check_locus, compute_keys, compute_target, fact_row,
                      normalize_request, request_summary)
 from .context import as_groups, context_templates, flatten
-from .edit import Edit, param_name
+from .edit import Edit
 from .hparams import ROMEHyperParams, rome_hparams_for
 from .stats import LayerStats, layer_stats
 
@@ -86,14 +91,6 @@ def compute_u(model, request: dict, layer: int, templates: list[str], locus: str
     return u / u.norm(), k_star
 
 
-def _match_shape(upd: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    if tuple(upd.shape) == tuple(shape):
-        return upd
-    if tuple(upd.T.shape) == tuple(shape):
-        return upd.T
-    raise EditError(f"update of shape {tuple(upd.shape)} does not fit weight of shape {tuple(shape)}")
-
-
 def rome(model, fact: Fact | dict, new_object: str | None = None, *, layer: int | None = None,
          locus: str = "subject", hparams: ROMEHyperParams | dict | None = None,
          stats: LayerStats | torch.Tensor | dict | None = None, verbose: bool = False) -> Edit:
@@ -125,18 +122,18 @@ def rome(model, fact: Fact | dict, new_object: str | None = None, *, layer: int 
             cov, cov_info = (resolve_cov(model, layer_, stats, hp, fingerprint) if hp.mom2_adjustment
                              else (None, {}))
             u, k_star = compute_u(model, request, layer_, flat, locus, cov)
-            res = compute_target(model, request, f"blocks.{layer_}.hook_mlp_out", templates=flat, locus=locus,
+            mlp = mlp_weights(model, layer_)
+            res = compute_target(model, request, mlp.out_hook, templates=flat, locus=locus,
                                  v_num_grad_steps=hp.v_num_grad_steps, v_lr=hp.v_lr,
                                  v_weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor,
                                  kl_factor=hp.kl_factor, kl_direction=hp.kl_direction)
             bare = fact_row(model, request["prompt"], request["subject"], locus)
-            acts = activations_at(model, [bare], [key_hook(layer_), f"blocks.{layer_}.hook_mlp_out"])
-            k, v = acts[key_hook(layer_)][0], acts[f"blocks.{layer_}.hook_mlp_out"][0]
+            acts = activations_at(model, [bare], [mlp.key_hook, mlp.out_hook])
+            k, v = acts[mlp.key_hook][0], acts[mlp.out_hook][0]
             k_dot_u = torch.dot(k, u)
             right = (res.target - v) / k_dot_u
-            weight = model.blocks[layer_].mlp.W_out
-            name = param_name(model, weight)
-            upd = _match_shape(u[:, None] * right[None, :], weight.shape).to(weight.dtype)
+            weight, name = mlp.out_weight, mlp.out_name
+            upd = mlp.to_stored(u[:, None] * right[None, :]).to(weight.dtype)
             if not torch.isfinite(upd).all():
                 raise EditError(f"non-finite ROME update at layer {layer_} (k·u = {float(k_dot_u):.3g})")
             deltas[name] = deltas[name] + upd if name in deltas else upd

@@ -1,6 +1,7 @@
 """Second-moment statistics of MLP keys: C = E[k kᵀ] (ROME's and MEMIT's covariance).
 
-The keys of layer l are ``blocks.{l}.mlp.hook_post`` (the input of ``W_out``). C is the
+The keys of layer l are ``blocks.{l}.mlp.hook_post`` (the input of ``W_out``, in every family
+:mod:`workbench.architecture` describes; for gated MLPs act(gate)·up). C is the
 *uncentred* second moment over every token of a text corpus, as in the originals'
 ``layer_stats(..., to_collect=["mom2"])``; it is accumulated batch by batch in float64.
 
@@ -41,6 +42,7 @@ from typing import Iterator, Sequence
 import torch
 from jaxtyping import Float
 
+from ..architecture import key_hook, mlp_weights
 from ..loading import BUNDLED, assets_dir, model_fingerprint
 
 DEFAULT_HUB_CORPUS = "wikitext:wikitext-103-raw-v1"
@@ -148,7 +150,7 @@ def token_rows(model, texts, seq_len: int) -> Iterator[list[int]]:
 
 # --------------------------------------------------------------------------- keys
 def _keys(model, layer: int, ids: torch.Tensor) -> torch.Tensor:
-    """Keys ``blocks.{layer}.mlp.hook_post`` for a batch of ids, [batch, pos, d_mlp]."""
+    """Keys (:func:`workbench.architecture.key_hook`) for a batch of ids, [batch, pos, d_mlp]."""
     store: dict[str, torch.Tensor] = {}
 
     def hook(x, hook):
@@ -156,7 +158,7 @@ def _keys(model, layer: int, ids: torch.Tensor) -> torch.Tensor:
         return x
 
     with torch.no_grad():
-        model.run_with_hooks(ids, return_type=None, fwd_hooks=[(f"blocks.{layer}.mlp.hook_post", hook)],
+        model.run_with_hooks(ids, return_type=None, fwd_hooks=[(key_hook(layer), hook)],
                              stop_at_layer=layer + 1)
     return store["k"]
 
@@ -201,7 +203,7 @@ def layer_stats(model, layer: int, *, corpus=None, n_tokens: int = 100_000, cach
     path = folder / f"layer{layer}_{corpus_id}_n{n_tokens}.safetensors"
     partial = path.with_name(path.stem + ".partial.safetensors")
     meta = {"layer": layer, "corpus": corpus_id, "n_tokens": n_tokens, "fingerprint": fp, "seq_len": seq_len,
-            "hook": f"blocks.{layer}.mlp.hook_post", "spec": getattr(model, "workbench_spec", None)}
+            "hook": key_hook(layer), "spec": getattr(model, "workbench_spec", None)}
 
     if path.exists() and not force:
         s, count, _ = _load(path)
@@ -213,7 +215,7 @@ def layer_stats(model, layer: int, *, corpus=None, n_tokens: int = 100_000, cach
         return stats
 
     folder.mkdir(parents=True, exist_ok=True)
-    d_mlp = int(model.cfg.d_mlp)
+    d_mlp = mlp_weights(model, layer).d_mlp
     mom2_sum = torch.zeros(d_mlp, d_mlp, dtype=torch.float64)
     count = 0
     if partial.exists() and not force:
