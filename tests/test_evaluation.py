@@ -151,10 +151,33 @@ def test_evaluate_refuses_other_model_folder(tiny_model, tmp_path):
     out = tmp_path / "run"
     evaluate(tiny_model, FACTS[:1], methods=(), out=out, progress=False)
     cfg = json.loads((out / "config.json").read_text())
-    cfg["model_fingerprint"] = "0" * 16
+    cfg["key"]["model_fingerprint"] = "0" * 16
     (out / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="model_fingerprint"):
         evaluate(tiny_model, FACTS[:1], methods=(), out=out, progress=False)
+
+
+def test_evaluate_refuses_other_facts_kwargs_or_hparams_in_one_folder(tiny_model, tmp_path):
+    """Problem 1: rows keyed by (method, locus, fact id) alone were reused across facts files and kwargs."""
+    from workbench.store import StoreMismatchError
+
+    out = tmp_path / "run"
+    evaluate(tiny_model, FACTS[:2], methods=("ft",), loci=("subject",), out=out, progress=False,
+             method_kwargs={"ft": {"steps": 1}})
+    same_ids = [f.with_new("Klingon") for f in FACTS[:2]]
+    with pytest.raises(StoreMismatchError, match="facts_hash") as info:
+        evaluate(tiny_model, same_ids, methods=("ft",), loci=("subject",), out=out, progress=False,
+                 method_kwargs={"ft": {"steps": 1}})
+    assert "another --out" in str(info.value)
+    with pytest.raises(StoreMismatchError) as info:
+        evaluate(tiny_model, FACTS[:2], methods=("ft",), loci=("subject",), out=out, progress=False,
+                 method_kwargs={"ft": {"steps": 1, "lr": 0.5}})
+    assert info.value.fields == ["key.methods.ft.hparams.lr", "key.methods.ft.kwargs.lr"]
+    # the same settings resume, and a smaller sample of the same facts reuses its rows
+    df = evaluate(tiny_model, FACTS[:2], methods=("ft",), loci=("subject",), out=out, progress=False, n=1,
+                  method_kwargs={"ft": {"steps": 1}})
+    assert df.loc[("ft", "subject"), ("n", "edits")] == 1
+    assert (out / "details.jsonl").read_text().count("\n") == 4
 
 
 def test_select_facts():

@@ -39,6 +39,7 @@ probes with the same targets (o* for entity/relation), i.e. how often o* is alre
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import json
@@ -281,18 +282,74 @@ def select_facts(facts: Sequence[Fact], n: int | None = None, seed: int = 0) -> 
     return [usable[i] for i in keep]
 
 
-def _read_details(path: Path) -> list[dict]:
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
-    return rows
+STORE_KIND = "evaluation"
+"""``kind`` of an evaluation folder's :class:`workbench.store.ResultStore`."""
+ROWS_FILE = "details.jsonl"
+"""Per-fact rows of an evaluation folder."""
+
+
+def probe_bank_version(bank: str | os.PathLike | None = None) -> str:
+    """Content hash of the relation-template bank (probes, and so rows, depend on it)."""
+    return hashlib.sha256(Path(bank or _TEMPLATE_BANK).read_bytes()).hexdigest()[:16]
+
+
+def resolved_hparams(name: str, model, kwargs: dict | None = None) -> dict | None:
+    """The hyperparameters a built-in method will use with ``kwargs`` on ``model`` (``None``:
+    a custom callable, or kwargs the method will reject anyway, which its rows record as errors)."""
+    from dataclasses import fields, replace
+
+    kw = dict(kwargs or {})
+    try:
+        if name in ("rome", "memit"):
+            from .editing.hparams import MEMITHyperParams, ROMEHyperParams, memit_hparams_for, rome_hparams_for
+            from .editing.rome import resolve_hparams
+
+            if name == "rome":
+                layers = [kw["layer"]] if kw.get("layer") is not None else None
+                hp = resolve_hparams(model, kw.get("hparams"), ROMEHyperParams, rome_hparams_for, layers)
+            else:
+                layers = list(kw["layers"]) if kw.get("layers") else None
+                hp = resolve_hparams(model, kw.get("hparams"), MEMITHyperParams, memit_hparams_for, layers)
+            return hp.to_dict()
+        if name in ("ft", "kn"):
+            from .editing.ft import FTHyperParams, default_layer
+            from .editing.kn import KNHyperParams
+
+            cls = FTHyperParams if name == "ft" else KNHyperParams
+            given = kw.get("hparams")
+            hp = given if isinstance(given, cls) else cls(**(given or {}))
+            names = {f.name for f in fields(cls)}
+            hp = replace(hp, **{k: v for k, v in kw.items() if k in names})
+            if name == "ft" and hp.layer is None:
+                hp = replace(hp, layer=default_layer(model))
+            return hp.to_dict()
+    except Exception:  # noqa: BLE001 - the method raises the same error per row, recorded there
+        return None
+    return None
+
+
+def evaluation_key(model, facts: Sequence[Fact], resolved: Sequence[tuple[str, Callable]],
+                   method_kwargs: dict[str, dict], seed: int, fingerprint: str | None = None) -> dict:
+    """Everything an evaluation row depends on: the store key of ``evaluate(out=...)``.
+
+    The facts hash covers every usable fact (all fields), so a larger ``n`` reuses the rows
+    of a smaller one; each method contributes its kwargs and resolved hyperparameters (a
+    custom callable is known by its name and kwargs only: change its name when its code changes).
+    """
+    from .loading import model_fingerprint
+    from .store import content_hash
+
+    methods = {}
+    for name, fn in resolved:
+        kwargs = method_kwargs.get(name) or {}
+        methods[name] = {"function": METHODS.get(name, "custom callable"),
+                         "kwargs": {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in kwargs.items()},
+                         "hparams": resolved_hparams(name, model, kwargs) if METHODS.get(name) else None}
+    usable = [f for f in facts if f.target_new is not None]
+    return {"model_spec": getattr(model, "workbench_spec", None),
+            "model_fingerprint": fingerprint or model_fingerprint(model),
+            "facts_hash": content_hash(f.to_dict() for f in usable), "n_facts": len(usable), "seed": seed,
+            "probe_bank": probe_bank_version(), "methods": methods}
 
 
 def _scalars(info: dict) -> dict[str, Any]:
@@ -314,9 +371,11 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] = (
             (:func:`select_facts`).
         methods: names from :data:`METHODS` or callables ``f(model, fact, locus=...) -> Edit``.
         loci: ``"subject"`` and/or ``"relation"``: the token where each edit is keyed.
-        out: folder; per-fact rows go to ``out/details.jsonl`` as they finish (flushed), and
-            a rerun with the same ``out`` skips the (method, locus, fact id) already there,
-            so a crashed run resumes. ``summary.csv`` is written at the end.
+        out: folder, a :class:`workbench.store.ResultStore` keyed by :func:`evaluation_key`;
+            per-fact rows go to ``out/details.jsonl`` as they finish (fsynced), and a rerun with
+            the same settings skips the (method, locus, fact id) already there, so a crashed
+            run resumes. Other settings, a missing config or a concurrent run on the same
+            folder are refused. ``summary.csv`` is written at the end.
         method_kwargs: extra keyword arguments per method name, e.g. ``{"ft": {"steps": 10}}``.
         baseline: add the unedited model's row (method :data:`BASELINE`, locus ``"-"``).
         check_every: every that many edits, check that the weights' fingerprint is still the
@@ -335,28 +394,19 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] = (
     resolved = [resolve_method(m) for m in methods]
     method_kwargs = method_kwargs or {}
     fingerprint = model_fingerprint(model)
-    details_path = None
-    done: set[tuple[str, str, str]] = set()
+    store = None
     rows: list[dict] = []
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        config = {"model": getattr(model, "workbench_spec", None), "model_fingerprint": fingerprint}
-        cfg_path = out / "config.json"
-        if cfg_path.exists():
-            old = json.loads(cfg_path.read_text())
-            if old.get("model_fingerprint") != fingerprint:
-                raise RuntimeError(f"{out} holds results of another model (fingerprint {old.get('model_fingerprint')}, "
-                                   f"this model {fingerprint}); use a fresh --out folder")
-        cfg_path.write_text(json.dumps(config, indent=1))
-        details_path = out / "details.jsonl"
-        rows = _read_details(details_path)
-        done = {(r["method"], r["locus"], str(r["fact_id"])) for r in rows}
+        from .store import ResultStore
+
+        key = evaluation_key(model, facts, resolved, method_kwargs, seed, fingerprint)
+        store = ResultStore.open(out, kind=STORE_KIND, key=key, id_fields=("method", "locus", "fact_id"),
+                                 rows_name=ROWS_FILE)
+        rows = store.rows()
 
     cells: list[tuple[str, Callable | None, str]] = [(BASELINE, None, "-")] if baseline else []
     cells += [(name, fn, locus) for name, fn in resolved for locus in loci]
-    todo = [(c, f) for c in cells for f in chosen if (c[0], c[2], str(f.id)) not in done]
-    handle = open(details_path, "a") if details_path is not None else None
+    todo = [(c, f) for c in cells for f in chosen if store is None or (c[0], c[2], f.id) not in store]
     n_edits = 0
     bar = tqdm(todo, desc="evaluate", disable=not progress, dynamic_ncols=True)
     try:
@@ -387,14 +437,11 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] = (
                         raise RuntimeError(f"weights differ from the unedited model after {n_edits} edits "
                                            f"(last: {name}/{locus} on fact {fact.id}); an edit was not reverted")
             row["seconds"] = time.perf_counter() - t0
-            rows.append(row)
-            if handle is not None:
-                handle.write(json.dumps(row, default=str) + "\n")
-                handle.flush()
+            rows.append(store.append(row) if store is not None else row)
     finally:
         bar.close()
-        if handle is not None:
-            handle.close()
+        if store is not None:
+            store.close()
     if check_every and n_edits and model_fingerprint(model) != fingerprint:
         raise RuntimeError("weights differ from the unedited model after the evaluation; an edit was not reverted")
     wanted = {(c[0], c[2]) for c in cells}

@@ -17,18 +17,18 @@ bucket; ``per_fact`` keeps every fact's full maps for other aggregations. The av
 quantity is the indirect effect (score - p_corrupt of the fact), over facts whose clean
 top-1 token is the first token of the expected object; the others are skipped, counted.
 
-With ``out=DIR`` every finished fact is appended to ``DIR/facts.jsonl`` (one JSON object
-per line, flushed; ``pandas.read_json(path, lines=True)`` reads it) beside
-``DIR/config.json``; a rerun with the same settings skips finished facts and tolerates a
-truncated last line, and a different configuration is an error.
+With ``out=DIR`` the sweep is a :class:`workbench.store.ResultStore`: every finished fact is
+appended to ``DIR/facts.jsonl`` (one JSON object per line, fsynced;
+``pandas.read_json(path, lines=True)`` reads it) beside ``DIR/config.json``, which records
+everything a record depends on (:func:`sweep_key`). A rerun with the same settings skips
+finished facts, skips and reports damaged lines (keeping every intact record), and refuses
+a folder made with other settings, a folder whose config is missing, and a folder another
+run is writing to.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -37,10 +37,16 @@ import pandas as pd
 from ..facts import Fact, load_facts
 from ..loading import model_fingerprint
 from ..predict import object_token_ids
+from ..store import ResultStore, content_hash
 from .api import _trace_prepared, prepare
 from .engine import KINDS
 from .noise import NoiseSpec, noise_level, parse_noise
 from .results import BUCKETS, DatasetTraceResult, TraceResult, span_to_list
+
+STORE_KIND = "trace-sweep"
+"""``kind`` of a sweep's :class:`workbench.store.ResultStore`."""
+ROWS_FILE = "facts.jsonl"
+"""Per-fact records of a sweep folder."""
 
 
 def bucket_positions(span_positions: Sequence[int], n_tokens: int) -> dict[str, list[int]]:
@@ -80,48 +86,20 @@ def aggregate(records: Iterable[dict], kinds: Sequence[str], n_layers: int
 
 
 def _facts_hash(facts: Sequence[Fact]) -> str:
-    digest = hashlib.sha256()
-    for f in facts:
-        digest.update(json.dumps([str(f.id), f.subject, f.template, f.target_true]).encode())
-    return digest.hexdigest()[:16]
+    """Content hash of the facts, every field and their order (what a sweep's rows depend on)."""
+    return content_hash(f.to_dict() for f in facts)
 
 
-def _read_done(path: Path) -> list[dict]:
-    """Finished records of ``facts.jsonl``; a truncated last line is dropped (and cut from the file)."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    records, good = [], 0
-    for line in raw.splitlines(keepends=True):
-        try:
-            if not line.endswith(b"\n"):
-                raise ValueError("unterminated line")
-            records.append(json.loads(line))
-        except ValueError:
-            break
-        good += len(line)
-    if good < len(raw):
-        with open(path, "r+b") as fh:
-            fh.truncate(good)
-    return records
-
-
-def _open_out(out: str | os.PathLike, config: dict) -> tuple[Path, dict[int, dict]]:
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg_path = folder / "config.json"
-    if cfg_path.exists():
-        old = json.loads(cfg_path.read_text())
-        if old != config:
-            diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-            raise ValueError(
-                f"{folder} holds a sweep with other settings (differs in: {', '.join(diff)}); "
-                "pick another --out directory (or delete this one) to start a new sweep"
-            )
-    else:
-        cfg_path.write_text(json.dumps(config, indent=2))
-    done = {int(r["index"]): r for r in _read_done(folder / "facts.jsonl")}
-    return folder / "facts.jsonl", done
+def sweep_key(model, facts: Sequence[Fact], *, corrupt: str, kinds: Sequence[str], samples: int, noise: NoiseSpec,
+              nu: float, window: int, seed: int, prepend_bos: bool | None, precision: str,
+              replace: bool) -> dict:
+    """Everything that determines a sweep's per-fact record: the store key of ``trace_dataset(out=...)``."""
+    return {
+        "model_spec": getattr(model, "workbench_spec", None), "model_fingerprint": model_fingerprint(model),
+        "facts_hash": _facts_hash(facts), "n_facts": len(facts), "corrupt": corrupt, "kinds": list(kinds),
+        "samples": samples, "noise": noise if isinstance(noise, str) else float(noise), "noise_level": nu,
+        "window": window, "seed": seed, "prepend_bos": prepend_bos, "precision": precision, "replace": replace,
+    }
 
 
 def _record(index: int, fact: Fact, result: TraceResult | None, prep, kept: bool, p_clean: float,
@@ -164,35 +142,27 @@ def trace_dataset(model, facts: Sequence[Fact] | str, *, corrupt: str = "subject
     nu = noise_level(model, [f.subject for f in facts], noise) if kind == "std" else value
     noise_arg = f"u{nu!r}" if kind == "uniform" else nu
     L = model.cfg.n_layers
-    path, done = None, {}
+    store = None
     if out is not None:
-        config = {
-            "model_spec": getattr(model, "workbench_spec", None), "model_fingerprint": model_fingerprint(model),
-            "facts_hash": _facts_hash(facts), "n_facts": len(facts), "corrupt": corrupt, "kinds": list(kinds),
-            "samples": samples, "noise": noise if isinstance(noise, str) else float(noise), "noise_level": nu,
-            "window": window, "seed": seed, "prepend_bos": prepend_bos, "precision": precision, "replace": replace,
-        }
-        path, done = _open_out(out, config)
+        key = sweep_key(model, facts, corrupt=corrupt, kinds=kinds, samples=samples, noise=noise, nu=nu,
+                        window=window, seed=seed, prepend_bos=prepend_bos, precision=precision, replace=replace)
+        store = ResultStore.open(out, kind=STORE_KIND, key=key, id_fields=("index",), rows_name=ROWS_FILE)
     records: list[dict] = []
-    fh = open(path, "a") if path is not None else None
     try:
-        bar = tqdm(total=len(facts), initial=sum(1 for i in done if i < len(facts)), disable=not progress,
-                   desc=f"tracing ({corrupt})", unit="fact")
+        done = sum(1 for i in range(len(facts)) if store is not None and i in store)
+        bar = tqdm(total=len(facts), initial=done, disable=not progress, desc=f"tracing ({corrupt})", unit="fact")
         for i, fact in enumerate(facts):
-            if i in done:
-                records.append(done[i])
+            if store is not None and i in store:
+                records.append(store.get(i))
                 continue
             rec = _trace_fact(model, i, fact, corrupt, kinds, samples, noise_arg, window, seed, prepend_bos,
                               precision, replace, engine, max_batch)
-            records.append(rec)
-            if fh is not None:
-                fh.write(json.dumps(rec) + "\n")
-                fh.flush()
+            records.append(store.append(rec) if store is not None else rec)
             bar.update(1)
         bar.close()
     finally:
-        if fh is not None:
-            fh.close()
+        if store is not None:
+            store.close()
     return _summarize(records, kinds, L, corrupt, nu)
 
 

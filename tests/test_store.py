@@ -1,0 +1,218 @@
+"""Result stores: key checks, the lock, damage-tolerant append-only rows; real processes and signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from workbench.store import ResultStore, StoreLockedError, StoreMismatchError, key_hash
+
+KEY = {"model_fingerprint": "abc", "facts_hash": "f1", "seed": 0, "methods": {"ft": {"kwargs": {"steps": 2}}}}
+WORKER = Path(__file__).with_name("sweep_worker.py")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _open(folder, key=KEY, **kw):
+    return ResultStore.open(folder, kind="test", key=key, id_fields=("i",), **kw)
+
+
+def _fill(folder, n):
+    with _open(folder) as store:
+        for i in range(n):
+            store.append({"i": i, "value": i * i})
+
+
+# ------------------------------------------------------------------ in-process contract
+
+def test_rows_roundtrip_and_carry_the_key(tmp_path):
+    _fill(tmp_path, 3)
+    with _open(tmp_path) as store:
+        assert [r["value"] for r in store.rows()] == [0, 1, 4]
+        assert store.done == {("0",), ("1",), ("2",)} and 2 in store and 3 not in store
+        assert all(r["store_key"] == key_hash(KEY) for r in store.rows())
+        assert store.damaged == 0
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["key"] == KEY and cfg["kind"] == "test" and cfg["format_version"] >= 1
+
+
+def test_damaged_middle_line_is_skipped_counted_and_kept(tmp_path):
+    """Problem 9: one bad line in the middle must not cost the intact records after it."""
+    _fill(tmp_path, 6)
+    path = tmp_path / "rows.jsonl"
+    lines = path.read_bytes().split(b"\n")
+    lines[2] = lines[2][:15] + b"\x00garbage"
+    path.write_bytes(b"\n".join(lines))
+    size = path.stat().st_size
+    with pytest.warns(RuntimeWarning, match="1 damaged line"):
+        store = _open(tmp_path)
+    with store:
+        assert store.damaged == 1 and store.damaged_lines == [3]
+        assert sorted(int(r["i"]) for r in store.rows()) == [0, 1, 3, 4, 5]
+        assert path.stat().st_size == size  # reading truncated nothing
+        store.append({"i": 2, "value": 4})
+    with pytest.warns(RuntimeWarning):
+        store = _open(tmp_path)
+    with store:
+        assert sorted(int(r["i"]) for r in store.rows()) == list(range(6))
+
+
+def test_torn_last_line_cannot_swallow_the_next_row(tmp_path):
+    """Problem 9: a half-written last row, then an append: both neighbours stay readable."""
+    _fill(tmp_path, 3)
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(path.read_bytes() + b'{"i": 3, "val')
+    with pytest.warns(RuntimeWarning, match="damaged"):
+        store = _open(tmp_path)
+    with store:
+        assert store.damaged == 1 and len(store) == 3
+        store.append({"i": 3, "value": 9})
+    text = path.read_text()
+    assert text.endswith("\n")
+    assert [json.loads(line)["i"] for line in text.splitlines()] == [0, 1, 2, 3]
+
+
+def test_other_key_is_refused_naming_the_fields(tmp_path):
+    """Problems 1 and 5: other facts / kwargs / hparams in the same folder are refused, not mixed."""
+    _fill(tmp_path, 2)
+    other = {**KEY, "facts_hash": "f2", "methods": {"ft": {"kwargs": {"steps": 3}}}}
+    with pytest.raises(StoreMismatchError, match="another --out") as info:
+        _open(tmp_path, key=other)
+    assert info.value.fields == ["key.facts_hash", "key.methods.ft.kwargs.steps"]
+    assert "f1" in str(info.value) and "f2" in str(info.value)
+    with pytest.raises(StoreMismatchError, match="kind"):
+        ResultStore.open(tmp_path, kind="other", key=KEY, id_fields=("i",))
+    with _open(tmp_path) as store:  # the lock was released by the refusals
+        assert len(store) == 2
+
+
+def test_rows_without_config_are_refused(tmp_path):
+    """Problem 5: a deleted config.json must not relabel old rows with the new settings."""
+    _fill(tmp_path, 2)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(StoreMismatchError, match="config.json is missing"):
+        _open(tmp_path)
+
+
+def test_foreign_and_duplicate_rows_are_skipped(tmp_path):
+    _fill(tmp_path, 2)
+    path = tmp_path / "rows.jsonl"
+    first = path.read_text().splitlines()[0]
+    alien = json.dumps({"i": 7, "value": 0, "store_key": "0" * 16})
+    path.write_text(path.read_text() + first + "\n" + alien + "\n")
+    with pytest.warns(RuntimeWarning, match="another key"):
+        store = _open(tmp_path)
+    with store:
+        assert len(store) == 2 and store.duplicates == 1 and store.foreign == 1
+        with pytest.raises(Exception, match="already holds"):
+            store.append({"i": 0, "value": 0})
+
+
+def test_out_pointing_at_a_file_is_a_clear_error(tmp_path):
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    with pytest.raises(Exception, match="is a file, not a folder"):
+        _open(target)
+
+
+def test_second_open_in_another_process_is_refused_with_pid(tmp_path):
+    """Problem 2 (lock): while one process holds the store, another cannot open it."""
+    with _open(tmp_path):
+        code = ("import sys; from workbench.store import ResultStore, StoreLockedError\n"
+                f"try:\n    ResultStore.open({str(tmp_path)!r}, kind='test', key={KEY!r}, id_fields=('i',))\n"
+                "except StoreLockedError as e:\n    print(e); sys.exit(3)\n")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+        assert proc.returncode == 3, proc.stderr
+        assert f"pid {os.getpid()}" in proc.stdout
+    with _open(tmp_path):  # released on close
+        pass
+    with pytest.raises(StoreLockedError):  # and within one process, a second open waits for nobody
+        with _open(tmp_path):
+            _open(tmp_path)
+
+
+# ------------------------------------------------------------------ real sweeps, killed and concurrent
+
+SWEEP = ["--model", "toy-facts", "--device", "cpu", "--limit", "6", "--samples", "2", "--kinds", "hidden",
+         "--no-progress"]
+
+
+def _worker(delay: float | Path, out: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(WORKER), str(delay), *SWEEP, "--out", str(out), *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_rows(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path.exists() and path.read_bytes().count(b"\n") >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"worker ended early: {proc.stderr.read()}")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for rows")
+
+
+def _records(path: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {r["index"]: r for r in rows}
+
+
+def test_sigkill_mid_sweep_then_resume_is_identical(tmp_path):
+    """Problems 2/5/9 with a real process: SIGKILL mid-sweep, resume; equals an uninterrupted sweep."""
+    full = _worker(0, tmp_path / "full")
+    killed = _worker(0.4, tmp_path / "b")
+    _wait_rows(tmp_path / "b" / "facts.jsonl", 2, killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(30)
+    n_before = len(_records(tmp_path / "b" / "facts.jsonl"))
+    assert 2 <= n_before < 6
+    resumed = _worker(0, tmp_path / "b")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert full.wait(300) == 0, full.stderr.read()
+    a, b = _records(tmp_path / "full" / "facts.jsonl"), _records(tmp_path / "b" / "facts.jsonl")
+    assert sorted(a) == sorted(b) == list(range(6))
+    assert a == b  # bit-identical records, store key included
+    assert (tmp_path / "b" / "facts.jsonl").read_text().count("\n") == 6  # nothing computed twice
+
+
+def test_concurrent_sweep_on_one_folder_is_refused(tmp_path):
+    """Problem 2: a second run on the same --out refuses (naming the holder) instead of interleaving."""
+    gate = tmp_path / "gate"
+    gate.touch()
+    first = _worker(gate, tmp_path / "sw")  # holds the store, waits at its first fact until the gate opens
+    t0 = time.time()
+    while not (tmp_path / "sw" / ".lock").exists() or not (tmp_path / "sw" / ".lock").read_text().strip():
+        assert first.poll() is None and time.time() - t0 < 120, "first run did not start"
+        time.sleep(0.05)
+    second = _worker(0, tmp_path / "sw")
+    _, err = second.communicate(timeout=300)
+    gate.unlink()
+    assert second.returncode == 1
+    assert f"in use by another run (pid {first.pid})" in err
+    assert first.wait(300) == 0, first.stderr.read()
+    lines = (tmp_path / "sw" / "facts.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["index"] for line in lines) == list(range(6))
+
+
+def test_sweep_with_other_settings_or_without_config_refuses(tmp_path):
+    """Problems 1/5 at the CLI: another --samples, or a deleted config.json, exit 1 with the fix."""
+    from workbench.cli import main
+
+    out = tmp_path / "sw"
+    args = ["sweep", "--model", "toy-facts", "--device", "cpu", "--limit", "2", "--samples", "2", "--kinds", "hidden",
+            "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    assert main([*args, "--window", "3"]) == 1
+    (out / "config.json").unlink()
+    assert main(args) == 1
+    assert (out / "facts.jsonl").read_text().count("\n") == 2
