@@ -18,7 +18,8 @@
 3. **Edit.** For each selected unit (layer l, unit i): ``W_out[l][i, :] += lam * (E[o*] - E[o])``
    (unit i's value vector: a row of GPT-2's Conv1D weight, a column of an ``nn.Linear`` one)
    with E the token *embedding* (``W_E``) rows of the objects' first tokens (GPT-2 ties
-   embedding and unembedding, so this is also the unembedding direction). The default
+   embedding and unembedding, so this is also the unembedding direction; for families with
+   untied embeddings E is the unembedding ``W_U``, see :func:`object_direction`). The default
    ``lam="auto"`` takes the smallest lam of ``lam_grid`` (0.25 ... 8, doubling) that makes the
    rewrite prompt predict o* (teacher-forced, all tokens), else the largest: a calibration
    for models whose embedding scale differs from GPT-2's. ``lam=2`` is the fixed value of
@@ -41,7 +42,7 @@ from jaxtyping import Float
 
 from ..architecture import key_hook, mlp_weights
 from ..facts import Fact
-from ..loading import model_fingerprint
+from ..loading import hf_model, model_fingerprint
 from ..predict import object_token_ids
 from ..spans import SpanError, resolve_span, tokenize
 from .edit import Edit
@@ -189,6 +190,17 @@ def _kn_deltas(model, neurons: list[tuple[int, int]], direction: torch.Tensor, l
     return deltas
 
 
+def object_direction(model, new_tok: int, old_tok: int) -> tuple[Float[torch.Tensor, "d_model"], str]:
+    """E[o*] - E[o] and which matrix E is: the token embedding ``W_E`` where the model ties it to
+    the unembedding (GPT-2, as the original), else the unembedding ``W_U`` (GPT-J, GPT-NeoX,
+    Llama...), whose columns are the directions that raise a token's logit."""
+    if getattr(hf_model(model).config, "tie_word_embeddings", False):
+        W_E = model.W_E.detach()
+        return (W_E[new_tok] - W_E[old_tok]).float(), "W_E (token embedding)"
+    W_U = model.W_U.detach()
+    return (W_U[:, new_tok] - W_U[:, old_tok]).float(), "W_U (unembedding; embeddings untied)"
+
+
 def kn(model, fact: Fact, new_object: str | None = None, *, locus: str = "subject",
        prompts: Sequence[str] | None = None, hparams: KNHyperParams | dict | None = None, **overrides: Any) -> Edit:
     """Edit ``fact`` by moving its knowledge neurons' value vectors from o to o*.
@@ -217,8 +229,7 @@ def kn(model, fact: Fact, new_object: str | None = None, *, locus: str = "subjec
     attr, kept = integrated_gradients(model, prompt_list, fact.subject, old_tok, locus, hp.steps, hp.layers,
                                       hp.batch_size)
     neurons, fallback = select_neurons(attr, hp.threshold, hp.prompt_fraction, hp.max_neurons)
-    W_E = model.W_E.detach()
-    direction = (W_E[new_tok] - W_E[old_tok]).float()
+    direction, embedding = object_direction(model, new_tok, old_tok)
 
     lam = hp.lam
     tried: list[float] = []
@@ -242,6 +253,6 @@ def kn(model, fact: Fact, new_object: str | None = None, *, locus: str = "subjec
         hparams=hp.to_dict(),
         info={"neurons": [list(n) for n in neurons], "n_neurons": len(neurons), "fallback": fallback,
               "attribution": [float(mean_attr[l, i]) for l, i in neurons], "lam": float(lam),
-              "lam_tried": tried, "prompts": kept, "embedding": "W_E (token embedding)"},
+              "lam_tried": tried, "prompts": kept, "embedding": embedding},
         model_fingerprint=model_fingerprint(model),
     )
