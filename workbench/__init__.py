@@ -1,13 +1,14 @@
 """workbench: where does a language model store a fact, and what happens when you edit it?
 
 Causal tracing (ROME-style, from the subject's or the relation's side), severed tracing,
-and weight edits (ROME, MEMIT, FT, KN) on TransformerLens ``TransformerBridge`` models.
+and weight edits (ROME, MEMIT, MEND, FT, KN) on TransformerLens ``TransformerBridge`` models.
 """
 
 from __future__ import annotations
 
 from .editing import (Edit, EditError, EditStateError, FTHyperParams, KNHyperParams, MEMITHyperParams, ROMEHyperParams,
                       ft, kn, layer_stats, memit, rome)
+from .editing import MendEditor, MendHyperParams, mend, train_mend
 from .evaluation import evaluate, full_table, paper_table, probes, relation_templates, score_fact, write_tables
 from .facts import Fact, FactFormatError, load_facts
 from .loading import ModelLoadError, load_model, model_info, random_model, save_hf
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Edit", "EditError", "EditStateError", "FTHyperParams", "KNHyperParams", "MEMITHyperParams", "ROMEHyperParams",
-    "ft", "kn", "layer_stats", "memit", "rome",
+    "ft", "kn", "layer_stats", "memit", "rome", "mend", "train_mend", "MendEditor", "MendHyperParams",
     "evaluate", "full_table", "paper_table", "probes", "relation_templates", "score_fact", "write_tables",
     "plot_aie", "plot_attention", "plot_edit_eval", "plot_severed", "plot_trace", "Inspector",
     "Fact", "FactFormatError", "load_facts",

@@ -12,7 +12,7 @@ import importlib
 import sys
 from typing import Sequence
 
-COMMANDS = ("info", "predict", "train_toy", "trace", "sweep", "edit", "reproduce", "demo")
+COMMANDS = ("info", "predict", "train_toy", "train_mend", "trace", "sweep", "edit", "reproduce", "demo")
 """Modules of :mod:`workbench.commands`, in the order ``--help`` lists them."""
 
 

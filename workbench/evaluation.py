@@ -77,6 +77,7 @@ BASELINE = "unedited"
 METHODS: dict[str, str] = {
     "ft": "workbench.editing.ft:ft",
     "kn": "workbench.editing.kn:kn",
+    "mend": "workbench.editing.mend:mend",
     "rome": "workbench.editing.rome:rome",
     "memit": "workbench.editing.memit:memit",
 }

@@ -1,4 +1,4 @@
-"""Weight editing: the :class:`Edit` object, ROME, MEMIT, the FT and KN baselines, covariance statistics.
+"""Weight editing: the :class:`Edit` object, ROME, MEMIT, MEND, the FT and KN baselines, covariance statistics.
 
 Every method returns an unapplied :class:`Edit`; ``edit.apply(model)`` / ``edit.revert(model)``
 / ``with edit.applied(model):`` change the weights, bit-identically reversibly.
@@ -14,6 +14,9 @@ from .kn import KNHyperParams, kn
 from .hparams import (MEMIT_GPT2_XL, MEMIT_GPT_J, MEMIT_PRESETS, MEMIT_TOY, ROME_GPT2_XL, ROME_GPT_J, ROME_PRESETS,
                       ROME_TOY, MEMITHyperParams, ROMEHyperParams, memit_hparams_for, rome_hparams_for)
 from .memit import memit
+from .mend import (MEND_GPT2_XL, MEND_GPT_J, MEND_PRESETS, MEND_TOY, MendEditor, MendHyperParams,
+                   MendModelMismatch, mend, mend_hparams_for)
+from .mend_train import MendTrainResult, toy_training_facts, train_mend
 from .rome import rome
 from .stats import LayerStats, layer_stats
 
@@ -23,4 +26,6 @@ __all__ = [
     "ROMEHyperParams", "MEMITHyperParams", "rome_hparams_for", "memit_hparams_for",
     "ROME_GPT2_XL", "ROME_GPT_J", "ROME_TOY", "MEMIT_GPT2_XL", "MEMIT_GPT_J", "MEMIT_TOY",
     "ROME_PRESETS", "MEMIT_PRESETS",
+    "mend", "train_mend", "MendEditor", "MendHyperParams", "MendModelMismatch", "MendTrainResult", "mend_hparams_for",
+    "toy_training_facts", "MEND_GPT2_XL", "MEND_GPT_J", "MEND_TOY", "MEND_PRESETS",
 ]

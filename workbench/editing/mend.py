@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
@@ -147,8 +146,8 @@ MEND_GPT_J = MendHyperParams(inner_params=_blocks("transformer.h", ("fc_in", "fc
 
 MEND_TOY = MendHyperParams(
     inner_params=_blocks("transformer.h", ("c_proj", "c_fc"), (3, 4, 5)),
-    edit_lr=1e-4, lr=1e-4, lr_lr=1e-3, rank=128, batch_size=16, max_steps=1500, val_every=100, n_val=96,
-    early_stop_patience=4, checkpoint_every=25,
+    edit_lr=1e-4, lr=1e-4, lr_lr=1e-3, rank=128, batch_size=16, max_steps=400, val_every=50, n_val=96,
+    early_stop_patience=3, checkpoint_every=25,
 )
 """The bundled model (6 blocks of width 128): the last three blocks as in the originals' GPT-2 small
 setup; rank 128 keeps the shipped editor small (two networks of width 640, ~2.6 MB); the
@@ -186,22 +185,19 @@ class EditedWeight:
 
 
 def default_inner_params(model, n_blocks: int = 3) -> tuple[str, ...]:
-    """HF names of the MLP input and output projections of the last ``n_blocks`` blocks.
+    """HF names of the MLP output and input projections of the last ``n_blocks`` blocks, from the
+    family description (:mod:`workbench.architecture`): GPT-2 ``c_proj``, ``c_fc``; GPT-J ``fc_out``,
+    ``fc_in``; GPT-NeoX ``dense_4h_to_h``, ``dense_h_to_4h``; Llama-likes ``down_proj``, ``gate_proj``,
+    ``up_proj``."""
+    from ..architecture import mlp_weights
 
-    These are the linear weights inside each block's ``mlp`` module, in the model's own order
-    (GPT-2 ``c_fc``, ``c_proj``; GPT-J ``fc_in``, ``fc_out``; Llama ``gate_proj``, ``up_proj``,
-    ``down_proj``; GPT-NeoX ``dense_h_to_4h``, ``dense_4h_to_h``).
-    """
     n_layers = int(model.cfg.n_layers)
     if not 1 <= n_blocks <= n_layers:
         raise ValueError(f"n_blocks={n_blocks} but the model has {n_layers} blocks")
-    owners = _owning_modules(model)
-    names = []
+    names: list[str] = []
     for l in range(n_layers - n_blocks, n_layers):
-        found = [n for n, m in owners.items() if re.search(rf"\.{l}\.mlp\.", n) and _is_linear(m)]
-        if not found:
-            raise EditError(f"no MLP linear weights found in block {l}; pass MendHyperParams(inner_params=...)")
-        names += found
+        w = mlp_weights(model, l)
+        names += [w.out_name, *w.in_names]
     return tuple(names)
 
 
@@ -214,10 +210,6 @@ def _owning_modules(model) -> dict[str, nn.Module]:
         if isinstance(module._parameters.get("weight"), torch.Tensor):
             out.setdefault(canonical_hf_name(f"{mod_name}.weight"), module)
     return out
-
-
-def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
 
 
 def _orientation(module: nn.Module) -> str:

@@ -370,8 +370,8 @@ def train_mend(model, facts: Sequence[Fact] | str = TOY_TRAIN, *, hparams: MendH
             state["step"] = step + 1
             state["elapsed_s"] = elapsed0 + time.perf_counter() - t_start
             bar.update(1)
-            bar.set_postfix(loss=f"{float(losses['loss']):.3f}", edit=f"{float(losses['edit']):.3f}",
-                            loc=f"{float(losses['loc']):.4f}", refresh=False)
+            bar.set_postfix(loss=f"{losses['loss'].item():.3f}", edit=f"{losses['edit'].item():.3f}",
+                            loc=f"{losses['loc'].item():.4f}", refresh=False)
             validated = state["step"] % hp.val_every == 0 or state["step"] == hp.max_steps
             if validated:
                 score = validate(model, editor, modules, val_ex, batch_size=max(hp.batch_size, 32))

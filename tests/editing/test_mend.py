@@ -1,0 +1,269 @@
+"""MEND: the editor network, its edits (rank, reversibility, families), training, resume, the shipped editor."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import workbench as wb
+from workbench.editing.mend import (MEND_TOY, MendEditor, MendHyperParams, MendModelMismatch, collect_factors,
+                                    default_inner_params, edit_rows, logits_of, mend, shipped_editor_path)
+from workbench.editing.mend_train import toy_training_facts, train_mend
+from workbench.evaluation import evaluate, select_facts
+
+from .conftest import identical, snapshot
+
+REPO = Path(__file__).resolve().parents[2]
+
+TINY = dict(rank=16, batch_size=4, n_val=8, val_every=2, checkpoint_every=1, early_stop_patience=100,
+            edit_lr=1e-3, lr=1e-3, lr_lr=1e-3, n_blocks=2)
+
+
+@pytest.fixture(scope="module")
+def train_facts():
+    return toy_training_facts(n_subjects=12, seed=3)
+
+
+def quick_editor(model, facts, out, steps: int = 2, **changes) -> MendEditor:
+    """A small editor trained for ``steps`` steps (enough for normalisation statistics)."""
+    hp = MendHyperParams(**{**TINY, **changes})
+    return train_mend(model, facts, hparams=hp, out=out, max_steps=steps, progress=False).editor
+
+
+@pytest.fixture(scope="module")
+def tiny_editor(tiny_model, train_facts, tmp_path_factory):
+    return quick_editor(tiny_model, train_facts, tmp_path_factory.mktemp("mend-tiny"))
+
+
+def test_hparams_validate_and_presets():
+    with pytest.raises(ValueError, match="init"):
+        MendHyperParams(init="zeros")
+    with pytest.raises(ValueError, match="unknown MEND hyperparameter"):
+        MendHyperParams.from_dict({"edit_lr": 1e-4, "bogus": 1})
+    assert wb.editing.MEND_GPT2_XL.inner_params[:2] == ("transformer.h.45.mlp.c_proj.weight",
+                                                       "transformer.h.45.mlp.c_fc.weight")
+    assert len(wb.editing.MEND_GPT_J.inner_params) == 6
+    assert all(".h.2" in n for n in wb.editing.MEND_GPT_J.inner_params)
+    assert (wb.editing.MEND_GPT2_XL.edit_lr, wb.editing.MEND_GPT2_XL.lr, wb.editing.MEND_GPT2_XL.lr_lr,
+            wb.editing.MEND_GPT2_XL.cedit, wb.editing.MEND_GPT2_XL.cloc) == (1e-4, 1e-6, 1e-4, 0.1, 1.0)
+
+
+def test_identity_init_and_shared_networks(tiny_model):
+    hp = MendHyperParams(**{**TINY, "n_blocks": 3})
+    ed = MendEditor.for_model(tiny_model, hp)
+    # one network per weight shape (c_fc 64x256 and c_proj 256x64), three modes each
+    assert sorted(ed.nets) == ["256x64", "64x256"]
+    assert sorted(ed.mode.values()) == [0, 0, 1, 1, 2, 2]
+    net = ed.nets["64x256"]
+    net.update_stats(torch.randn(50, 64), torch.randn(50, 256))
+    ed.eval()
+    x, d = torch.randn(5, 64), torch.randn(5, 256)
+    tx, td = net(x, d, mode=1)
+    mean_x, std_x = net.mean_x.float(), (net.m2_x / (net.count - 1)).sqrt().float()
+    assert torch.allclose(tx, (x - mean_x) / (std_x + 1e-7), atol=1e-5)  # U = 0: the identity on normalised input
+
+
+def test_running_stats_match_batch_stats(tiny_model):
+    ed = MendEditor.for_model(tiny_model, MendHyperParams(**TINY))
+    net = next(iter(ed.nets.values()))
+    rows_x, rows_d = torch.randn(30, net.d_in), torch.randn(30, net.d_out)
+    for chunk in range(0, 30, 7):
+        net.update_stats(rows_x[chunk:chunk + 7], rows_d[chunk:chunk + 7])
+    assert torch.allclose(net.mean_x.float(), rows_x.mean(0), atol=1e-5)
+    assert torch.allclose((net.m2_d / (net.count - 1)).sqrt().float(), rows_d.std(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("obj", [" Paris", " Paris London Berlin"])
+def test_rank_at_most_target_tokens(tiny_model, tiny_editor, obj):
+    fact = wb.Fact(subject="Varo Keltin", template="The birthplace of {} is", target_true="Rome")
+    edit = mend(tiny_model, fact, obj, editor=tiny_editor)
+    n_tokens = len(wb.predict.object_token_ids(tiny_model, obj))
+    assert edit.info["n_target_tokens"] == n_tokens
+    assert set(edit.param_names) == set(tiny_editor.names)
+    for name, delta in edit.deltas.items():
+        rank = int(torch.linalg.matrix_rank(delta.float()))
+        assert 1 <= rank <= n_tokens, (name, rank, n_tokens)
+
+
+def test_edit_is_undoable_and_savable(tiny_model, tiny_editor, tmp_path):
+    fact = wb.Fact(subject="Mira Dosvi", template="{} plays the", target_true="piano", target_new="guitar")
+    before = snapshot(tiny_model)
+    edit = mend(tiny_model, fact, editor=tiny_editor)
+    assert identical(tiny_model, before)  # computing an edit never touches the weights
+    ids = torch.tensor([wb.tokenize(tiny_model, fact.prompt).ids])
+    clean = logits_of(tiny_model, ids)
+    with edit.applied(tiny_model):
+        assert not identical(tiny_model, before)
+    assert identical(tiny_model, before)
+    assert torch.equal(logits_of(tiny_model, ids), clean)
+    again = wb.Edit.load(edit.save(tmp_path / "mend.safetensors"))
+    assert again.method == "mend" and all(torch.equal(again.deltas[n], d) for n, d in edit.deltas.items())
+
+
+def test_editor_save_load_and_wrong_model(tiny_model, tiny_editor, tmp_path):
+    path = tiny_editor.save(tmp_path / "ed.safetensors")
+    loaded = MendEditor.load(path, tiny_model)
+    fact = wb.Fact(subject="Mira Dosvi", template="{} plays the", target_true="piano", target_new="guitar")
+    a, b = mend(tiny_model, fact, editor=tiny_editor), mend(tiny_model, fact, editor=str(path))
+    assert all(torch.equal(a.deltas[n], b.deltas[n]) for n in a.deltas)
+    assert loaded.hparams == tiny_editor.hparams
+    other = wb.random_model(n_layers=3, d_model=64, n_heads=4, seed=1, device="cpu")  # same shapes, other weights
+    with pytest.raises(MendModelMismatch, match="trained for another model"):
+        MendEditor.load(path, other)
+    with pytest.raises(MendModelMismatch, match="another model"):
+        mend(other, fact, editor=tiny_editor)
+    wider = wb.random_model(n_layers=3, d_model=32, n_heads=4, seed=0, device="cpu")
+    with pytest.raises(MendModelMismatch, match="shapes differ"):
+        mend(wider, fact, editor=path)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gpt_neox"])
+def test_low_rank_training_path_equals_applied_edit_on_families(family_models, train_facts, model_type, tmp_path):
+    """The hooks used in training (y += -α (x X̃ᵀ) D̃) give the logits of the applied weight edit,
+    for Conv1D (GPT-2) and nn.Linear families (Llama's gated MLP, GPT-NeoX)."""
+    model = family_models(model_type)
+    editor = quick_editor(model, train_facts, tmp_path, steps=2, n_blocks=1)
+    names = default_inner_params(model, 1)
+    assert editor.names == list(names)
+    if model_type == "llama":
+        assert [n.rsplit(".", 2)[-2] for n in names] == ["down_proj", "gate_proj", "up_proj"]
+    fact = wb.Fact(subject="Varo Keltin", template="{} speaks", target_true="French", target_new="Korean")
+    edit = mend(model, fact, editor=editor)
+    modules = editor.check_model(model)
+    rows = edit_rows(model, [(fact.prompt, fact.target_new)])
+    editor.eval()
+    with torch.no_grad():
+        factors, _ = collect_factors(model, editor.weights, modules, rows)
+        tf = editor.transform(factors)
+        with editor.edited(modules, tf, torch.zeros(1, dtype=torch.long)):
+            low_rank = logits_of(model, rows.ids)
+        before = snapshot(model)
+        with edit.applied(model):
+            applied = logits_of(model, rows.ids)
+        assert identical(model, before)
+    assert torch.allclose(low_rank, applied, atol=1e-4, rtol=1e-4)
+    for delta in edit.deltas.values():
+        assert int(torch.linalg.matrix_rank(delta.float())) <= rows.tgt_id.numel()
+
+
+def test_training_lowers_validation_edit_loss(toy_model, train_facts, tmp_path):
+    result = train_mend(toy_model, train_facts, hparams=MendHyperParams(**{**TINY, "n_blocks": 3}), out=tmp_path,
+                        max_steps=10, progress=False)
+    hist = result.report["history"]
+    assert [h["step"] for h in hist] == [2, 4, 6, 8, 10]
+    assert hist[-1]["edit_nll"] < hist[0]["edit_nll"]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["model_fingerprint"] == wb.loading.model_fingerprint(toy_model)
+    assert report["hparams"]["rank"] == 16 and report["steps"] == 10
+    assert (tmp_path / "editor.safetensors").exists()
+    # a finished run returns its result again; other settings in the same folder are refused
+    again = train_mend(toy_model, train_facts, hparams=MendHyperParams(**{**TINY, "n_blocks": 3}), out=tmp_path,
+                       max_steps=10, progress=False)
+    assert again.report["history"] == hist
+    with pytest.raises(RuntimeError, match="fresh"):
+        train_mend(toy_model, train_facts, hparams=MendHyperParams(**{**TINY, "rank": 8}), out=tmp_path,
+                   max_steps=10, progress=False)
+
+
+def test_toy_training_subjects_are_disjoint_from_the_world():
+    from workbench.loading import bundled_path
+    from workbench.toyworld.world import World
+
+    world = World.load(str(bundled_path() / "world.json"))
+    facts = toy_training_facts(world, n_subjects=50)
+    subjects = {f.subject for f in facts}
+    assert len(subjects) == 50 and len(facts) == 50 * len(world.relations)
+    lasts = {s.split(" ", 1)[1] for s in world.subjects}
+    assert not subjects & set(world.subjects)
+    assert not {s.split(" ", 1)[1] for s in subjects} & lasts
+    for f in facts[:20]:
+        assert f.target_new != f.target_true and len(f.paraphrases) == 5
+        assert all(f.subject not in p for p in f.neighborhood)
+
+
+def test_kill_and_resume_matches_uninterrupted_run(toy_model, tmp_path):
+    """A `workbench train-mend` subprocess killed mid-run and rerun ends in the uninterrupted state."""
+    sets = ["rank=16", "batch_size=4", "n_val=8", "val_every=4", "checkpoint_every=1", "n_blocks=2",
+            "early_stop_patience=100", "lr=1e-3", "lr_lr=1e-3"]
+    steps = 8
+    cmd = [sys.executable, "-m", "workbench.cli", "train-mend", "--out", str(tmp_path / "killed"), "--threads", "1",
+           "--steps", str(steps), "--no-progress"] + [a for s in sets for a in ("--set", s)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    ckpt = tmp_path / "killed" / "checkpoint.pt"
+    deadline = time.time() + 120
+    step = 0
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists():
+            try:
+                step = torch.load(ckpt, weights_only=False)["state"]["step"]
+            except Exception:  # noqa: BLE001 - replaced while reading
+                step = 0
+            if step >= 3:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"training ended before it could be killed: {proc.stdout.read().decode()[-2000:]}"
+    proc.kill()
+    proc.wait()
+    killed_at = torch.load(ckpt, weights_only=False)["state"]["step"]
+    assert 3 <= killed_at < steps
+    resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert f"resuming from step {killed_at}" in resumed.stdout
+
+    hp = MendHyperParams.from_dict({**MEND_TOY.to_dict(), **{k: json.loads(v) for k, v in
+                                                            (s.split("=") for s in sets)}})
+    straight = train_mend(toy_model, "toy-train", hparams=hp, out=tmp_path / "straight", max_steps=steps,
+                          progress=False)
+    a = MendEditor.load(tmp_path / "killed" / "editor.safetensors").state_dict()
+    b = straight.editor.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    report = json.loads((tmp_path / "killed" / "report.json").read_text())
+    strip = lambda hist: [{k: v for k, v in h.items() if k != "elapsed_s"} for h in hist]  # noqa: E731
+    assert strip(report["history"]) == strip(straight.report["history"])
+
+
+@pytest.fixture(scope="module")
+def shipped(toy_model):
+    path = shipped_editor_path()
+    assert path.exists(), "the bundled MEND editor is missing; rebuild it with `workbench train-mend --out assets/mend-toy`"
+    return MendEditor.load(path, toy_model)
+
+
+def test_shipped_editor_flips_held_out_facts_and_reverts(toy_model, shipped):
+    facts = select_facts(wb.load_facts("toy-facts"), 40, seed=0)
+    before = snapshot(toy_model)
+    flipped = 0
+    for fact in facts:
+        edit = mend(toy_model, fact, editor=shipped)
+        with edit.applied(toy_model):
+            top = wb.top_tokens(toy_model, fact.prompt, k=1)[0][0]
+        flipped += top.strip() == fact.target_new.strip()
+    assert identical(toy_model, before)
+    assert flipped / len(facts) >= 0.8, f"the shipped editor flipped {flipped}/{len(facts)} edit prompts"
+    size = shipped_editor_path().stat().st_size
+    assert size < 5_000_000
+
+
+def test_mend_in_evaluate_with_the_shipped_editor(toy_model, shipped):
+    facts = wb.load_facts("toy-facts")
+    table = evaluate(toy_model, facts, methods=("mend",), loci=("subject",), n=3, progress=False, raise_errors=True)
+    row = table.loc[("mend", "subject")]
+    assert row[("n", "edits")] == 3 and row[("n", "errors")] == 0
+    assert row[("entity", "reliability_score")] + row[("relation", "reliability_score")] > 0
+
+
+def test_cli_lists_train_mend():
+    from workbench.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["train-mend", "--out", "x", "--set", "lr=1e-5"])
+    assert args.command == "train-mend" and args.set == ["lr=1e-5"]
