@@ -172,6 +172,21 @@ def test_training_lowers_validation_edit_loss(toy_model, train_facts, tmp_path):
                    max_steps=10, progress=False)
 
 
+def test_counterfact_style_training_data(tiny_model, tmp_path):
+    """CounterFact records train too: paraphrases are the equivalent prompts, neighborhood prompts the
+    unrelated ones; explicit validation facts are used as given."""
+    from workbench.editing.mend_train import batch_examples
+
+    facts = wb.load_facts(REPO / "tests" / "fixtures" / "counterfact_small.json")
+    ex = batch_examples(facts, 2, seed=0, step=0)
+    for e in ex:
+        fact = next(f for f in facts if f.prompt == e.edit_prompt)
+        assert e.equiv_prompt in fact.paraphrases and e.loc_prompt in fact.neighborhood
+    result = train_mend(tiny_model, facts, hparams=MendHyperParams(**{**TINY, "batch_size": 2}), out=tmp_path,
+                        val_facts=facts, max_steps=2, progress=False)
+    assert result.report["data"]["n_train_facts"] == 2 and result.report["validation"]["n"] == 2
+
+
 def test_toy_training_subjects_are_disjoint_from_the_world():
     from workbench.loading import bundled_path
     from workbench.toyworld.world import World

@@ -33,20 +33,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 
 from ..facts import Fact
 from ..predict import object_token_ids
 from ..spans import tokenize
-from .common import EditError, normalize_request
+from .common import EditError, _pad_id, normalize_request
 from .edit import Edit, _hf
 
 _META_KEY = "workbench_mend"
@@ -343,14 +342,6 @@ class EditRows:
     tgt_pos: Int[torch.Tensor, "n"]
     tgt_id: Int[torch.Tensor, "n"]
     lengths: Int[torch.Tensor, "rows"]
-
-
-def _pad_id(model) -> int:
-    tok = model.tokenizer
-    for cand in (tok.pad_token_id, tok.eos_token_id, 0):
-        if cand is not None:
-            return int(cand)
-    return 0
 
 
 def edit_rows(model, pairs: Sequence[tuple[str, str]], device: torch.device | str | None = None) -> EditRows:

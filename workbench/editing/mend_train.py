@@ -47,7 +47,8 @@ from typing import Any, Sequence
 import torch
 
 from ..facts import Fact
-from .mend import (MendEditor, MendHyperParams, _pad_id, collect_factors, edit_rows, edited_weights, logits_of,
+from .common import _pad_id
+from .mend import (MendEditor, MendHyperParams, collect_factors, edit_rows, logits_of,
                    mend_hparams_for, target_correct, target_nll)
 
 TOY_TRAIN = "toy-train"
