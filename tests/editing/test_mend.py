@@ -124,10 +124,10 @@ def test_editor_save_load_and_wrong_model(tiny_model, tiny_editor, tmp_path):
         mend(wider, fact, editor=path)
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gpt_neox"])
+@pytest.mark.parametrize("model_type", ["gpt2", "gptj", "gpt_neox", "gpt_neo", "llama", "mistral", "qwen2"])
 def test_low_rank_training_path_equals_applied_edit_on_families(family_models, train_facts, model_type, tmp_path):
     """The hooks used in training (y += -α (x X̃ᵀ) D̃) give the logits of the applied weight edit,
-    for Conv1D (GPT-2) and nn.Linear families (Llama's gated MLP, GPT-NeoX)."""
+    for Conv1D (GPT-2) and every nn.Linear family (gated MLPs included)."""
     model = family_models(model_type)
     editor = quick_editor(model, train_facts, tmp_path, steps=2, n_blocks=1)
     names = default_inner_params(model, 1)
