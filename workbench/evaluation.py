@@ -363,7 +363,8 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] = (
              loci: Sequence[str] = ("subject", "relation"), n: int | None = None,
              out: str | os.PathLike | None = None, *, seed: int = 0,
              method_kwargs: dict[str, dict] | None = None, baseline: bool = True, check_every: int = 50,
-             raise_errors: bool = False, progress: bool = True, batch_size: int = 64) -> pd.DataFrame:
+             raise_errors: bool = False, progress: bool = True, batch_size: int = 64,
+             prepend_bos: bool | None = None) -> pd.DataFrame:
     """Edit each fact with each (method, locus), score the probe families, revert; summarize.
 
     Args:
@@ -382,6 +383,10 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] = (
         check_every: every that many edits, check that the weights' fingerprint is still the
             unedited one (``0`` = never); a mismatch raises.
         raise_errors: re-raise a method's error instead of recording it in the row's ``error``.
+        prepend_bos: BOS before every prompt, for the edits and the scores alike (default: the
+            model's editing convention, :func:`workbench.editing.hparams.editing_prepend_bos`:
+            none for GPT-2 XL and GPT-J, as the originals); recorded in the key, rows and
+            ``df.attrs["prepend_bos"]``.
 
     Returns:
         The summary (:func:`summarize`): rows (method, locus), columns (family, metric) in
@@ -391,16 +396,23 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] = (
 
     from .loading import model_fingerprint
 
+    from .editing.hparams import editing_prepend_bos
+    from .spans import bos_convention
+
     chosen = select_facts(facts, n, seed)
     resolved = [resolve_method(m) for m in methods]
-    method_kwargs = method_kwargs or {}
+    bos = editing_prepend_bos(model, prepend_bos)
+    # one convention for every edit and score: built-in methods get it explicitly
+    method_kwargs = {name: ({**(method_kwargs or {}).get(name, {}), "prepend_bos": bos} if name in METHODS
+                            else (method_kwargs or {}).get(name))
+                     for name, _ in resolved}
     fingerprint = model_fingerprint(model)
     store = None
     rows: list[dict] = []
     if out is not None:
         from .store import ResultStore
 
-        key = evaluation_key(model, facts, resolved, method_kwargs, seed, fingerprint)
+        key = {**evaluation_key(model, facts, resolved, method_kwargs, seed, fingerprint), "prepend_bos": bos}
         store = ResultStore.open(out, kind=STORE_KIND, key=key, id_fields=("method", "locus", "fact_id"),
                                  rows_name=ROWS_FILE)
         rows = store.rows()
@@ -410,12 +422,15 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] = (
     todo = [(c, f) for c in cells for f in chosen if store is None or (c[0], c[2], f.id) not in store]
     n_edits = 0
     bar = tqdm(todo, desc="evaluate", disable=not progress, dynamic_ncols=True)
+    convention = bos_convention(model, bos)
+    convention.__enter__()
     try:
         for (name, fn, locus), fact in bar:
             bar.set_postfix_str(f"{name}/{locus}", refresh=False)
             row: dict[str, Any] = {"method": name, "locus": locus, "fact_id": fact.id, "subject": fact.subject,
                                    "relation_id": fact.relation_id, "prompt": fact.prompt,
-                                   "target_true": fact.target_true, "target_new": fact.target_new, "error": None}
+                                   "target_true": fact.target_true, "target_new": fact.target_new, "error": None,
+                                   "prepend_bos": bos}
             ps = probes(fact)
             t0 = time.perf_counter()
             if fn is None:
@@ -440,6 +455,7 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] = (
             row["seconds"] = time.perf_counter() - t0
             rows.append(store.append(row) if store is not None else row)
     finally:
+        convention.__exit__(None, None, None)
         bar.close()
         if store is not None:
             store.close()
@@ -454,6 +470,7 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] = (
         flat.columns = [f"{a}_{b}" for a, b in flat.columns]
         flat.to_csv(Path(out) / "summary.csv")
     summary.attrs["details"] = details
+    summary.attrs["prepend_bos"] = bos
     return summary
 
 

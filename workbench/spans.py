@@ -13,8 +13,9 @@ positions that need not be contiguous; its ``last`` is the last relation token.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import torch
 
@@ -113,6 +114,28 @@ def default_prepend_bos(model_or_tokenizer) -> bool:
     """TransformerLens's default: the model config's ``default_prepend_bos`` (True if absent)."""
     cfg = getattr(model_or_tokenizer, "cfg", None)
     return bool(getattr(cfg, "default_prepend_bos", True)) if cfg is not None else True
+
+
+@contextlib.contextmanager
+def bos_convention(model, prepend_bos: bool | None) -> Iterator[bool]:
+    """Within the block, ``model``'s default BOS choice is ``prepend_bos`` (``None``: unchanged).
+
+    Sets TransformerLens's ``model.cfg.default_prepend_bos``, which :func:`tokenize` and the
+    bridge's own ``to_tokens`` read, so every prompt tokenized inside (rewrite prompts,
+    probes, scores) follows one convention; restored on exit. Yields the choice in force.
+    """
+    cfg = model.cfg
+    had = hasattr(cfg, "default_prepend_bos")
+    old = getattr(cfg, "default_prepend_bos", None)
+    if prepend_bos is not None:
+        cfg.default_prepend_bos = bool(prepend_bos)
+    try:
+        yield default_prepend_bos(model)
+    finally:
+        if had:
+            cfg.default_prepend_bos = old
+        elif prepend_bos is not None:
+            del cfg.default_prepend_bos
 
 
 def tokenize(model_or_tokenizer, prompt: str, prepend_bos: bool | None = None) -> Tokenized:

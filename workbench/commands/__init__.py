@@ -11,3 +11,11 @@ def add_model_arg(parser: argparse.ArgumentParser) -> None:
                         help="'toy-facts' (bundled, default), a local Hugging Face folder, or a hub name")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+
+def add_bos_arg(parser: argparse.ArgumentParser) -> None:
+    """``--prepend-bos/--no-prepend-bos``: BOS before every prompt (default: the model's convention;
+    the original ROME/MEMIT code never prepends it)."""
+    parser.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
+                        help="prepend BOS to every prompt (default: the model's convention; "
+                             "--no-prepend-bos as the original ROME/MEMIT code)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import add_model_arg
+from . import add_bos_arg, add_model_arg
 
 
 def register(sub) -> None:
@@ -24,20 +24,21 @@ def register(sub) -> None:
     p.add_argument("--save", default=None, metavar="EDIT.safetensors", help="write the edit (deltas + metadata)")
     p.add_argument("--save-model", default=None, metavar="DIR", help="write the edited model as a Hugging Face folder")
     p.add_argument("-k", type=int, default=5, help="how many predictions to show (default 5)")
+    add_bos_arg(p)
     p.set_defaults(func=run)
 
 
-def _show(model, prompt: str, k: int, title: str) -> None:
+def _show(model, prompt: str, k: int, title: str, prepend_bos: bool | None = None) -> None:
     from ..predict import top_tokens
 
     print(f"{title}: {prompt!r} ->")
-    for token, prob in top_tokens(model, prompt, k=k):
+    for token, prob in top_tokens(model, prompt, k=k, prepend_bos=prepend_bos):
         print(f"  {prob:7.2%}  {token!r}")
 
 
 def run(args) -> int:
     from ..editing import memit, rome
-    from ..editing.hparams import memit_hparams_for, rome_hparams_for
+    from ..editing.hparams import editing_prepend_bos, memit_hparams_for, rome_hparams_for
     from ..editing.stats import layer_stats
     from ..loading import load_model
 
@@ -55,15 +56,17 @@ def run(args) -> int:
     if hp.mom2_adjustment:
         stats = {l: layer_stats(model, l, corpus=hp.mom2_dataset, n_tokens=hp.mom2_n_tokens, cache_dir=args.cache_dir)
                  for l in hp.layers}
-    _show(model, prompt, args.k, "before")
+    bos = editing_prepend_bos(model, args.prepend_bos, hp.prepend_bos)
+    _show(model, prompt, args.k, "before", bos)
     if args.method == "rome":
-        edit = rome(model, request, locus=args.locus, hparams=hp, stats=stats)
+        edit = rome(model, request, locus=args.locus, hparams=hp, stats=stats, prepend_bos=bos)
     else:
-        edit = memit(model, [request], locus=args.locus, hparams=hp, stats=stats)
+        edit = memit(model, [request], locus=args.locus, hparams=hp, stats=stats, prepend_bos=bos)
     norms = ", ".join(f"{n}: {v:.4g}" for n, v in edit.norms().items())
-    print(f"{args.method.upper()} edit ({args.locus} locus) at layers {hp.layers}; delta norms {norms}")
+    print(f"{args.method.upper()} edit ({args.locus} locus) at layers {hp.layers}, "
+          f"{'with' if bos else 'without'} BOS; delta norms {norms}")
     with edit.applied(model):
-        _show(model, prompt, args.k, "after")
+        _show(model, prompt, args.k, "after", bos)
         if args.save_model:
             from ..loading import save_hf
 

@@ -12,7 +12,7 @@ locality column added; percentages with two decimals.
 
 from __future__ import annotations
 
-from . import add_model_arg
+from . import add_bos_arg, add_model_arg
 
 
 def register(sub) -> None:
@@ -28,6 +28,7 @@ def register(sub) -> None:
     p.add_argument("--methods", default="ft,kn,rome,memit", help="comma-separated methods (default ft,kn,rome,memit)")
     p.add_argument("--loci", default="subject,relation", help="comma-separated edit loci (default subject,relation)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_bos_arg(p)
     p.set_defaults(func=run)
 
 
@@ -41,7 +42,7 @@ def run(args) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     loci = [m.strip() for m in args.loci.split(",") if m.strip()]
     summary = evaluate(model, facts, methods=methods, loci=loci, n=args.n or None, out=args.out, seed=args.seed,
-                       raise_errors=bool(args.debug), progress=not args.no_progress)
+                       raise_errors=bool(args.debug), progress=not args.no_progress, prepend_bos=args.prepend_bos)
     written = write_tables(summary, args.out, model_name=f" ({args.model})")
     for locus, title in (("relation", "Table 1: relation-based edits"), ("subject", "Table 2: entity-based edits")):
         if locus in loci:

@@ -33,7 +33,7 @@ def run(args) -> int:
         facts = facts[: args.limit]
     res = trace_dataset(model, facts, corrupt=args.corrupt, kinds=tuple(args.kinds), out=args.out,
                         samples=args.samples, noise=parse_noise_arg(args.noise), window=args.window, seed=args.seed,
-                        precision=args.precision, replace=args.replace, engine=args.engine,
+                        precision=args.precision, replace=args.replace, engine=args.engine, prepend_bos=args.prepend_bos,
                         progress=not args.no_progress)
     print(f"{res.n_facts} facts, {res.n_skipped} skipped (clean prediction wrong); corrupted: {res.corrupt}; "
           f"noise level {res.noise_level:.4g}; mean p_clean {res.p_clean:.4f}, p_corrupt {res.p_corrupt:.4f}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import add_model_arg
+from . import add_bos_arg, add_model_arg
 
 KIND_CHOICES = ("hidden", "mlp", "attn")
 
@@ -21,6 +21,7 @@ def add_trace_args(p) -> None:
                    help="exact float32 (default), fast = bfloat16 on GPU, bf16 everywhere")
     p.add_argument("--engine", choices=("auto", "incremental", "batched", "loop"), default="auto",
                    help="tracing engine (default auto)")
+    add_bos_arg(p)
 
 
 def parse_noise_arg(text: str):
@@ -51,7 +52,8 @@ def run(args) -> int:
     model = load_model(args.model, device=args.device)
     res = trace(model, args.prompt, subject=args.subject, corrupt=args.corrupt, kinds=tuple(args.kinds),
                 samples=args.samples, noise=parse_noise_arg(args.noise), window=args.window, answer=args.answer,
-                seed=args.seed, precision=args.precision, replace=args.replace, engine=args.engine)
+                seed=args.seed, precision=args.precision, replace=args.replace, engine=args.engine,
+                prepend_bos=args.prepend_bos)
     print(summary(res, args.top))
     if args.json:
         res.save_json(args.json)

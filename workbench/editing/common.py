@@ -23,6 +23,7 @@ positions, every position before a row's padding is computed exactly as unpadded
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -78,6 +79,27 @@ def check_locus(locus: str) -> str:
     if locus not in LOCI:
         raise EditError(f"locus must be one of {LOCI}, got {locus!r}")
     return locus
+
+
+def follows_bos_convention(method: Callable) -> Callable:
+    """Run an editing method under one BOS convention, passed on as ``prepend_bos=<bool>``.
+
+    The choice is the method's ``prepend_bos`` argument, else ``hparams``' ``prepend_bos``
+    (a dataclass or dict), else the model's preset's, else the model's default
+    (:func:`workbench.editing.hparams.editing_prepend_bos`). Every prompt the method
+    tokenizes inside follows it (:func:`workbench.spans.bos_convention`); the method records it.
+    """
+    from ..spans import bos_convention
+    from .hparams import editing_prepend_bos
+
+    @functools.wraps(method)
+    def run(model, *args: Any, prepend_bos: bool | None = None, hparams: Any = None, **kwargs: Any):
+        given = hparams.get("prepend_bos") if isinstance(hparams, dict) else getattr(hparams, "prepend_bos", None)
+        bos = editing_prepend_bos(model, prepend_bos, given)
+        with bos_convention(model, bos):
+            return method(model, *args, prepend_bos=bos, hparams=hparams, **kwargs)
+
+    return run
 
 
 # ----------------------------------------------------------------------------- positions

@@ -42,6 +42,7 @@ from ..facts import Fact
 from ..loading import model_fingerprint
 from ..predict import object_token_ids
 from ..spans import resolve_span, tokenize
+from .common import follows_bos_convention
 from .edit import Edit
 
 
@@ -56,6 +57,7 @@ class FTHyperParams:
     early_stop_loss: float = 1e-2
     weight_decay: float = 0.0
     positions: str = "all"  # "all" (FT-L) or "locus" (delta active only at the locus token while training)
+    prepend_bos: bool | None = None  # BOS before every prompt (None: the model's convention)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,8 +80,9 @@ def locus_position(model, prompt: str, subject: str, locus: str, template: str |
     return resolve_span(tokenize(model, prompt), locus, subject, template).last
 
 
+@follows_bos_convention
 def ft(model, fact: Fact, new_object: str | None = None, *, layer: int | None = None, locus: str = "subject",
-       hparams: FTHyperParams | dict | None = None, **overrides: Any) -> Edit:
+       hparams: FTHyperParams | dict | None = None, prepend_bos: bool | None = None, **overrides: Any) -> Edit:
     """Fine-tune ``W_out`` of one layer so that ``fact.prompt`` predicts ``new_object``.
 
     Args:
@@ -87,12 +90,15 @@ def ft(model, fact: Fact, new_object: str | None = None, *, layer: int | None = 
         layer: the block whose MLP output projection is trained (default: ROME's layer).
         locus: ``"subject"`` or ``"relation"``; recorded, and used for ``positions="locus"``.
         hparams: :class:`FTHyperParams` or a dict of its fields; ``overrides`` change single fields.
+        prepend_bos: BOS before every prompt (default: ``hparams.prepend_bos``, else the model's
+            convention, :func:`workbench.editing.hparams.editing_prepend_bos`); recorded in ``hparams``.
 
     Returns:
         An :class:`Edit` (method ``"ft"``) whose ``info`` has the loss per step.
     """
     hp = hparams if isinstance(hparams, FTHyperParams) else FTHyperParams(**(hparams or {}))
     hp = replace(hp, **overrides)
+    hp = replace(hp, prepend_bos=prepend_bos)
     if layer is not None:
         hp = replace(hp, layer=layer)
     if hp.layer is None:

@@ -9,6 +9,10 @@ hook names, which are the same for every model the bridge loads. Additions:
 * ``mom2_dataset`` — a corpus spec for ``layer_stats`` (``None``: the model's default).
 * ``context_templates`` — explicit templates (e.g. ``["{}"]``) instead of generated ones.
 * ``seed`` — seed of the context-template sampling.
+* ``context_template_scheme`` — ``"rome"`` or ``"memit"``: how the context templates are
+  generated (:func:`workbench.editing.context.context_templates`); MEMIT's default is MEMIT's.
+* ``prepend_bos`` — BOS before every prompt (``None``: the model's default). The originals
+  never prepend it, so the GPT-2 XL and GPT-J presets say ``False``.
 
 Presets: ``gpt2-xl`` and ``gpt-j`` (``EleutherAI/gpt-j-6B``) with the papers' values
 (reference §4-§5), and ``toy-facts`` for the bundled model (see ``TOY_NOTES``).
@@ -44,7 +48,14 @@ class _EditHyperParams:
     mom2_dtype: str = "float64"
     mom2_n_tokens: int = 100_000
     context_templates: list | None = None
+    # "rome": prefixes sampled from BOS, length params [[5, 10], [10, 10]] (rome_main);
+    # "memit": prefixes continuing "The", "Therefore", "Because", "I", "You" (memit_main).
+    context_template_scheme: str = "rome"
     seed: int = 0
+    # Prepend BOS to every prompt? None: the model's default (TransformerLens: yes). The
+    # originals never do; the GPT-2 XL and GPT-J presets say False, the bundled model (trained
+    # with BOS) keeps True.
+    prepend_bos: bool | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,6 +82,8 @@ class MEMITHyperParams(_EditHyperParams):
 
     layers: list[int] = field(default_factory=lambda: [13, 14, 15, 16, 17])
     clamp_norm_factor: float = 0.75
+    context_template_scheme: str = "memit"
+    context_template_length_params: list[list[int]] = field(default_factory=lambda: [[10, 5]])
     layer_selection: str = "all"
     mom2_update_weight: float = 20_000.0
 
@@ -78,16 +91,16 @@ class MEMITHyperParams(_EditHyperParams):
 # ----------------------------------------------------------------------------- presets
 ROME_GPT2_XL = ROMEHyperParams(layers=[17], v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4,
                                kl_factor=0.0625, mom2_adjustment=True, v_loss_layer=47,
-                               mom2_n_samples=100_000, mom2_n_tokens=10_000_000)
+                               mom2_n_samples=100_000, mom2_n_tokens=10_000_000, prepend_bos=False)
 ROME_GPT_J = ROMEHyperParams(layers=[5], v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4,
                              kl_factor=0.0625, mom2_adjustment=True, v_loss_layer=27,
-                             mom2_n_samples=100_000, mom2_n_tokens=10_000_000)
+                             mom2_n_samples=100_000, mom2_n_tokens=10_000_000, prepend_bos=False)
 MEMIT_GPT2_XL = MEMITHyperParams(layers=[13, 14, 15, 16, 17], v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5,
                                  clamp_norm_factor=0.75, kl_factor=0.0625, mom2_update_weight=20_000,
-                                 v_loss_layer=47, mom2_n_samples=100_000, mom2_n_tokens=10_000_000)
+                                 v_loss_layer=47, mom2_n_samples=100_000, mom2_n_tokens=10_000_000, prepend_bos=False)
 MEMIT_GPT_J = MEMITHyperParams(layers=[3, 4, 5, 6, 7, 8], v_num_grad_steps=25, v_lr=0.5, v_weight_decay=0.5,
                                clamp_norm_factor=0.75, kl_factor=0.0625, mom2_update_weight=15_000,
-                               v_loss_layer=27, mom2_n_samples=100_000, mom2_n_tokens=10_000_000)
+                               v_loss_layer=27, mom2_n_samples=100_000, mom2_n_tokens=10_000_000, prepend_bos=False)
 
 TOY_NOTES = """Bundled model (toy-facts, 6 layers) presets, read off its own causal traces
 (trace_dataset, 60 known facts, subject corrupted with 3σ noise, 10 samples; windows 1 and 3,
@@ -137,7 +150,8 @@ def rome_hparams_for(model) -> ROMEHyperParams:
     key = _model_key(model)
     if key is not None:
         return copy.deepcopy(ROME_PRESETS[key])
-    return replace(ROME_GPT2_XL, layers=_generic_layers(model, 1), v_loss_layer=None, mom2_n_tokens=100_000)
+    return replace(ROME_GPT2_XL, layers=_generic_layers(model, 1), v_loss_layer=None, mom2_n_tokens=100_000,
+                   prepend_bos=None)
 
 
 def memit_hparams_for(model) -> MEMITHyperParams:
@@ -146,4 +160,17 @@ def memit_hparams_for(model) -> MEMITHyperParams:
     if key is not None:
         return copy.deepcopy(MEMIT_PRESETS[key])
     n = min(5, int(model.cfg.n_layers))
-    return replace(MEMIT_GPT2_XL, layers=_generic_layers(model, n), v_loss_layer=None, mom2_n_tokens=100_000)
+    return replace(MEMIT_GPT2_XL, layers=_generic_layers(model, n), v_loss_layer=None, mom2_n_tokens=100_000,
+                   prepend_bos=None)
+
+
+def editing_prepend_bos(model, *choices: bool | None) -> bool:
+    """The BOS convention of an edit: the first of ``choices`` that is not ``None``, else the
+    model's ROME preset's (``False`` for GPT-2 XL and GPT-J, as the originals), else the model's
+    TransformerLens default."""
+    from ..spans import default_prepend_bos
+
+    for choice in (*choices, rome_hparams_for(model).prepend_bos):
+        if choice is not None:
+            return bool(choice)
+    return default_prepend_bos(model)

@@ -45,6 +45,7 @@ from ..facts import Fact
 from ..loading import hf_model, model_fingerprint
 from ..predict import object_token_ids
 from ..spans import SpanError, resolve_span, tokenize
+from .common import follows_bos_convention
 from .edit import Edit
 
 
@@ -61,6 +62,7 @@ class KNHyperParams:
     lam_grid: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
     layers: tuple[int, ...] | None = None  # None: every layer
     batch_size: int = 256
+    prepend_bos: bool | None = None  # BOS before every prompt (None: the model's convention)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -201,8 +203,10 @@ def object_direction(model, new_tok: int, old_tok: int) -> tuple[Float[torch.Ten
     return (W_U[:, new_tok] - W_U[:, old_tok]).float(), "W_U (unembedding; embeddings untied)"
 
 
+@follows_bos_convention
 def kn(model, fact: Fact, new_object: str | None = None, *, locus: str = "subject",
-       prompts: Sequence[str] | None = None, hparams: KNHyperParams | dict | None = None, **overrides: Any) -> Edit:
+       prompts: Sequence[str] | None = None, hparams: KNHyperParams | dict | None = None,
+       prepend_bos: bool | None = None, **overrides: Any) -> Edit:
     """Edit ``fact`` by moving its knowledge neurons' value vectors from o to o*.
 
     Args:
@@ -210,12 +214,15 @@ def kn(model, fact: Fact, new_object: str | None = None, *, locus: str = "subjec
         locus: ``"subject"`` or ``"relation"``: the token whose hidden units are attributed.
         prompts: prompts to attribute over (default :func:`kn_prompts`).
         hparams: :class:`KNHyperParams` or a dict of its fields; ``overrides`` change single fields.
+        prepend_bos: BOS before every prompt (default: ``hparams.prepend_bos``, else the model's
+            convention, :func:`workbench.editing.hparams.editing_prepend_bos`); recorded in ``hparams``.
 
     Returns:
         An :class:`Edit` (method ``"kn"``); ``info`` lists the neurons, their attributions and lam.
     """
     hp = hparams if isinstance(hparams, KNHyperParams) else KNHyperParams(**(hparams or {}))
     hp = replace(hp, **overrides)
+    hp = replace(hp, prepend_bos=prepend_bos)
     if locus not in ("subject", "relation"):
         raise ValueError(f"locus must be 'subject' or 'relation', not {locus!r}")
     new = new_object if new_object is not None else fact.target_new

@@ -27,7 +27,7 @@ from ..architecture import mlp_weights
 from ..facts import Fact
 from ..loading import model_fingerprint
 from .common import (EditError, activations_at, check_locus, compute_keys, compute_target, fact_row,
-                     normalize_request)
+                     follows_bos_convention, normalize_request)
 from .context import flatten
 from .edit import Edit
 from .hparams import MEMITHyperParams, memit_hparams_for
@@ -35,14 +35,16 @@ from .rome import resolve_cov, resolve_hparams, resolve_templates
 from .stats import LayerStats
 
 
+@follows_bos_convention
 def memit(model, facts: Sequence[Fact | dict], *, layers: Sequence[int] | None = None, locus: str = "subject",
           hparams: MEMITHyperParams | dict | None = None, stats: dict | LayerStats | None = None,
-          verbose: bool = False, progress: bool = True) -> Edit:
+          prepend_bos: bool | None = None, verbose: bool = False, progress: bool = True) -> Edit:
     """Compute one MEMIT edit for all ``facts`` (each needs a ``target_new``).
 
     ``layers`` overrides ``hparams.layers``; ``locus`` is ``"subject"`` or ``"relation"``;
     ``stats``: ``{layer: LayerStats | tensor}`` (computed with :func:`layer_stats` for
-    the missing layers). Returns an unapplied :class:`Edit`.
+    the missing layers); ``prepend_bos`` as in :func:`workbench.editing.rome.rome`. Returns an
+    unapplied :class:`Edit`.
     """
     check_locus(locus)
     if isinstance(facts, (Fact, dict)):
@@ -51,6 +53,7 @@ def memit(model, facts: Sequence[Fact | dict], *, layers: Sequence[int] | None =
         raise EditError("memit needs at least one fact")
     requests = [normalize_request(f) for f in facts]
     hp = resolve_hparams(model, hparams, MEMITHyperParams, memit_hparams_for, list(layers) if layers else None)
+    hp.prepend_bos = prepend_bos
     if isinstance(stats, (LayerStats, torch.Tensor)):
         if len(hp.layers) != 1:
             raise EditError("pass stats as {layer: LayerStats} for several layers")

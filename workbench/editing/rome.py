@@ -32,7 +32,7 @@ from ..architecture import mlp_weights
 from ..facts import Fact
 from ..loading import model_fingerprint
 from .common import (EditError, activations_at, check_locus, compute_keys, compute_target, fact_row,
-                     normalize_request, request_summary)
+                     follows_bos_convention, normalize_request, request_summary)
 from .context import as_groups, context_templates, flatten
 from .edit import Edit
 from .hparams import ROMEHyperParams, rome_hparams_for
@@ -62,7 +62,8 @@ def resolve_hparams(model, hparams, cls, default_fn, layers: list[int] | None):
 def resolve_templates(model, hp, fingerprint: str) -> list[list[str]]:
     if hp.context_templates is not None:
         return as_groups(hp.context_templates)
-    return context_templates(model, hp.context_template_length_params, seed=hp.seed, fingerprint=fingerprint)
+    return context_templates(model, hp.context_template_length_params, seed=hp.seed, fingerprint=fingerprint,
+                             scheme=hp.context_template_scheme, prepend_bos=hp.prepend_bos)
 
 
 def resolve_cov(model, layer: int, stats, hp, fingerprint: str) -> tuple[torch.Tensor, dict]:
@@ -91,20 +92,25 @@ def compute_u(model, request: dict, layer: int, templates: list[str], locus: str
     return u / u.norm(), k_star
 
 
+@follows_bos_convention
 def rome(model, fact: Fact | dict, new_object: str | None = None, *, layer: int | None = None,
          locus: str = "subject", hparams: ROMEHyperParams | dict | None = None,
-         stats: LayerStats | torch.Tensor | dict | None = None, verbose: bool = False) -> Edit:
+         stats: LayerStats | torch.Tensor | dict | None = None, prepend_bos: bool | None = None,
+         verbose: bool = False) -> Edit:
     """Compute a ROME edit making ``fact``'s prompt predict ``new_object`` (default ``fact.target_new``).
 
     ``fact``: a :class:`Fact` or a CounterFact ``requested_rewrite`` dict. ``layer``
     overrides ``hparams.layers``. ``locus``: ``"subject"`` (the original) or
     ``"relation"`` (keys and δ at the relation's last token). ``stats``: covariance to
     use (a :class:`LayerStats`, a [d_mlp, d_mlp] tensor, or ``{layer: ...}``); computed
-    and cached with :func:`layer_stats` when omitted. Returns an unapplied :class:`Edit`.
+    and cached with :func:`layer_stats` when omitted. ``prepend_bos``: BOS before every prompt
+    (default: ``hparams.prepend_bos``, else the model's preset's, else TransformerLens's default;
+    recorded in ``edit.hparams``). Returns an unapplied :class:`Edit`.
     """
     check_locus(locus)
     request = normalize_request(fact, new_object)
     hp = resolve_hparams(model, hparams, ROMEHyperParams, rome_hparams_for, [layer] if layer is not None else None)
+    hp.prepend_bos = prepend_bos
     fingerprint = model_fingerprint(model)
     groups = resolve_templates(model, hp, fingerprint)
     flat = flatten(groups)

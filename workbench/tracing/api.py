@@ -118,7 +118,7 @@ def _trace_prepared(model, prep: Prepared, prompt: str, corrupt, kinds: tuple, w
         subject_span=prep.subject_span, relation_span=prep.relation_span, answer_id=answer_id,
         answer=_decode(model, answer_id), p_clean=p_clean, p_corrupt=p_corrupt, scores=scores, kinds=kinds,
         noise_level=prep.noise_level, samples=eng.S, window=window, seed=seed,
-        model_spec=getattr(model, "workbench_spec", None),
+        model_spec=getattr(model, "workbench_spec", None), prepend_bos=prep.tokens.has_bos, engine=eng.name,
     )
 
 
@@ -168,6 +168,6 @@ def severed_trace(model, prompt: str, *, subject: str | None = None, corrupt: Sp
         prompt=prompt, tokens=list(prep.tokens.str_tokens), token=t, answer_id=answer_id,
         answer=_decode(model, answer_id), p_clean=float(eng.clean_probs[answer_id]), p_corrupt=p_corrupt,
         corrupted_span=prep.corrupted_span, none=flat[:L].copy(), mlp_severed=flat[L:2 * L].copy(),
-        attn_severed=flat[2 * L:].copy(),
+        attn_severed=flat[2 * L:].copy(), prepend_bos=prep.tokens.has_bos, engine=eng.name,
     )
 

@@ -180,6 +180,8 @@ def _answer_probs(logits_last: torch.Tensor, answer: int) -> torch.Tensor:
 class Engine:
     """Common interface: ``clean_probs`` [V], ``p_corrupt(answer)``, ``run(plan, answer)`` -> [C]."""
 
+    name = "engine"
+
     def __init__(self, model, ids: torch.Tensor, corruption: Corruption, precision: str = "exact",
                  max_batch: int | None = None):
         self.model = model
@@ -223,6 +225,8 @@ class Engine:
 
 class BridgeEngine(Engine):
     """(cell x sample) rows through TransformerBridge forward passes with index-tensor hooks."""
+
+    name = "batched"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -315,6 +319,8 @@ class BridgeEngine(Engine):
 class LoopEngine(BridgeEngine):
     """The original algorithm: per cell one forward pass of S+1 rows, states copied from the clean row 0."""
 
+    name = "loop"
+
     def _run(self, plan: Plan, answer: int) -> torch.Tensor:
         if plan.corr_mlp.any() or plan.corr_attn.any():
             raise ValueError("the loop engine does not implement severing")
@@ -394,6 +400,7 @@ def _conv1d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class IncrementalEngine(Engine):
     """GPT-2 blocks from raw weights; rows start at their first differing layer and token."""
 
+    name = "incremental"
     supports = staticmethod(_GPT2Weights.supports)
 
     def __init__(self, *args, **kwargs):

@@ -46,6 +46,8 @@ class TraceResult:
     window: int
     seed: int
     model_spec: str | None = None
+    prepend_bos: bool | None = None  # whether BOS was prepended to the prompt
+    engine: str | None = None  # the engine that computed the scores
 
     def ie(self, kind: str) -> np.ndarray:
         """Indirect effect p_restored - p_corrupt (float64) of ``kind``."""
@@ -60,7 +62,8 @@ class TraceResult:
             "answer": self.answer, "p_clean": float(self.p_clean), "p_corrupt": float(self.p_corrupt),
             "scores": {k: np.asarray(v).tolist() for k, v in self.scores.items()}, "kinds": list(self.kinds),
             "noise_level": float(self.noise_level), "samples": int(self.samples), "window": int(self.window),
-            "seed": int(self.seed), "model_spec": self.model_spec,
+            "seed": int(self.seed), "model_spec": self.model_spec, "prepend_bos": self.prepend_bos,
+            "engine": self.engine,
         }
 
     @classmethod
@@ -75,6 +78,7 @@ class TraceResult:
             scores={k: np.asarray(v, dtype=np.float32) for k, v in data["scores"].items()},
             kinds=tuple(data["kinds"]), noise_level=float(data["noise_level"]), samples=int(data["samples"]),
             window=int(data["window"]), seed=int(data["seed"]), model_spec=data.get("model_spec"),
+            prepend_bos=data.get("prepend_bos"), engine=data.get("engine"),
         )
 
     def save_json(self, path: str | os.PathLike) -> Path:
@@ -109,6 +113,8 @@ class SeveredResult:
     none: np.ndarray
     mlp_severed: np.ndarray
     attn_severed: np.ndarray
+    prepend_bos: bool | None = None
+    engine: str | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -116,7 +122,7 @@ class SeveredResult:
             "answer_id": int(self.answer_id), "answer": self.answer, "p_clean": float(self.p_clean),
             "p_corrupt": float(self.p_corrupt), "corrupted_span": span_to_list(self.corrupted_span),
             "none": self.none.tolist(), "mlp_severed": self.mlp_severed.tolist(),
-            "attn_severed": self.attn_severed.tolist(),
+            "attn_severed": self.attn_severed.tolist(), "prepend_bos": self.prepend_bos, "engine": self.engine,
         }
 
     @classmethod
@@ -124,7 +130,7 @@ class SeveredResult:
         arr = lambda k: np.asarray(data[k], dtype=np.float32)  # noqa: E731
         return cls(data["prompt"], list(data["tokens"]), int(data["token"]), int(data["answer_id"]), data["answer"],
                    float(data["p_clean"]), float(data["p_corrupt"]), span_from_list(data["corrupted_span"]),
-                   arr("none"), arr("mlp_severed"), arr("attn_severed"))
+                   arr("none"), arr("mlp_severed"), arr("attn_severed"), data.get("prepend_bos"), data.get("engine"))
 
 
 @dataclass
