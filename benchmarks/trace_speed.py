@@ -1,16 +1,25 @@
-"""Speed of causal tracing: the workbench engine against one forward pass per cell.
+"""Speed of causal tracing: each engine against one forward pass per cell, per model shape.
 
-Times, in one run, the three maps (hidden, mlp, attn) of one prompt
+For every ``--shapes`` entry, in one run, the three maps (hidden, mlp, attn) of one prompt:
 
-* with ``workbench.trace`` (default engine, exact float32), ``--repeats`` times;
-* with the batched TransformerBridge engine (the reference the fast engine is tested against);
-* with the original algorithm: one forward pass of S+1 rows per cell (``engine="loop"``);
+* ``incremental`` -- the default engine (the model's own blocks, rows restarted at their
+  first differing layer and token), exact float32, timed ``--repeats`` times;
+* ``batched`` -- TransformerBridge forward passes with (cell x sample) rows;
+* ``loop`` -- the original algorithm, one forward pass of S+1 rows per cell;
 
-prints the seconds and the ratio, and how far ``precision="fast"`` (bfloat16 autocast on
-CUDA; identical to exact on CPU) and ``"bf16"`` drift from exact.
+``batched`` and ``loop`` are timed on ``--sample-cells`` random cells and extrapolated to all
+cells (they cost the same per cell); every engine's numbers are checked against the others.
+A table of wall times and speed-ups closes the output. ``--precision fast`` adds bfloat16
+autocast (CUDA) timings and drift.
 
-    python benchmarks/trace_speed.py                       # CPU, bundled model (else random 6x128)
-    python benchmarks/trace_speed.py --device cuda --shape gpt2-xl --loop-cells 200
+    python benchmarks/trace_speed.py                                    # CPU: gpt2 and llama shapes
+    python benchmarks/trace_speed.py --shapes toy --repeats 5           # the bundled model
+    python benchmarks/trace_speed.py --device cuda --shapes gpt2-xl gpt-j --precision exact fast
+
+Random weights, the bundled tokenizer's vocabulary (about 1.2k tokens, so the unembedding is
+cheaper than a real model's 50k). ``gpt2``/``gpt2-xl``: GPT-2 small / XL; ``llama``: a
+Llama-shaped 12x768 model with grouped-query attention (4 key/value heads), SwiGLU d_mlp 2048;
+``gpt-j``: GPT-J-6B's shape (28x4096, rotary, parallel attention/MLP).
 """
 
 from __future__ import annotations
@@ -25,21 +34,28 @@ import numpy as np
 import torch
 
 PROMPT, SUBJECT = "The mother tongue of Danielle Darrieux is", "Danielle Darrieux"
-SHAPES = {"gpt2": (12, 768, 12), "gpt2-xl": (48, 1600, 25)}
+SHAPES = {
+    "gpt2": ("gpt2", dict(n_layers=12, d_model=768, n_heads=12, n_ctx=1024)),
+    "llama": ("llama", dict(n_layers=12, d_model=768, n_heads=12, n_kv_heads=4, d_mlp=2048, n_ctx=1024)),
+    "gpt2-xl": ("gpt2", dict(n_layers=48, d_model=1600, n_heads=25, n_ctx=1024)),
+    "gpt-j": ("gptj", dict(n_layers=28, d_model=4096, n_heads=16, d_mlp=16384, n_ctx=2048)),
+}
 
 
 def build(shape: str, device: str):
+    from workbench.architecture import random_bridge
     from workbench.facts import load_facts
-    from workbench.loading import assets_dir, load_model, random_model
+    from workbench.loading import assets_dir, load_model
 
     if shape == "toy":
         if (assets_dir() / "toy-facts" / "model.safetensors").exists():
             model = load_model("toy-facts", device=device)
             fact = load_facts("toy-facts")[0]
             return model, fact.prompt, fact.subject, "bundled toy-facts model"
-        return random_model(6, 128, 4, device=device), PROMPT, SUBJECT, "random 6x128 (bundled model missing)"
-    L, d, h = SHAPES[shape]
-    return random_model(L, d, h, n_ctx=1024, device=device), PROMPT, SUBJECT, f"random {shape} shape ({L}x{d})"
+        shape = "gpt2"
+    model_type, sizes = SHAPES[shape]
+    model = random_bridge(model_type, device=device, **sizes)
+    return model, PROMPT, SUBJECT, f"random {shape} shape ({sizes['n_layers']}x{sizes['d_model']}, {model_type})"
 
 
 def timed(fn, device: str):
@@ -52,71 +68,84 @@ def timed(fn, device: str):
     return out, time.perf_counter() - wall, time.process_time() - cpu
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--shape", choices=("toy", "gpt2", "gpt2-xl"), default="toy")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs of the workbench engine (default 3)")
-    ap.add_argument("--samples", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: min(2, cores))")
-    ap.add_argument("--loop-cells", type=int, default=None,
-                    help="time the one-cell-per-forward loop on this many random cells and extrapolate")
-    ap.add_argument("--skip-batched", action="store_true", help="do not time the batched bridge engine")
-    args = ap.parse_args(argv)
-
+def bench_shape(shape: str, args) -> list[dict]:
     from workbench.tracing import trace
     from workbench.tracing.api import prepare
     from workbench.tracing.engine import KINDS, Plan, kind_plan
 
-    torch.set_num_threads(args.threads or max(1, min(2, os.cpu_count() or 1)))
-    model, prompt, subject, what = build(args.shape, args.device)
+    model, prompt, subject, what = build(shape, args.device)
     n_layers = model.cfg.n_layers
-    dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     kw = dict(subject=subject, samples=args.samples, kinds=KINDS)
-    print(f"model: {what}; device: {dev_name}; prompt: {prompt!r}; samples {args.samples}")
+    print(f"\n== {what}; prompt {prompt!r}; samples {args.samples}", flush=True)
+    rows = []
+    for precision in args.precision:
+        trace(model, prompt, engine="incremental", precision=precision, **kw)  # warm-up
+        runs = []
+        for _ in range(args.repeats):
+            res, wall, cpu = timed(lambda: trace(model, prompt, engine="incremental", precision=precision, **kw),
+                                   args.device)
+            runs.append(wall)
+        n_tokens = len(res.tokens)
+        best = min(runs)
+        print(f"incremental ({precision}): wall {', '.join(f'{w:.3f}' for w in runs)} s (best {best:.3f}, "
+              f"median {statistics.median(runs):.3f})", flush=True)
+        rows.append({"shape": shape, "engine": "incremental", "precision": precision, "seconds": best,
+                     "runs": len(runs), "extrapolated": False, "diff": 0.0})
+        if precision != "exact":
+            exact = next(r for r in rows if r["engine"] == "incremental" and r["precision"] == "exact")
+            rows[-1]["diff"] = float(max(np.abs(res.scores[k] - exact_scores[k]).max() for k in KINDS))
+            print(f"  max |p diff| vs exact {rows[-1]['diff']:.2e}; speed-up vs exact {exact['seconds'] / best:.2f}x")
+            continue
+        exact_scores = res.scores
+        plan = Plan.concat([kind_plan(k, range(n_tokens), n_layers, 10) for k in KINDS])
+        flat = np.concatenate([res.scores[k].reshape(-1) for k in KINDS])
+        pick = np.arange(len(plan))
+        if args.sample_cells and args.sample_cells < len(plan):
+            pick = np.sort(np.random.RandomState(0).choice(len(plan), args.sample_cells, replace=False))
+        print(f"cells: {len(plan)} ({n_tokens} tokens x {n_layers} layers x 3 kinds); batched/loop timed on "
+              f"{len(pick)} and extrapolated", flush=True)
+        for engine in ("batched", "loop"):
+            prep = prepare(model, prompt, subject=subject, samples=args.samples, engine=engine, precision=precision)
+            answer = prep.resolve_answer(model, None)
+            prep.engine.ensure_corrupted()
+            out, wall, _ = timed(lambda: prep.engine.run(plan.take(pick), answer), args.device)
+            total = wall * len(plan) / len(pick)
+            diff = float(np.abs(out - flat[pick]).max())
+            print(f"{engine}: {total:.3f} s for all cells ({wall:.3f} s for {len(pick)}); max |diff| vs incremental "
+                  f"{diff:.2e}", flush=True)
+            rows.append({"shape": shape, "engine": engine, "precision": precision, "seconds": total, "runs": 1,
+                         "extrapolated": len(pick) < len(plan), "diff": diff})
+    del model
+    return rows
 
-    trace(model, prompt, **kw)  # warm-up
-    runs = []
-    for _ in range(args.repeats):
-        res, wall, cpu = timed(lambda: trace(model, prompt, **kw), args.device)
-        runs.append((wall, cpu))
-    n_tokens = len(res.tokens)
-    cells = len(KINDS) * n_tokens * n_layers
-    best = min(w for w, _ in runs)
-    print(f"cells: {cells} ({n_tokens} tokens x {n_layers} layers x 3 kinds), {cells * args.samples} rows")
-    print(f"workbench (engine auto, exact): wall {', '.join(f'{w:.3f}' for w, _ in runs)} s "
-          f"(best {best:.3f}, median {statistics.median(w for w, _ in runs):.3f}); "
-          f"cpu {', '.join(f'{c:.3f}' for _, c in runs)} s")
 
-    if not args.skip_batched:
-        bat, wall, cpu = timed(lambda: trace(model, prompt, engine="batched", **kw), args.device)
-        drift = max(np.abs(bat.scores[k] - res.scores[k]).max() for k in KINDS)
-        print(f"batched bridge engine: wall {wall:.3f} s, cpu {cpu:.3f} s; max |diff| vs workbench {drift:.2e}")
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shapes", nargs="+", choices=("toy", *SHAPES), default=["gpt2", "llama"])
+    ap.add_argument("--precision", nargs="+", choices=("exact", "fast"), default=["exact"])
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs of the incremental engine (default 2)")
+    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: min(2, cores))")
+    ap.add_argument("--sample-cells", type=int, default=24,
+                    help="cells the batched and loop engines are timed on (extrapolated; 0 = all)")
+    args = ap.parse_args(argv)
+    if "exact" not in args.precision:
+        args.precision = ["exact", *args.precision]
 
-    prep = prepare(model, prompt, subject=subject, samples=args.samples, engine="loop")
-    answer = prep.resolve_answer(model, None)
-    plan = Plan.concat([kind_plan(k, range(n_tokens), n_layers, 10) for k in KINDS])
-    if args.loop_cells and args.loop_cells < len(plan):
-        pick = np.random.RandomState(0).choice(len(plan), args.loop_cells, replace=False)
-        sub = plan.take(pick)
-    else:
-        pick, sub = None, plan
-    ref, wall, cpu = timed(lambda: prep.engine.run(sub, answer), args.device)
-    scale = len(plan) / len(sub)
-    flat = np.concatenate([res.scores[k].reshape(-1) for k in KINDS])
-    diff = np.abs(ref - (flat if pick is None else flat[pick])).max()
-    est = " (extrapolated)" if scale > 1 else ""
-    print(f"one forward per cell (original algorithm): wall {wall * scale:.3f} s{est}, cpu {cpu * scale:.3f} s; "
-          f"max |diff| vs workbench {diff:.2e}")
-    print(f"speed-up, wall: {wall * scale / best:.1f}x   (cpu time: {cpu * scale / min(c for _, c in runs):.1f}x)")
+    torch.set_num_threads(args.threads or max(1, min(2, os.cpu_count() or 1)))
+    device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+              else f"CPU, {torch.get_num_threads()} thread(s)")
+    print(f"device: {device}")
+    rows = [r for shape in args.shapes for r in bench_shape(shape, args)]
 
-    span = res.p_clean - res.p_corrupt
-    for precision in ("fast", "bf16"):
-        other, wall, _ = timed(lambda: trace(model, prompt, precision=precision, **kw), args.device)
-        d = max(np.abs(other.scores[k] - res.scores[k]).max() for k in KINDS)
-        rel = f" ({d / span:.2%} of p_clean - p_corrupt)" if span > 1e-4 else ""
-        print(f"precision={precision}: wall {wall:.3f} s; max |p diff| vs exact {d:.2e}{rel}; "
-              f"answer same: {other.answer_id == res.answer_id}")
+    print(f"\n| shape | engine | precision | wall s | vs one forward per cell |   ({device})")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        loop = next(x["seconds"] for x in rows if x["shape"] == r["shape"] and x["engine"] == "loop")
+        note = " (extrapolated)" if r["extrapolated"] else f" (best of {r['runs']})"
+        print(f"| {r['shape']} | {r['engine']} | {r['precision']} | {r['seconds']:.3f}{note} | "
+              f"{loop / r['seconds']:.1f}x |")
     return 0
 
 

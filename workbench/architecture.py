@@ -263,3 +263,36 @@ def save_random_model(model_type: str, folder, *, seed: int = 0, tokenizer=None,
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     return out
+
+
+def random_bridge(model_type: str, *, seed: int = 0, tokenizer=None, device: str | torch.device | None = None,
+                  dtype: torch.dtype | None = None, **sizes):
+    """A randomly initialised ``model_type`` bridge built in memory (benchmarks; nothing written).
+
+    Like :func:`workbench.loading.random_model` for any family of :func:`tiny_config`, e.g. a
+    Llama-shaped model: ``random_bridge("llama", n_layers=12, d_model=768, n_heads=12,
+    n_kv_heads=4, d_mlp=2048, n_ctx=1024)``.
+    """
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from .loading import _tokenizer_for_random_model, default_device
+
+    tok = _tokenizer_for_random_model(tokenizer)
+    config = tiny_config(model_type, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, **sizes)
+    device = str(device or default_device())
+    dtype = dtype or torch.float32
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bridge = TransformerBridge.boot_transformers(tok.name_or_path, hf_model=hf, tokenizer=tok, device=device,
+                                                     dtype=dtype)
+    bridge.eval()
+    for param in bridge.parameters():
+        param.requires_grad_(False)
+    bridge.workbench_spec = f"random-{model_type}-L{config.num_hidden_layers}-d{config.hidden_size}-seed{seed}"
+    return bridge

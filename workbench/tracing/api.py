@@ -89,9 +89,11 @@ def trace(model, prompt: str, *, subject: str | None = None, corrupt: SpanSpec =
 
     ``precision``: ``"exact"`` (float32), ``"fast"`` (bfloat16 autocast on CUDA; on CPU
     the same as exact, since bf16 is not faster there), ``"bf16"`` (bf16 autocast on any
-    device, for measuring drift). ``engine``: ``"auto"`` (``"incremental"`` for GPT-2
-    architectures, else ``"batched"``), or ``"loop"`` (one forward per cell, the original
-    algorithm). ``max_batch`` caps rows per forward pass (otherwise set by free memory).
+    device, for measuring drift). ``engine``: ``"auto"`` (``"incremental"`` for the families
+    of :mod:`workbench.architecture`, else ``"batched"``; ``"batched"`` with a warning when
+    hooks are attached to the bridge), or ``"loop"`` (one forward per cell, the original
+    algorithm); ``result.engine`` records the one used. ``prepend_bos`` is recorded as
+    ``result.prepend_bos``. ``max_batch`` caps rows per forward pass (otherwise set by free memory).
     """
     kinds = tuple(kinds)
     for kind in kinds:

@@ -10,11 +10,14 @@ same description drives three engines:
 * ``"batched"`` -- TransformerBridge forward passes with (cell x sample) rows in the batch
   dimension, each row patched at its own token by index tensors in hooks. Works for any
   architecture the bridge supports; the reference the fast engine is tested against.
-* ``"incremental"`` -- GPT-2 architecture only: its blocks are computed from the model's
-  own weights, and a row restoring at token t from layer s on starts from the cached
-  corrupted residual at layer s and computes only positions >= t, reading the keys and
-  values of positions < t from the cached corrupted run (causal attention: neither the
-  layers below s nor the positions before t can differ from the corrupted run).
+* ``"incremental"`` -- every family of :mod:`workbench.architecture`, through the model's own
+  blocks: a row restoring at token t from layer s on starts from the cached corrupted
+  residual at layer s and computes only positions >= t, reading the keys and values of
+  positions < t from the cached corrupted run (causal attention: neither the layers below
+  s nor the positions before t can differ from the corrupted run). Nothing of a family's
+  arithmetic is re-implemented: rotary positions, grouped-query attention and parallel
+  attention/MLP blocks run in the model's own code. With user hooks attached to the
+  bridge, :func:`make_engine` falls back to ``"batched"`` (with a warning).
 
 Batches are chunked by a memory budget (free GPU memory, or available RAM on CPU); a chunk
 that runs out of memory is halved and retried.
@@ -23,14 +26,13 @@ that runs out of memory is halved and retried.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, fields
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..loading import hf_model
 from .noise import Corruption
 
 KINDS = ("hidden", "mlp", "attn")
@@ -354,130 +356,177 @@ class LoopEngine(BridgeEngine):
         return torch.stack(out) if out else torch.empty(0)
 
 
-class _GPT2Weights:
-    """The GPT-2 weights of a bridge, by Hugging Face name (live tensors, so edits show)."""
+class _KVPrefix:
+    """The cache interface an attention module calls (``update(keys, values, layer_idx, ...)``).
 
-    def __init__(self, model):
-        hf = hf_model(model)
-        cfg = hf.config
-        sd = {}
-        for name, tensor in hf.state_dict().items():
-            sd.setdefault(name.replace("._original_component", ""), tensor)
-        self.eps = cfg.layer_norm_epsilon
-        self.n_heads = cfg.n_head
-        from transformers.activations import ACT2FN
+    It prepends the keys and values of the positions before the restored token (from the
+    corrupted run) to the new ones, and keeps the new ones (to record a full run's cache).
+    """
 
-        self.act = ACT2FN[cfg.activation_function]
-        self.wte, self.wpe = sd["transformer.wte.weight"], sd["transformer.wpe.weight"]
-        self.lnf = sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]
-        self.unembed_w = hf.lm_head.weight if hasattr(hf.lm_head, "weight") else sd["lm_head.weight"]
-        self.unembed_b = sd.get("lm_head.bias")
-        self.layers = []
-        for j in range(cfg.n_layer):
-            p = f"transformer.h.{j}."
-            self.layers.append({k: sd[p + k] for k in (
-                "ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
-                "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-                "mlp.c_proj.weight", "mlp.c_proj.bias")})
-        self.scaling = (cfg.n_embd // cfg.n_head) ** -0.5 if cfg.scale_attn_weights else 1.0
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None):
+        self.keys, self.values, self.new = keys, values, None
 
-    @staticmethod
-    def supports(model) -> bool:
-        try:
-            cfg = hf_model(model).config
-        except AttributeError:
-            return False
-        return (getattr(cfg, "model_type", None) == "gpt2" and not cfg.scale_attn_by_inverse_layer_idx
-                and not cfg.reorder_and_upcast_attn and not getattr(cfg, "add_cross_attention", False)
-                and getattr(model.cfg, "positional_embedding_type", "standard") == "standard")
+    def update(self, keys: torch.Tensor, values: torch.Tensor, *args, **kwargs):
+        self.new = (keys, values)
+        if self.keys is None:
+            return keys, values
+        return torch.cat([self.keys.to(keys.dtype), keys], -2), torch.cat([self.values.to(values.dtype), values], -2)
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return 0 if self.keys is None else int(self.keys.shape[-2])
 
 
-def _conv1d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Hugging Face ``Conv1D``: ``x @ w + b`` as one addmm."""
-    return torch.addmm(b, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
+_CACHE_KWARGS = ("past_key_values", "cache", "layer_past")
+
+
+def _query_slice(kwargs: dict, t: int) -> dict:
+    """The block keyword arguments of a full-length run for the queries at positions >= t."""
+    out = {}
+    for key, val in kwargs.items():
+        if key in _CACHE_KWARGS or key == "use_cache":
+            continue
+        if key == "attention_mask" and torch.is_tensor(val) and val.dim() == 4:
+            val = val[:, :, t:, :]
+        elif key == "position_ids" and torch.is_tensor(val):
+            val = val[..., t:]
+        elif key == "cache_position" and torch.is_tensor(val):
+            val = val[t:]
+        elif key == "position_embeddings" and isinstance(val, tuple):
+            val = tuple(v[..., t:, :] for v in val)
+        out[key] = val
+    return out
+
+
+def user_hooks(model) -> list[str]:
+    """Hook points of the bridge with hooks attached (by the user: engines remove their own)."""
+    return [name for name, hp in model.hook_dict.items()
+            if getattr(hp, "_forward_hooks", None) or getattr(hp, "_forward_pre_hooks", None)]
 
 
 class IncrementalEngine(Engine):
-    """GPT-2 blocks from raw weights; rows start at their first differing layer and token."""
+    """The model's own blocks; rows start at their first differing layer and token.
+
+    Every block is the bridge's block (the wrapped Hugging Face layer), called directly
+    with the keyword arguments the model itself passes it in a full forward (attention
+    mask, rotary position embeddings, position ids) cut to the query positions >= t, and
+    with a key/value prefix: the keys and values of positions < t from the cached
+    corrupted run, handed to the attention module through its cache interface. Rotary
+    positions, grouped-query attention and parallel attention/MLP blocks are therefore the
+    model's own code. Patches go through the bridge's ``hook_mlp_out``/``hook_attn_out``.
+    """
 
     name = "incremental"
-    supports = staticmethod(_GPT2Weights.supports)
+
+    @staticmethod
+    def supports(model) -> bool:
+        """Families whose blocks are known to take a key/value prefix this way (see :mod:`workbench.architecture`)."""
+        from ..architecture import ArchitectureError, family
+
+        try:
+            family(model)
+        except (ArchitectureError, AttributeError):
+            return False
+        return hasattr(model, "blocks") and hasattr(model, "ln_final") and hasattr(model, "unembed")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.W = _GPT2Weights(self.model)
+        self._state: dict[int, _KVPrefix] = {}
+        self._patch: Callable | None = None
+        self._record: dict | None = None
+        self._sliced: dict[tuple[int, int], dict] = {}
+        captured: dict[int, dict] = {}
+        handles = [self.model.blocks[j].register_forward_pre_hook(
+            lambda mod, args, kw, j=j: captured.__setitem__(j, dict(kw)), with_kwargs=True) for j in range(self.L)]
+        try:
+            with torch.inference_mode(), self._ctx():
+                self.model(self.ids, return_type=None)
+        finally:
+            for h in handles:
+                h.remove()
+        self._block_kwargs = captured
         with torch.inference_mode(), self._ctx():
-            rec = self._full(self.ids, None)
+            rec = self._full(None)
         self.clean_probs = rec["probs"][0]
         self.clean_resid_pre = rec["resid_pre"][:, 0]  # [L+1, n, d]
         self.clean_mlp = rec["mlp"][:, 0]
         self.clean_attn = rec["attn"][:, 0]
 
-    # -- kernel
-    def _masked(self, m: int, n: int) -> torch.Tensor:
-        """Causal mask of m queries at the end of n keys (True = hidden), cached."""
-        cache = self.__dict__.setdefault("_masks", {})
-        if (m, n) not in cache:
-            cache[(m, n)] = ~torch.ones(m, n, dtype=torch.bool, device=self.device).tril(n - m)
-        return cache[(m, n)]
+    # -- wiring: key/value prefixes into the attention modules, patches and records on the hook points
+    @contextlib.contextmanager
+    def _wired(self):
+        handles = []
 
-    def _block(self, j: int, x: torch.Tensor, k_pre, v_pre, patch=None):
-        W, H = self.W.layers[j], self.W.n_heads
-        B, m, d = x.shape
-        dh = d // H
-        h = F.layer_norm(x, (d,), W["ln_1.weight"], W["ln_1.bias"], self.W.eps)
-        q, k, v = _conv1d(h, W["attn.c_attn.weight"], W["attn.c_attn.bias"]).split(d, dim=-1)
-        q, k, v = (z.reshape(B, m, H, dh).transpose(1, 2) for z in (q, k, v))
-        k_all = k if k_pre is None else torch.cat([k_pre.to(k.dtype), k], 2)
-        v_all = v if v_pre is None else torch.cat([v_pre.to(v.dtype), v], 2)
-        n = k_all.shape[2]
-        w = torch.matmul(q, k_all.transpose(-1, -2)) * self.W.scaling
-        w = w.masked_fill(self._masked(m, n), torch.finfo(w.dtype).min)
-        w = torch.softmax(w, dim=-1).type(v_all.dtype)
-        a = torch.matmul(w, v_all).transpose(1, 2).reshape(B, m, d)
-        a = _conv1d(a, W["attn.c_proj.weight"], W["attn.c_proj.bias"])
-        if patch is not None:
-            a = patch("attn", j, a)
-        x = x + a
-        h = F.layer_norm(x, (d,), W["ln_2.weight"], W["ln_2.bias"], self.W.eps)
-        f = _conv1d(self.W.act(_conv1d(h, W["mlp.c_fc.weight"], W["mlp.c_fc.bias"])),
-                    W["mlp.c_proj.weight"], W["mlp.c_proj.bias"])
-        if patch is not None:
-            f = patch("mlp", j, f)
-        return x + f, k, v, a, f
+        def inject(j):
+            def pre(mod, args, kwargs):
+                prefix = self._state.get(j)
+                if prefix is None:
+                    return None
+                return args, {**kwargs, **{k: prefix for k in _CACHE_KWARGS}}
+            return pre
+
+        def site_hook(site, j):
+            def hook(mod, args, out):
+                if self._record is not None:
+                    self._record[(site, j)] = out
+                return self._patch(site, j, out) if self._patch is not None else out
+            return hook
+
+        try:
+            for j in range(self.L):
+                handles.append(self.model.blocks[j].attn.register_forward_pre_hook(inject(j), with_kwargs=True))
+                for site in ("mlp", "attn"):
+                    hp = self.model.hook_dict[f"blocks.{j}.hook_{site}_out"]
+                    handles.append(hp.register_forward_hook(site_hook(site, j)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            self._state.clear()
+            self._patch = self._record = None
+
+    def _block(self, j: int, x: torch.Tensor, t: int, prefix: _KVPrefix) -> torch.Tensor:
+        if (j, t) not in self._sliced:
+            self._sliced[(j, t)] = _query_slice(self._block_kwargs[j], t)
+        self._state[j] = prefix
+        out = self.model.blocks[j](x, **self._sliced[(j, t)])
+        return out[0] if isinstance(out, tuple) else out
 
     def _final_probs(self, x_last: torch.Tensor) -> torch.Tensor:
-        h = F.layer_norm(x_last, (x_last.shape[-1],), *self.W.lnf, self.W.eps)
-        return torch.softmax(F.linear(h, self.W.unembed_w, self.W.unembed_b).float(), dim=-1)
+        logits = self.model.unembed(self.model.ln_final(x_last[:, None]))[:, 0]
+        return torch.softmax(logits.float(), dim=-1)
 
-    def _full(self, ids: torch.Tensor, samples: torch.Tensor | None) -> dict:
-        """A full forward of ``ids`` (corrupted per ``samples`` unless None), recording states."""
-        x = F.embedding(ids, self.W.wte)
-        if samples is not None:
-            x = self.corruption.apply(x, samples)
-        x = x + self.W.wpe[: ids.shape[1]]
+    def _full(self, samples: torch.Tensor | None) -> dict:
+        """A full forward (corrupted per ``samples`` unless None) through the model's blocks, recording states."""
+        ids = self.ids if samples is None else self.ids.repeat(len(samples), 1)
+        hooks = [] if samples is None else [("hook_embed", lambda x, hook=None: self.corruption.apply(x, samples))]
+        x = self.model.run_with_hooks(ids, fwd_hooks=hooks, stop_at_layer=0)  # the residual entering block 0
         rec = {k: [] for k in ("resid_pre", "k", "v", "attn", "mlp")}
-        for j in range(self.L):
-            rec["resid_pre"].append(x)
-            x, k, v, a, f = self._block(j, x, None, None)
-            for key, val in (("k", k), ("v", v), ("attn", a), ("mlp", f)):
-                rec[key].append(val)
+        with self._wired():
+            for j in range(self.L):
+                rec["resid_pre"].append(x)
+                self._record = {}
+                prefix = _KVPrefix()
+                x = self._block(j, x, 0, prefix)
+                rec["k"].append(prefix.new[0])
+                rec["v"].append(prefix.new[1])
+                rec["attn"].append(self._record[("attn", j)])
+                rec["mlp"].append(self._record[("mlp", j)])
         rec["resid_pre"].append(x)
         out = {key: torch.stack(val) for key, val in rec.items()}
         out["probs"] = self._final_probs(x[:, -1])
         return out
 
     def _run_corrupted(self) -> None:
-        rec = self._full(self.ids.repeat(self.S, 1), torch.arange(self.S, device=self.device))
+        rec = self._full(torch.arange(self.S, device=self.device))
         self.corrupt_probs = rec["probs"]
         self.corr_resid_pre = rec["resid_pre"]  # [L+1, S, n, d]
-        self.corr_k, self.corr_v = rec["k"], rec["v"]  # [L, S, H, n, dh]
+        self.corr_k, self.corr_v = rec["k"], rec["v"]  # [L, S, kv_heads, n, d_head]
         self.corr_mlp, self.corr_attn = rec["mlp"], rec["attn"]  # [L, S, n, d]
 
     def _row_bytes(self) -> int:
         cfg = self.model.cfg
         n, d = self.n, self.d
-        return 4 * (n * (16 * d + 3 * cfg.d_mlp) + 4 * n * d + 3 * cfg.n_heads * n * n) + 8 * cfg.d_vocab
+        return 4 * (n * (24 * d + 4 * cfg.d_mlp) + 4 * n * d + 4 * cfg.n_heads * n * n) + 8 * cfg.d_vocab
 
     # -- cells
     def _run(self, plan: Plan, answer: int) -> torch.Tensor:
@@ -495,14 +544,15 @@ class IncrementalEngine(Engine):
         out[torch.as_tensor(np.nonzero(to_clean)[0], device=self.device)] = self.clean_probs[answer].double()
         out[torch.as_tensor(np.nonzero(done & ~to_clean)[0], device=self.device)] = p_corrupt
         chunk = self._chunk_rows()
-        for t in np.unique(plan.token[~before & ~done]):
-            cells = np.nonzero((plan.token == t) & ~done)[0]
-            cells = cells[np.argsort(starts[cells], kind="stable")]
-            rows_cell = np.repeat(cells, S)
-            rows_sample = np.tile(np.arange(S), len(cells))
-            probs = run_chunked(len(rows_cell), chunk, lambda a, b: self._chunk(
-                plan, starts, int(t), rows_cell[a:b], rows_sample[a:b], answer))
-            out[torch.as_tensor(cells, device=self.device)] = probs.view(len(cells), S).double().mean(1)
+        with self._wired():
+            for t in np.unique(plan.token[~before & ~done]):
+                cells = np.nonzero((plan.token == t) & ~done)[0]
+                cells = cells[np.argsort(starts[cells], kind="stable")]
+                rows_cell = np.repeat(cells, S)
+                rows_sample = np.tile(np.arange(S), len(cells))
+                probs = run_chunked(len(rows_cell), chunk, lambda a, b: self._chunk(
+                    plan, starts, int(t), rows_cell[a:b], rows_sample[a:b], answer))
+                out[torch.as_tensor(cells, device=self.device)] = probs.view(len(cells), S).double().mean(1)
         return out
 
     def _chunk(self, plan: Plan, starts: np.ndarray, t: int, cell: np.ndarray, sample_np: np.ndarray,
@@ -535,29 +585,42 @@ class IncrementalEngine(Engine):
                 val[sel, 0] = corr_vals[site][j, sample[sel], t].to(val.dtype)
             return val
 
+        self._patch = patch
         bounds = np.searchsorted(s_np, np.arange(L), side="right")  # rows with start <= j
         for j in range(int(s_np.min()), L):
             k = int(bounds[j])
             if k == 0:
                 continue
-            kp = vp = None
+            prefix = _KVPrefix()
             if t > 0:
-                kp = self.corr_k[j, sample[:k], :, :t]
-                vp = self.corr_v[j, sample[:k], :, :t]
-            new = self._block(j, x[:k], kp, vp, patch)[0]
+                prefix = _KVPrefix(self.corr_k[j, sample[:k], :, :t], self.corr_v[j, sample[:k], :, :t])
+            new = self._block(j, x[:k], t, prefix)
             x = new if k == x.shape[0] else torch.cat([new.to(x.dtype), x[k:]])
+        self._patch = None
         return self._final_probs(x[:, -1])[:, answer]
 
 
 def make_engine(model, ids: torch.Tensor, corruption: Corruption, *, engine: str = "auto",
                 precision: str = "exact", max_batch: int | None = None) -> Engine:
-    """Pick and build an engine: ``auto`` = incremental for GPT-2, else batched bridge passes."""
+    """Pick and build an engine: ``auto`` = incremental for the families it supports, else batched.
+
+    Hooks attached to the bridge would see partial sequences in the incremental engine, so
+    with any attached it falls back to the batched engine (which runs them) with a warning;
+    the engine used is ``engine.name`` (recorded on results).
+    """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
     if engine == "auto":
         engine = "incremental" if IncrementalEngine.supports(model) else "batched"
     if engine == "incremental" and not IncrementalEngine.supports(model):
-        raise ValueError("the incremental engine supports GPT-2-architecture models only; use engine='batched'")
+        raise ValueError("the incremental engine supports the families of workbench.architecture "
+                         "(GPT-2, GPT-J, GPT-NeoX, GPT-Neo, Llama, Mistral, Qwen2); use engine='batched'")
+    if engine == "incremental":
+        attached = user_hooks(model)
+        if attached:
+            warnings.warn(f"hooks are attached to the bridge ({', '.join(attached[:3])}"
+                          f"{', ...' if len(attached) > 3 else ''}): tracing with the batched engine, which runs them "
+                          "(the incremental engine would show them partial sequences)", stacklevel=3)
+            engine = "batched"
     cls = {"incremental": IncrementalEngine, "batched": BridgeEngine, "loop": LoopEngine}[engine]
     return cls(model, ids, corruption, precision=precision, max_batch=max_batch)
-
