@@ -258,6 +258,13 @@ def resolve_method(method: str | Callable) -> tuple[str, Callable]:
     return method, getattr(importlib.import_module(module), name)
 
 
+def _takes(fn: Callable, name: str) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def make_edit(name: str, fn: Callable, model, fact: Fact, locus: str, kwargs: dict | None = None):
     """Compute one edit of ``fact`` (MEMIT gets a one-fact batch: one fact per edit)."""
     kwargs = dict(kwargs or {})
@@ -402,10 +409,11 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] = (
     chosen = select_facts(facts, n, seed)
     resolved = [resolve_method(m) for m in methods]
     bos = editing_prepend_bos(model, prepend_bos)
-    # one convention for every edit and score: built-in methods get it explicitly
-    method_kwargs = {name: ({**(method_kwargs or {}).get(name, {}), "prepend_bos": bos} if name in METHODS
-                            else (method_kwargs or {}).get(name))
-                     for name, _ in resolved}
+    # one convention for every edit and score: methods that take prepend_bos get it explicitly,
+    # the others tokenize under bos_convention below
+    method_kwargs = {name: ({**((method_kwargs or {}).get(name) or {}), "prepend_bos": bos}
+                            if _takes(fn, "prepend_bos") else (method_kwargs or {}).get(name))
+                     for name, fn in resolved}
     fingerprint = model_fingerprint(model)
     store = None
     rows: list[dict] = []

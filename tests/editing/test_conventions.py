@@ -116,3 +116,21 @@ def test_trace_records_the_convention(tiny_model):
                  kinds=("hidden",)).prepend_bos is True
     sev = severed_trace(tiny_model, "Miles Davis plays the", subject="Miles Davis", samples=2, prepend_bos=False)
     assert sev.prepend_bos is False and type(sev).from_dict(sev.to_dict()).prepend_bos is False
+
+
+def test_evaluate_uses_one_convention_and_records_it(tiny_model):
+    from workbench.editing import Edit
+    from workbench.evaluation import evaluate
+
+    seen = []
+
+    def nudge(model, fact, locus="subject"):
+        seen.append(default_prepend_bos(model))
+        name = "transformer.h.1.mlp.c_proj.weight"
+        return Edit(deltas={name: torch.zeros(256, 64)}, method="nudge", locus=locus)
+
+    table = evaluate(tiny_model, [FACT], methods=(nudge,), loci=("subject",), baseline=False, progress=False,
+                     prepend_bos=False)
+    assert seen == [False] and table.attrs["prepend_bos"] is False
+    assert table.attrs["details"]["prepend_bos"].tolist() == [False]
+    assert default_prepend_bos(tiny_model) is True
