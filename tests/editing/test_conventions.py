@@ -134,3 +134,27 @@ def test_evaluate_uses_one_convention_and_records_it(tiny_model):
     assert seen == [False] and table.attrs["prepend_bos"] is False
     assert table.attrs["details"]["prepend_bos"].tolist() == [False]
     assert default_prepend_bos(tiny_model) is True
+
+
+def test_cli_no_prepend_bos(tiny_model, tmp_path, capsys):
+    from workbench.cli import main
+    from workbench.loading import save_hf
+    from workbench.tracing.results import TraceResult
+
+    folder = save_hf(tiny_model, tmp_path / "model")
+    out = tmp_path / "t.json"
+    assert main(["trace", "--model", str(folder), "--device", "cpu", "--prompt", "Miles Davis plays the",
+                 "--subject", "Miles Davis", "--samples", "2", "--kinds", "hidden", "--no-prepend-bos",
+                 "--json", str(out)]) == 0
+    res = TraceResult.load_json(out)
+    assert res.prepend_bos is False and res.engine == "incremental"
+    assert main(["edit", "--model", str(folder), "--device", "cpu", "--prompt", "{} plays the", "--subject",
+                 "Miles Davis", "-o", "guitar", "--layer", "1", "--no-prepend-bos", "--corpus", str(_corpus(tmp_path)),
+                 "--n-tokens", "300", "--cache-dir", str(tmp_path / "stats")]) == 0
+    assert "without BOS" in capsys.readouterr().out
+
+
+def _corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n".join(f"Miles Davis plays the trumpet in Paris {i}." for i in range(40)))
+    return path
