@@ -387,7 +387,6 @@ def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
     return _hf(model)(input_ids=ids).logits
 
 
-
 @dataclass
 class Factors:
     """Per edited weight, the inputs x_t and output gradients δ_t at the target tokens, and each
