@@ -107,6 +107,17 @@ def test_edit_is_undoable_and_savable(tiny_model, tiny_editor, tmp_path):
     assert again.method == "mend" and all(torch.equal(again.deltas[n], d) for n, d in edit.deltas.items())
 
 
+def test_bos_convention_is_the_editors_unless_given(tiny_model, tiny_editor):
+    fact = wb.Fact(subject="Mira Dosvi", template="{} plays the", target_true="piano", target_new="guitar")
+    default = mend(tiny_model, fact, editor=tiny_editor)
+    assert default.hparams["prepend_bos"] is tiny_editor.hparams.prepend_bos is True
+    without = mend(tiny_model, fact, editor=tiny_editor, prepend_bos=False)
+    assert without.hparams["prepend_bos"] is False
+    name = tiny_editor.names[0]
+    assert not torch.allclose(default.deltas[name], without.deltas[name])
+    assert tiny_model.cfg.default_prepend_bos is True  # the convention is restored
+
+
 def test_editor_save_load_and_wrong_model(tiny_model, tiny_editor, tmp_path):
     path = tiny_editor.save(tmp_path / "ed.safetensors")
     loaded = MendEditor.load(path, tiny_model)
@@ -162,6 +173,7 @@ def test_training_lowers_validation_edit_loss(toy_model, train_facts, tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["model_fingerprint"] == wb.loading.model_fingerprint(toy_model)
     assert report["hparams"]["rank"] == 16 and report["steps"] == 10
+    assert report["hparams"]["prepend_bos"] is True  # the bundled model's convention, recorded
     assert (tmp_path / "editor.safetensors").exists()
     # a finished run returns its result again; other settings in the same folder are refused
     again = train_mend(toy_model, train_facts, hparams=MendHyperParams(**{**TINY, "n_blocks": 3}), out=tmp_path,

@@ -68,7 +68,8 @@ class MendHyperParams:
     the factors), ``combine`` (one network over [x, δ] instead of one per factor), ``shared`` (one
     network per weight shape, with per-weight modes), ``act`` (only ``"relu"``).
     Edit: ``inner_params`` (HF names of the edited weights; ``None``: the MLP input and output
-    projections of the last ``n_blocks`` blocks), ``edit_lr`` (initial step α).
+    projections of the last ``n_blocks`` blocks), ``edit_lr`` (initial step α), ``prepend_bos`` (the BOS
+    convention of training and edits; ``None``: :func:`~workbench.editing.hparams.editing_prepend_bos`).
     Training: ``lr`` (Adam on the network), ``lr_lr`` (Adam on the α's), ``cedit``/``cloc`` (loss
     weights), ``batch_size`` (edits per optimiser step; the originals accumulate 10 batches),
     ``grad_clip``, ``max_steps``, ``val_every`` (steps between validations), ``n_val`` (validation
@@ -97,6 +98,7 @@ class MendHyperParams:
     early_stop_patience: int = 4
     checkpoint_every: int = 50
     seed: int = 0
+    prepend_bos: bool | None = None  # BOS before every prompt (None: the model's editing convention)
 
     def __post_init__(self) -> None:
         if self.inner_params is not None:
@@ -137,11 +139,14 @@ def _blocks(prefix: str, names: Sequence[str], layers: Sequence[int]) -> tuple[s
     return tuple(f"{prefix}.{l}.mlp.{n}.weight" for l in layers for n in names)
 
 
-MEND_GPT2_XL = MendHyperParams(inner_params=_blocks("transformer.h", ("c_proj", "c_fc"), (45, 46, 47)))
+MEND_GPT2_XL = MendHyperParams(inner_params=_blocks("transformer.h", ("c_proj", "c_fc"), (45, 46, 47)),
+                               prepend_bos=False)
 """The originals' GPT-2 XL setup (``config/model/gpt2xl.yaml`` + ``config/alg/mend.yaml``)."""
 
-MEND_GPT_J = MendHyperParams(inner_params=_blocks("transformer.h", ("fc_in", "fc_out"), (25, 26, 27)))
-"""The originals' GPT-J setup (``config/model/gptj.yaml`` + ``config/alg/mend.yaml``)."""
+MEND_GPT_J = MendHyperParams(inner_params=_blocks("transformer.h", ("fc_in", "fc_out"), (25, 26, 27)),
+                             prepend_bos=False)
+"""The originals' GPT-J setup (``config/model/gptj.yaml`` + ``config/alg/mend.yaml``). Both originals
+tokenize without BOS (the Hugging Face tokenizers' default)."""
 
 MEND_TOY = MendHyperParams(
     inner_params=_blocks("transformer.h", ("c_proj", "c_fc"), (3, 4, 5)),
@@ -664,7 +669,7 @@ def _checked(model, editor: MendEditor) -> list[nn.Module]:
 
 # ----------------------------------------------------------------------------- the method
 def mend(model, fact: Fact | dict, new_object: str | None = None, *, editor: MendEditor | str | os.PathLike | None = None,
-         locus: str = "subject", prompt: str | None = None) -> Edit:
+         locus: str = "subject", prompt: str | None = None, prepend_bos: bool | None = None) -> Edit:
     """Edit ``fact`` to ``new_object`` with a trained MEND editor; returns an unapplied :class:`Edit`.
 
     Args:
@@ -676,11 +681,14 @@ def mend(model, fact: Fact | dict, new_object: str | None = None, *, editor: Men
             (:class:`MendModelMismatch`).
         locus: recorded only: MEND, like FT, has no token locus (its gradient comes from the whole
             prompt).
+        prepend_bos: BOS before the prompt (default: the convention the editor was trained with).
 
     The delta of each weight is -α Σ_t δ̃_t x̃_tᵀ over the target tokens, so its rank is at most the
     number of the new object's tokens.
     """
     from ..loading import model_fingerprint
+    from ..spans import bos_convention
+    from .hparams import editing_prepend_bos
 
     request = normalize_request(fact, new_object)
     text = prompt if prompt is not None else request["prompt"].format(request["subject"])
@@ -689,7 +697,9 @@ def mend(model, fact: Fact | dict, new_object: str | None = None, *, editor: Men
     ed = resolve_editor(model, editor)
     modules = _checked(model, ed)
     target = request["target_new"]["str"]
-    rows = edit_rows(model, [(text, target)])
+    bos = editing_prepend_bos(model, prepend_bos, ed.hparams.prepend_bos)
+    with bos_convention(model, bos):
+        rows = edit_rows(model, [(text, target)])
     was_training = ed.training
     ed.eval()
     try:
@@ -705,7 +715,8 @@ def mend(model, fact: Fact | dict, new_object: str | None = None, *, editor: Men
     n_tokens = int(rows.tgt_id.numel())
     return Edit(
         deltas=deltas, method="mend", locus=locus, requests=[request],
-        hparams={**ed.hparams.to_dict(), "editor_fingerprint": ed.model_fingerprint, "edit_prompt": text},
+        hparams={**ed.hparams.to_dict(), "prepend_bos": bos, "editor_fingerprint": ed.model_fingerprint,
+                 "edit_prompt": text},
         info={"n_target_tokens": n_tokens, "edit_nll_before": float(nll[0]),
               "alphas": [float(a) for a in ed.alphas.detach()],
               "delta_norms": {n: float(d.norm()) for n, d in deltas.items()}},

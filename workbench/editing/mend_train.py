@@ -274,14 +274,24 @@ def train_mend(model, facts: Sequence[Fact] | str = TOY_TRAIN, *, hparams: MendH
         max_steps: overrides ``hparams.max_steps``.
         log: a callable taking one line of text (progress messages besides the bar).
     """
-    from tqdm.auto import tqdm
-
-    from ..loading import model_fingerprint
+    from ..spans import bos_convention
+    from .hparams import editing_prepend_bos
 
     hp = hparams if isinstance(hparams, MendHyperParams) else (
         MendHyperParams.from_dict(hparams) if isinstance(hparams, dict) else mend_hparams_for(model))
     if max_steps is not None:
         hp = replace(hp, max_steps=int(max_steps))
+    hp = replace(hp, prepend_bos=editing_prepend_bos(model, hp.prepend_bos))
+    with bos_convention(model, hp.prepend_bos):
+        return _train(model, facts, hp, Path(out), val_facts, val_fraction, progress, log)
+
+
+def _train(model, facts, hp: MendHyperParams, out: Path, val_facts, val_fraction: float, progress: bool, log
+           ) -> MendTrainResult:
+    from tqdm.auto import tqdm
+
+    from ..loading import model_fingerprint
+
     data_name = facts if isinstance(facts, str) else "facts"
     if isinstance(facts, str):
         if facts != TOY_TRAIN:
@@ -296,7 +306,6 @@ def train_mend(model, facts: Sequence[Fact] | str = TOY_TRAIN, *, hparams: MendH
         train_facts, val_list = facts, list(val_facts)
     val_ex = validation_examples(val_list, hp.n_val, hp.seed)
 
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = model_fingerprint(model)
     editor = MendEditor.for_model(model, hp)
