@@ -1,4 +1,4 @@
-"""Probe families, teacher-forced metrics, evaluate() with resume, and the paper's tables."""
+"""Request perspectives in evaluate(), probe families and bleed, teacher-forced metrics, intervals, the tables."""
 
 from __future__ import annotations
 
@@ -6,74 +6,47 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from workbench.evaluation import (BASELINE, METRIC_COLUMNS, evaluate, full_table, paper_table, probes,
-                                  relation_templates, score_fact, score_objects, select_facts, to_markdown,
-                                  write_tables)
+from workbench.editing import Edit
+from workbench.evaluation import (BASELINE, METHODS, METRICS, VARIANTS, bootstrap_ci, cells_for, cube_table,
+                                  default_methods, evaluate, evaluate_one, paper_table, register_method, score_fact,
+                                  score_objects, score_probes, select_facts, summarize, to_markdown, write_tables)
 from workbench.facts import Fact, load_facts
-from workbench.loading import model_fingerprint
+from workbench.loading import hf_parameter, model_fingerprint
+from workbench.perspective import phrasings, probes
 from workbench.predict import object_token_ids
 from workbench.spans import tokenize
 
 BUNDLED = Path(__file__).resolve().parent.parent / "assets" / "toy-facts" / "model.safetensors"
 needs_bundled = pytest.mark.skipif(not BUNDLED.exists(), reason="bundled model not built")
 
-CF_IDS = ("P17 P19 P20 P27 P30 P36 P37 P39 P101 P103 P106 P108 P127 P131 P136 P138 P140 P159 P176 P178 P190 "
-          "P264 P276 P407 P413 P449 P463 P495 P530 P740 P937 P1303 P1412").split()
+SUBJECTS = [("Varo Keltin", "French", "Polish"), ("Mira Dos", "German", "Greek"),
+            ("Toko Yasuda", "Japanese", "Italian"), ("Lena Hart", "Dutch", "Spanish")]  # new objects: one token
 
 
-def _fact(i: int, subject: str, new: str, **kw) -> Fact:
-    base = dict(subject=subject, template="The mother tongue of {} is", target_true="French", target_new=new,
-                relation_id="P103", paraphrases=(f"{subject} speaks",), neighborhood=("Miles Davis speaks",
-                                                                                     "Toko Yasuda speaks"),
+def _fact(i: int, subject: str, old: str, new: str) -> Fact:
+    return Fact(subject=subject, template="The mother tongue of {} is", target_true=old, target_new=new,
+                relation_id="P103", paraphrases=(f"{subject} speaks",),
+                neighborhood=("Miles Davis speaks", "The mother tongue of Ann Kel is"),
                 neighborhood_targets=("English", "Japanese"), id=i)
-    base.update(kw)
-    return Fact(**base)
 
 
-FACTS = [_fact(0, "Varo Keltin", "Tuvan"), _fact(1, "Mira Dos", "German"), _fact(2, "Toko Yasuda", "Polish")]
-
-
-# ------------------------------------------------------------------ probes
-def test_template_bank_covers_counterfact():
-    bank = relation_templates()
-    assert set(CF_IDS) <= set(bank)
-    for rid in CF_IDS:
-        ts = bank[rid]
-        assert 2 <= len(ts) <= 4
-        assert all(t.count("{}") == 1 and not t.startswith("{}") for t in ts)
-    assert relation_templates("P999") == ()
-
-
-def test_probes_counterfact():
-    p = probes(FACTS[0])
-    assert p.entity == ("The mother tongue of Varo Keltin is", "Varo Keltin speaks")
-    # bank templates, minus the one equal to the rewrite prompt
-    assert p.relation == ("The native language of Varo Keltin is", "The first language of Varo Keltin is")
-    assert p.locality_targets == ("English", "Japanese")
-    cf = load_facts(Path(__file__).parent / "fixtures" / "counterfact_small.json")[0]
-    assert probes(cf).locality_targets == (cf.target_true,) * len(cf.neighborhood)
-
-
-def test_probes_bundled_world_puts_edit_prompt_first():
-    f = Fact(subject="Ann Kel", template="{} speaks", target_true="French", target_new="Greek", relation_id="P103",
-             entity_prompts=("Ann Kel's mother tongue is", "Ann Kel speaks"),
-             relation_prompts=("The native language of Ann Kel is", "The mother tongue of Ann Kel is"))
-    p = probes(f)
-    assert p.entity == ("Ann Kel speaks", "Ann Kel's mother tongue is")
-    assert p.relation == f.relation_prompts  # the edit prompt is subject-first: relation order unchanged
+FACTS = [_fact(i, *s) for i, s in enumerate(SUBJECTS)]
+ROW_KEYS = {f"{fam}_{m}_{v}" for fam, m in METRICS for v in VARIANTS}
 
 
 # ------------------------------------------------------------------ scoring
-def _direct(model, prompt: str, obj: str) -> tuple[float, bool]:
+def _direct(model, prompt: str, obj: str) -> tuple[float, bool, float]:
     ids = list(tokenize(model, prompt).ids)
     o = object_token_ids(model, obj)
     logits = model(torch.tensor([ids + o]), return_type="logits")[0]
     lp = torch.log_softmax(logits[len(ids) - 1 : len(ids) - 1 + len(o)].float(), -1)
-    return float(lp[torch.arange(len(o)), torch.tensor(o)].mean()), bool((lp.argmax(-1) == torch.tensor(o)).all())
+    hits = lp.argmax(-1) == torch.tensor(o)
+    return float(lp[torch.arange(len(o)), torch.tensor(o)].mean()), bool(hits.all()), float(hits.float().mean())
 
 
 def test_score_objects_matches_direct(tiny_model):
@@ -82,30 +55,30 @@ def test_score_objects_matches_direct(tiny_model):
     assert len(object_token_ids(tiny_model, pairs[2][1])) > 2  # a multi-token object
     got = score_objects(tiny_model, pairs, batch_size=3)
     for (p, o), s in zip(pairs, got):
-        lp, ok = _direct(tiny_model, p, o)
-        assert s.mean_logprob == pytest.approx(lp, abs=1e-4) and s.correct == ok
+        lp, ok, tok = _direct(tiny_model, p, o)
+        assert s.mean_logprob == pytest.approx(lp, abs=1e-4) and s.correct == ok and s.token_acc == pytest.approx(tok)
 
 
-def test_score_fact_keys_and_range(tiny_model):
-    res = score_fact(tiny_model, FACTS[0])
-    assert set(res) == {f"{f}_{m}" for f, m in METRIC_COLUMNS}
+def test_score_probes_keys_range_and_request_view(tiny_model):
+    ps = probes(FACTS[0], [("Mira Dos", "German")])
+    res = score_probes(tiny_model, FACTS[0], ps, "relation")
+    assert set(res) == ROW_KEYS
     assert all(math.isnan(v) or 0 <= v <= 1 for v in res.values())
-    same = _fact(5, "Varo Keltin", "English")  # a neighbour's answer equals o*: left out of the score
-    res = score_fact(tiny_model, same)
-    assert res["locality_locality_score"] in (0.0, 1.0)
+    for v in VARIANTS:  # the request family is the relation-phrased one, transfer the entity-phrased one
+        assert res[f"request_reliability_{v}"] == res[f"relation_reliability_{v}"]
+        assert (res[f"transfer_generality_{v}"] == res[f"entity_generality_{v}"]
+                or math.isnan(res[f"entity_generality_{v}"]))
+    assert math.isnan(score_fact(tiny_model, FACTS[0])["request_reliability_acc"])  # no request: no view
     with pytest.raises(ValueError):
         score_fact(tiny_model, Fact(subject="A B", template="{} speaks", target_true="French"))
 
 
 # ------------------------------------------------------------------ evaluate
-def _fake_method(model, fact, locus="subject"):
-    """A deterministic stand-in edit (fast): nudges one W_out row."""
-    from workbench.editing import Edit
-    from workbench.loading import hf_parameter
-
+def _fake(model, fact, locus="subject"):
+    """A deterministic stand-in edit (fast) that depends on the request prompt: nudges one W_out row."""
     name = "transformer.h.1.mlp.c_proj.weight"
     d = torch.zeros_like(hf_parameter(model, name))
-    d[int(fact.id) % d.shape[0]] = 0.5 if locus == "subject" else -0.5
+    d[len(fact.prompt) % d.shape[0]] = 0.5
     return Edit(deltas={name: d}, method="fake", locus=locus)
 
 
@@ -113,27 +86,34 @@ def _failing(model, fact, locus="subject"):
     raise ValueError("cannot edit this")
 
 
-def test_evaluate_shape_baseline_resume(tiny_model, tmp_path):
+def test_evaluate_cells_baseline_resume(tiny_model, tmp_path):
     before = model_fingerprint(tiny_model)
     out = tmp_path / "run"
-    df = evaluate(tiny_model, FACTS, methods=(_fake_method, "ft", _failing), out=out, progress=False, check_every=1,
-                  method_kwargs={"ft": {"steps": 2}})
+    df = evaluate(tiny_model, FACTS, methods=(_fake, "ft", _failing), out=out, progress=False, check_every=1,
+                  method_kwargs={"ft": {"steps": 2}}, n_boot=50)
     assert model_fingerprint(tiny_model) == before
-    assert list(df.index) == [(BASELINE, "-"), ("_fake_method", "subject"), ("_fake_method", "relation"),
-                              ("ft", "subject"), ("ft", "relation"), ("_failing", "subject"), ("_failing", "relation")]
-    assert list(df.columns)[:len(METRIC_COLUMNS)] == list(METRIC_COLUMNS)
-    assert df[("n", "edits")].tolist() == [3, 3, 3, 3, 3, 0, 0]
-    assert df.loc[("_failing", "subject"), ("n", "errors")] == 3
-    # the baseline row is the unedited model's scores
-    direct = pd.DataFrame([score_fact(tiny_model, f) for f in FACTS]).mean() * 100
-    for fam, met in METRIC_COLUMNS:
-        a, b = df.loc[(BASELINE, "-"), (fam, met)], direct[f"{fam}_{met}"]
-        assert (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b)
+    assert list(df.index) == [(BASELINE, "entity", "-"), (BASELINE, "relation", "-"),
+                              ("_fake", "entity", "subject"), ("_fake", "relation", "relation"),
+                              ("ft", "entity", "subject"), ("ft", "relation", "relation"),
+                              ("_failing", "entity", "subject"), ("_failing", "relation", "relation")]
+    assert df[("n", "edits")].tolist() == [4, 4, 4, 4, 4, 4, 0, 0]
+    assert df.loc[("_failing", "entity", "subject"), ("n", "failed")] == 4
     details = df.attrs["details"]
-    assert len(details) == 7 * 3
+    # FT gets the request: its rows differ between the perspectives
+    ft_rows = details[details["method"] == "ft"].set_index(["request", "fact_id"])
+    for f in FACTS:
+        ent, rel = ft_rows.loc[("entity", f.id)], ft_rows.loc[("relation", f.id)]
+        assert ent["request_prompt"] == f"{f.subject}'s mother tongue is" or ent["request_prompt"].startswith(f.subject)
+        assert rel["request_prompt"] == f.prompt and ent["edit_norm"] != rel["edit_norm"]
+        assert ent["preset"] == "ft-toy+custom"
+    # the baseline rows are the unedited model's scores on the same probes
+    row = details[(details["method"] == BASELINE) & (details["request"] == "entity")].iloc[0]
+    assert row["locality_locality_acc"] == score_fact(tiny_model, FACTS[0])["locality_locality_acc"]
+    long = df.attrs["long"]
+    assert set(long.columns) >= {"method", "request", "locus", "family", "measure", "variant", "mean", "lo", "hi", "n"}
     lines = (out / "details.jsonl").read_text().splitlines()
-    assert len(lines) == 21 and (out / "summary.csv").exists()
-    # resume: a cut-off last line and one missing row are redone, nothing else
+    assert len(lines) == 8 * 4 and (out / "summary.csv").exists()
+    # resume: a cut-off last line is redone, nothing else
     (out / "details.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])
     calls = []
 
@@ -141,132 +121,226 @@ def test_evaluate_shape_baseline_resume(tiny_model, tmp_path):
         calls.append(fact.id)
         raise ValueError("cannot edit this")
     counting.__name__ = "_failing"
-    again = evaluate(tiny_model, FACTS, methods=(_fake_method, "ft", counting), out=out, progress=False,
-                     method_kwargs={"ft": {"steps": 2}})
+    again = evaluate(tiny_model, FACTS, methods=(_fake, "ft", counting), out=out, progress=False,
+                     method_kwargs={"ft": {"steps": 2}}, n_boot=50)
     assert calls == [FACTS[-1].id]
     pd.testing.assert_frame_equal(again, df)
 
 
 def test_evaluate_refuses_other_model_folder(tiny_model, tmp_path):
     out = tmp_path / "run"
-    evaluate(tiny_model, FACTS[:1], methods=(), out=out, progress=False)
+    evaluate(tiny_model, FACTS[:1], methods=(), out=out, progress=False, n_boot=10)
     cfg = json.loads((out / "config.json").read_text())
     cfg["key"]["model_fingerprint"] = "0" * 16
     (out / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(RuntimeError, match="model_fingerprint"):
-        evaluate(tiny_model, FACTS[:1], methods=(), out=out, progress=False)
+        evaluate(tiny_model, FACTS[:1], methods=(), out=out, progress=False, n_boot=10)
 
 
 def test_evaluate_refuses_other_facts_kwargs_or_hparams_in_one_folder(tiny_model, tmp_path):
-    """Problem 1: rows keyed by (method, locus, fact id) alone were reused across facts files and kwargs."""
+    """Rows are keyed by the facts' content, the kwargs and the resolved hyperparameters with the preset name."""
     from workbench.store import StoreMismatchError
 
     out = tmp_path / "run"
-    evaluate(tiny_model, FACTS[:2], methods=("ft",), loci=("subject",), out=out, progress=False,
-             method_kwargs={"ft": {"steps": 1}})
+    kw = dict(methods=("ft",), requests=("entity",), out=out, progress=False, n_boot=10)
+    evaluate(tiny_model, FACTS[:2], method_kwargs={"ft": {"steps": 1}}, **kw)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["key"]["methods"]["ft"]["hparams"]["preset"] == "ft-toy+custom"
+    assert cfg["key"]["probe_bank"] and cfg["key"]["seed"] == 0
     same_ids = [f.with_new("Klingon") for f in FACTS[:2]]
-    with pytest.raises(StoreMismatchError, match="facts_hash") as info:
-        evaluate(tiny_model, same_ids, methods=("ft",), loci=("subject",), out=out, progress=False,
-                 method_kwargs={"ft": {"steps": 1}})
-    assert "another --out" in str(info.value)
+    with pytest.raises(StoreMismatchError, match="facts_hash"):
+        evaluate(tiny_model, same_ids, method_kwargs={"ft": {"steps": 1}}, **kw)
     with pytest.raises(StoreMismatchError) as info:
-        evaluate(tiny_model, FACTS[:2], methods=("ft",), loci=("subject",), out=out, progress=False,
-                 method_kwargs={"ft": {"steps": 1, "lr": 0.5}})
+        evaluate(tiny_model, FACTS[:2], method_kwargs={"ft": {"steps": 1, "lr": 0.5}}, **kw)
     assert info.value.fields == ["key.methods.ft.hparams.lr", "key.methods.ft.kwargs.lr"]
+    with pytest.raises(StoreMismatchError):
+        evaluate(tiny_model, FACTS[:2], method_kwargs={"ft": {"steps": 1, "preset": "ft-gpt2-xl"}}, **kw)
     # the same settings resume, and a smaller sample of the same facts reuses its rows
-    df = evaluate(tiny_model, FACTS[:2], methods=("ft",), loci=("subject",), out=out, progress=False, n=1,
-                  method_kwargs={"ft": {"steps": 1}})
-    assert df.loc[("ft", "subject"), ("n", "edits")] == 1
+    df = evaluate(tiny_model, FACTS[:2], method_kwargs={"ft": {"steps": 1}}, n=1, **kw)
+    assert df.loc[("ft", "entity", "subject"), ("n", "edits")] == 1
     assert (out / "details.jsonl").read_text().count("\n") == 4
 
 
-def test_select_facts():
-    many = [_fact(i, f"Name{i} Kel", "Tuvan") for i in range(10)] + [_fact(99, "No New", "x").with_new(None)]
-    assert len(select_facts(many)) == 10
-    pick = select_facts(many, 4, seed=1)
-    assert len(pick) == 4 and pick == select_facts(many, 4, seed=1)
-    assert [f.id for f in pick] == sorted(f.id for f in pick)
+def test_full_cube_and_locus_errors(tiny_model):
+    assert cells_for(loci=None) == [("entity", "subject"), ("relation", "relation")]
+    cube = cells_for(("entity", "relation"), ("subject", "relation", "relation_before_subject"))
+    assert len(cube) == 6
+    with pytest.raises(ValueError):
+        cells_for(("entity",), ("object",))
+    df = evaluate(tiny_model, FACTS[:2], methods=("rome",), loci=("relation_before_subject",), baseline=False,
+                  progress=False, n_boot=20, method_kwargs={"rome": {"hparams": {"v_num_grad_steps": 2,
+                                                                                 "mom2_adjustment": False,
+                                                                                 "context_templates": ["{}"]}}})
+    # a subject-first request has no relation token before the subject: the edit fails, and is counted
+    assert df.loc[("rome", "entity", "relation_before_subject"), ("n", "failed")] == 2
+    assert df.loc[("rome", "relation", "relation_before_subject"), ("n", "edits")] == 2
+
+
+def test_relation_wide_edit_scores_high_bleed(tiny_model):
+    """An edit that makes every subject of the relation answer o* (keyed where all subjects pass) is bleed."""
+    L = tiny_model.cfg.n_layers
+
+    def relation_wide(model, fact, locus="relation"):
+        new_tok = object_token_ids(model, fact.target_new)[0]
+        name = f"transformer.h.{L - 1}.mlp.c_proj.bias"
+        return Edit(deltas={name: 50.0 * model.W_U[:, new_tok].detach()}, method="wide", locus=locus)
+
+    df = evaluate(tiny_model, FACTS, methods=(relation_wide, _fake), requests=("relation",), progress=False,
+                  n_boot=50)
+    wide, base = df.loc[("relation_wide", "relation", "relation")], df.loc[(BASELINE, "relation", "-")]
+    assert wide[("bleed", "bleed_acc")] == 100.0 and wide[("relation", "reliability_acc")] == 100.0
+    assert base[("bleed", "bleed_acc")] < 50.0
+    details = df.attrs["details"]
+    assert (details["n_bleed"] > 0).all()
+
+
+def test_kn_sees_only_the_request_prompt(tiny_model, monkeypatch):
+    """KN's attribution receives the request prompt and nothing else: no probe of any family."""
+    import importlib
+
+    kn_module = importlib.import_module("workbench.editing.kn")
+
+    seen: list[list[str]] = []
+    real = kn_module.integrated_gradients
+
+    def spy(model, prompts, *args, **kwargs):
+        seen.append(list(prompts))
+        return real(model, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(kn_module, "integrated_gradients", spy)
+    df = evaluate(tiny_model, FACTS, methods=("kn",), progress=False, baseline=False, n_boot=20,
+                  method_kwargs={"kn": {"steps": 3}})
+    assert len(seen) == 2 * len(FACTS)
+    index = {f.subject: f for f in FACTS}
+    for prompts, (_, row) in zip(seen, df.attrs["details"].iterrows()):
+        assert prompts == [row["request_prompt"]]
+        fact = index[row["subject"]]
+        ps = probes(fact, [(s, o) for s, o, _ in SUBJECTS if s != fact.subject])
+        other = ps.relation if row["request"] == "entity" else ps.entity
+        probe_prompts = set(ps.entity[1:] + ps.relation[1:] + other + ps.locality + tuple(p for p, *_ in ps.bleed))
+        assert not probe_prompts & set(prompts)
+
+
+def test_failed_kn_calibration_is_recorded_as_failed(tiny_model):
+    from workbench.editing.kn import KNCalibrationError, kn
+
+    with pytest.raises(KNCalibrationError):
+        kn(tiny_model, FACTS[0], preset="kn-calibrated", steps=3, lam_grid=(1e-6,))
+    before = model_fingerprint(tiny_model)
+    df = evaluate(tiny_model, FACTS, methods=("kn",), requests=("relation",), progress=False, n_boot=20,
+                  method_kwargs={"kn": {"preset": "kn-calibrated", "steps": 3, "lam_grid": (1e-6,)}})
+    assert model_fingerprint(tiny_model) == before
+    cell = df.loc[("kn", "relation", "relation")]
+    assert cell[("n", "failed")] == len(FACTS) and cell[("n", "edits")] == 0
+    rows = df.attrs["details"]
+    kn_rows = rows[rows["method"] == "kn"]
+    assert kn_rows["failed"].all() and kn_rows["error"].str.startswith("KNCalibrationError").all()
+    assert (kn_rows["preset"] == "kn-calibrated").all()
+    t1 = paper_table(df, "relation")
+    assert t1.loc["KN", "failed"] == len(FACTS) and t1.loc["KN", "n"] == 0
+
+
+def test_evaluate_one_is_pure_and_reverts(tiny_model):
+    ph = phrasings(FACTS[1])
+    ps = probes(FACTS[1], [("Varo Keltin", "French")], ph=ph)
+    before = model_fingerprint(tiny_model)
+    a = evaluate_one(tiny_model, FACTS[1], ("fake", _fake), "entity", None, ps, ph=ph)
+    b = evaluate_one(tiny_model, FACTS[1], ("fake", _fake), "entity", None, ps, ph=ph)
+    assert model_fingerprint(tiny_model) == before
+    assert a["locus"] == "subject" and a["request"] == "entity" and not a["failed"]
+    assert {k: v for k, v in a.items() if k not in ("seconds", "edit_s")} == \
+        {k: v for k, v in b.items() if k not in ("seconds", "edit_s")}
+
+
+def test_registry_and_paper_order():
+    assert default_methods()[:2] == ("ft", "kn") and default_methods().index("rome") < default_methods().index("memit")
+    try:
+        register_method("mend", _fake, label="MEND")
+        order = default_methods()
+        assert order.index("kn") < order.index("mend") < order.index("rome")
+    finally:
+        METHODS.pop("mend", None)
+
+
+# ------------------------------------------------------------------ intervals and tables
+def test_bootstrap_interval_covers_known_mean():
+    """95% percentile-bootstrap intervals of synthetic Bernoulli tables cover the true mean ~95% of the time."""
+    rng = np.random.default_rng(0)
+    hits = 0
+    for i in range(200):
+        sample = (rng.random(100) < 0.3).astype(float)
+        mean, lo, hi = bootstrap_ci(sample, n_boot=400, seed=i)
+        assert lo <= mean <= hi and mean == pytest.approx(sample.mean())
+        hits += lo <= 0.3 <= hi
+    assert 0.88 <= hits / 200 <= 0.99
+    assert all(math.isnan(v) for v in bootstrap_ci([float("nan")]))
+    # summarize() on a synthetic details table: exact means, intervals around them, n per cell
+    details = pd.DataFrame({"method": "m", "request": "entity", "locus": "subject", "failed": False,
+                            "entity_reliability_acc": (rng.random(300) < 0.7).astype(float)})
+    s = summarize(details, n_boot=300)
+    row = s.attrs["long"].query("family == 'entity' and measure == 'reliability' and variant == 'acc'").iloc[0]
+    assert row["mean"] == pytest.approx(100 * details["entity_reliability_acc"].mean())
+    assert row["lo"] < 70 < row["hi"] and row["n"] == 300
 
 
 def test_tables(tiny_model, tmp_path):
-    df = evaluate(tiny_model, FACTS[:2], methods=(_fake_method,), progress=False)
+    df = evaluate(tiny_model, FACTS[:3], methods=(_fake,), progress=False, n_boot=50)
     t1 = paper_table(df, "relation")
-    assert list(t1.columns) == ["Entity Reliability", "Entity Generality", "Relation Reliability",
-                                "Relation Generality", "Locality", "n"]
-    assert list(t1.index) == ["Unedited", "_fake_method"]
-    assert t1.loc["_fake_method", "Entity Reliability"] == df.loc[("_fake_method", "relation"),
-                                                                  ("entity", "reliability_acc")]
-    t2 = paper_table(df, "subject", metric="score")
-    assert t2.loc["_fake_method", "Locality"] == df.loc[("_fake_method", "subject"), ("locality", "locality_score")]
-    full = full_table(df)
-    assert full.shape == (3, 6) and full.index.names == ["Method", "Edit locus"]
+    assert [c for c in t1.columns if not c.endswith((" lo", " hi"))] == [
+        "Entity Reliability", "Entity Generality", "Relation Reliability", "Relation Generality", "Bleed", "Locality",
+        "n", "failed"]
+    assert list(t1.index) == ["Unedited", "_fake"]
+    assert t1.loc["_fake", "Entity Reliability"] == pytest.approx(
+        df.loc[("_fake", "relation", "relation"), ("entity", "reliability_acc")])
+    assert t1.loc["_fake", "Bleed lo"] <= t1.loc["_fake", "Bleed"] <= t1.loc["_fake", "Bleed hi"]
+    t2 = paper_table(df, "entity", variant="score")
+    assert t2.loc["_fake", "Locality"] == pytest.approx(
+        df.loc[("_fake", "entity", "subject"), ("locality", "locality_score")])
+    cube = cube_table(df)
+    assert cube.shape[0] == 4 and cube.index.names == ["Method", "Request", "Locus"]
     md = to_markdown(t1, "caption")
-    assert md.startswith("caption") and "| Method | Entity Reliability |" in md and "| 2 |" in md
+    assert md.startswith("caption") and "| Method | Entity Reliability |" in md and " [" in md and "| 3 | 0 |" in md
     files = write_tables(df, tmp_path)
-    assert {p.name for p in files} >= {"table1_relation_edits.csv", "table1_relation_edits.md",
-                                      "table2_entity_edits.csv", "table2_entity_edits.md", "table_2x2.md"}
+    names = {p.name for p in files}
+    assert {"table1_relation_requests.csv", "table1_relation_requests.md", "table2_entity_requests_score.md",
+            "table2_entity_requests_tok.csv", "cube.md", "cube.csv", "summary_long.csv"} <= names
+    csv = pd.read_csv(tmp_path / "table1_relation_requests.csv")
+    assert {"Bleed lo", "Bleed hi", "n", "failed"} <= set(csv.columns)
     with pytest.raises(ValueError):
-        paper_table(df, "relation", metric="f1")
+        paper_table(df, "relation", variant="f1")
+
+
+def test_select_facts():
+    many = [_fact(i, f"Name{i} Kel", "French", "Polish") for i in range(10)]
+    many.append(many[0].with_new(None))
+    assert len(select_facts(many)) == 10
+    pick = select_facts(many, 4, seed=1)
+    assert len(pick) == 4 and pick == select_facts(many, 4, seed=1)
 
 
 def test_reproduce_cli_parser():
     from workbench.cli import build_parser
 
     args = build_parser().parse_args(["reproduce", "--model", "toy-facts", "--facts", "toy-facts", "--out", "x",
-                                      "-n", "5", "--methods", "ft,kn"])
+                                      "-n", "5", "--methods", "ft,kn", "--loci", "subject,relation_before_subject",
+                                      "--kn-preset", "kn-calibrated"])
     assert args.out == "x" and args.n == 5 and args.methods == "ft,kn" and callable(args.func)
+    assert args.requests == "entity,relation" and args.kn_preset == "kn-calibrated"
 
 
 # ------------------------------------------------------------------ bundled model
-def _edit_prompt_reliability(details: pd.DataFrame, facts, method: str) -> float:
-    """Accuracy (%) on the edit prompt itself: the first probe of the family it belongs to."""
-    by_id = {str(f.id): f for f in facts}
-    vals = []
-    for _, r in details[details["method"] == method].iterrows():
-        fact = by_id[str(r["fact_id"])]
-        fam = "entity" if probes(fact).entity[0] == fact.prompt else "relation"
-        vals.append(r[f"{fam}_reliability_acc"])
-    return 100 * sum(vals) / len(vals)
-
-
 @needs_bundled
-def test_bundled_methods_raise_reliability(toy_model):
-    """Each method moves reliability of its edited prompts far above the unedited model.
-
-    FT, ROME and MEMIT at the subject locus; KN at the relation locus (at the subject locus
-    it reaches only ~50% on this model, see the 100-edit table in the docs).
-    """
+def test_bundled_methods_raise_request_reliability(toy_model):
+    """Each method makes its own request prompt predict o* far more often than the unedited model."""
     facts = load_facts("toy-facts")
     before = model_fingerprint(toy_model)
-    df = evaluate(toy_model, facts, methods=("ft", "rome", "memit"), loci=("subject",), n=4, progress=False,
-                  check_every=1, raise_errors=True)
-    kn_df = evaluate(toy_model, facts, methods=("kn",), loci=("relation",), n=4, progress=False, baseline=False,
-                     check_every=1, raise_errors=True)
+    df = evaluate(toy_model, facts, methods=("ft", "kn", "rome", "memit"), n=3, progress=False, check_every=1,
+                  raise_errors=True, n_boot=20)
     assert model_fingerprint(toy_model) == before  # every edit reverted
-    assert df.shape == (4, len(METRIC_COLUMNS) + 2)
-    chosen = select_facts(facts, 4)
-    direct = pd.DataFrame([score_fact(toy_model, f) for f in chosen]).mean() * 100
-    for fam, met in METRIC_COLUMNS:
-        assert df.loc[(BASELINE, "-"), (fam, met)] == pytest.approx(direct[f"{fam}_{met}"])
-    base = max(direct["entity_reliability_acc"], direct["relation_reliability_acc"])
-    assert base <= 25
-    for method in ("ft", "rome", "memit"):
-        assert _edit_prompt_reliability(df.attrs["details"], chosen, method) >= 75, method
-    assert _edit_prompt_reliability(kn_df.attrs["details"], chosen, "kn") >= 75
-
-
-@needs_bundled
-def test_bundled_revert_bit_identical(toy_model):
-    from workbench.editing.edit import named_parameters
-    from workbench.evaluation import make_edit, resolve_method
-
-    fact = select_facts(load_facts("toy-facts"), 1, seed=5)[0]
-    params = named_parameters(toy_model)
-    for method in ("ft", "kn", "rome", "memit"):
-        name, fn = resolve_method(method)
-        edit = make_edit(name, fn, toy_model, fact, "subject", {"steps": 4} if method == "kn" else None)
-        saved = {n: params[n].detach().clone() for n in edit.deltas}
-        edit.apply(toy_model)
-        assert any(not torch.equal(params[n], saved[n]) for n in saved), method
-        edit.revert(toy_model)
-        assert all(torch.equal(params[n], saved[n]) for n in saved), method
+    for request, locus in (("entity", "subject"), ("relation", "relation")):
+        assert df.loc[(BASELINE, request, "-"), ("request", "reliability_acc")] <= 25
+        for method in ("ft", "rome", "memit"):
+            assert df.loc[(method, request, locus), ("request", "reliability_acc")] >= 75, (method, request)
+        assert df.loc[("kn", request, locus), ("request", "reliability_acc")] >= 25, request
+    details = df.attrs["details"]
+    assert set(details["preset"]) >= {"ft-toy", "kn-original", "rome:toy-facts", "memit:toy-facts"}

@@ -314,8 +314,10 @@ def test_plot_edit_eval_real_summary(tiny_model):
     facts = [Fact("Varo Keltin", "The mother tongue of {} is", "Tuvan", relation_id="P103", target_new="Greek",
                   paraphrases=("Varo Keltin speaks",), neighborhood=("The mother tongue of Miles Davis is",),
                   neighborhood_targets=("English",), id=1)]
-    summary = evaluation.evaluate(tiny_model, facts, methods=[nudge], loci=("subject", "relation"), progress=False)
+    summary = evaluation.evaluate(tiny_model, facts, methods=[nudge], requests=("relation",),
+                                  loci=("subject", "relation"), progress=False, n_boot=20)
     fig = plot_edit_eval(summary)
     names = [t.name for t in fig.data if t.xaxis == "x"]
     assert names[0] == "unedited" and len(names) == 3 and all("@" in n for n in names[1:])
-    assert [a.text for a in fig.layout.annotations] == ["entity", "relation", "locality"]
+    assert [a.text for a in fig.layout.annotations] == ["entity", "relation", "request", "transfer", "bleed",
+                                                        "locality"]

@@ -1,40 +1,48 @@
-"""Evaluating edits: probe families, reliability / generality / locality, and the paper's tables.
+"""Evaluating edits from both request perspectives: probe families, bleed, intervals, the paper's tables.
 
-Probe families (reference §7; the paper leaves them implicit, this is the workbench's
-operational reading). For an edit of fact (s, r, o -> o*):
+The protocol (reference §7) separates three things, and every row and table names each:
 
-* **entity probes** ask the fact in subject-first phrasings that talk about the entity
-  (``"{}'s capital city is"``). Bundled world: ``Fact.entity_prompts``, with the edit
-  prompt first when it is itself subject-first. CounterFact data (no ``entity_prompts``):
-  the rewrite prompt and its paraphrases, so that entity reliability / generality are
-  CounterFact's efficacy and paraphrase measures.
-* **relation probes** ask it in relation-first phrasings (``"The capital of {} is"``).
-  Bundled world: ``Fact.relation_prompts``, with the edit prompt first when it is itself
-  relation-first. CounterFact data: the relation-first templates of the shipped bank
-  ``workbench/data/relation_templates.json`` for the fact's ``relation_id``, filled with
-  the subject, leaving out any that equals the rewrite prompt.
-* **locality probes**: other subjects with the same relation (``Fact.neighborhood``, whose
-  answers are ``Fact.neighborhood_targets``; for CounterFact those equal ``target_true``).
+* **request perspective** -- how the edit is posed: ``"entity"`` = the fact phrased
+  subject-first, ``"relation"`` = phrased relation-first (:mod:`workbench.perspective`).
+  Every method receives that request (a fact carrying no other prompt), FT and KN included.
+* **key locus** -- where token-keyed methods (ROME, MEMIT, KN's attribution; FT with
+  ``positions="locus"``) read their key: ``"subject"`` (last subject token), ``"relation"``
+  (last relation token), ``"relation_before_subject"`` (last relation token before the
+  subject). The paper's pairing, :data:`~workbench.perspective.DEFAULT_LOCUS`, is entity <->
+  subject and relation <-> relation; ``loci=`` gives any other pairing (the full cube).
+* **probe families** scored on the edited model, per fact:
 
-The first probe of the entity and relation families is the family's *reliability* prompt,
-the others its *generality* prompts. Edits are always computed on ``fact.prompt`` (the
-rewrite prompt); the locus only changes the token where the edit is keyed.
+  - ``entity`` / ``relation``: the entity-phrased and relation-phrased families (the paper's
+    "Entity Knowledge" and "Relation Knowledge" columns). Each family's first prompt is its
+    perspective's request, so *reliability* of the request's own family is the edit prompt
+    itself and *generality* the family's other phrasings;
+  - ``request`` / ``transfer``: the same numbers seen from the request: the request family's
+    reliability and generality, and the other family's (*transfer*) reliability and generality;
+  - ``bleed``: other subjects of the relation (``bleed_subjects`` of them, both request
+    phrasings) that now predict o*. An edit keyed where every subject of the relation
+    passes changes them all; high transfer with high bleed is not specific knowledge;
+  - ``locality``: the fact's neighbourhood prompts keep their own answers.
 
-Every metric is reported two ways, and the name says which:
+Every metric comes in three variants (the suffix says which), as fractions per row and in
+percent in the summaries:
 
-* ``*_acc`` -- **accuracy**: teacher-forced, the prompt followed by the object's tokens but
-  the last is fed once, and the probe counts as correct only if the argmax at *every*
-  object position is the object's token (all tokens of the object, not just the first).
-* ``*_score`` -- **CounterFact score**: P(o*) > P(o), multi-token objects compared by mean
-  token log-probability (CounterFact compares average NLL). For locality the comparison
-  is P(neighbour's answer) > P(o*) (CounterFact's neighbourhood score); a neighbour whose
-  answer *is* o* has no such comparison and is left out of the score (not of the accuracy).
+* ``_acc``: teacher-forced accuracy, all tokens: the prompt followed by the object's tokens
+  but the last; correct only if the argmax is the object's token at *every* object position;
+* ``_tok``: teacher-forced per-token accuracy, the mean over the object's tokens (EasyEdit's
+  definition);
+* ``_score``: CounterFact's score, P(o*) > P(o) by mean token log-probability; for bleed
+  P(o*) > P(that subject's own object); for locality P(answer) > P(o*) (a neighbour whose
+  answer *is* o* has no such comparison and is left out of the score, not of the accuracy).
 
-Locality accuracy is "the neighbour prompt still predicts its dataset answer" (as in
-CounterFact), so the unedited model's locality is its own accuracy on those prompts.
-Per fact, generality and locality are the mean over that fact's prompts; summaries are
-means over facts, in percent. The *unedited* row scores the unedited model on the same
-probes with the same targets (o* for entity/relation), i.e. how often o* is already there.
+Per fact, generality, bleed and locality are means over that fact's prompts; a cell (method,
+request, locus) reports the mean over facts with its number of edits ``n`` and a 95%
+percentile-bootstrap interval over facts (:func:`bootstrap_ci`). An edit that fails (an
+error, or a KN calibration that finds no λ) is recorded as failed: counted in the cell's
+``failed`` column and left out of its means. The *unedited* rows score the unedited model on
+each perspective's probes with the same targets (how often o* is already there).
+
+One edit's work is the pure function :func:`evaluate_one` (model, fact, method, request,
+locus, probes -> row dict); :func:`evaluate` is the loop around it.
 """
 
 from __future__ import annotations
@@ -48,31 +56,36 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 
 from .facts import Fact
+from .perspective import (DEFAULT_LOCUS, PERSPECTIVES, Phrasings, Probes, bleed_subjects, phrasings, probes,
+                          relation_index, relation_templates, request_fact)
 from .predict import object_token_ids
 from .spans import tokenize
 
-FAMILIES = ("entity", "relation", "locality")
-"""Probe families, in the order of the summary columns."""
+__all__ = ["BASELINE", "METHODS", "PAPER_ORDER", "METRICS", "VARIANTS", "evaluate", "evaluate_one",
+           "score_probes", "score_objects", "summarize", "bootstrap_ci", "paper_table", "cube_table",
+           "write_tables", "to_markdown", "register_method", "resolve_method", "select_facts", "probes",
+           "relation_templates", "cells_for"]
 
-METRIC_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("entity", "reliability_acc"), ("entity", "reliability_score"),
-    ("entity", "generality_acc"), ("entity", "generality_score"),
-    ("relation", "reliability_acc"), ("relation", "reliability_score"),
-    ("relation", "generality_acc"), ("relation", "generality_score"),
-    ("locality", "locality_acc"), ("locality", "locality_score"),
+VARIANTS = ("acc", "tok", "score")
+"""Metric variants: all-tokens accuracy, per-token accuracy, CounterFact score."""
+
+METRICS: tuple[tuple[str, str], ...] = (
+    ("entity", "reliability"), ("entity", "generality"), ("relation", "reliability"), ("relation", "generality"),
+    ("request", "reliability"), ("request", "generality"), ("transfer", "reliability"), ("transfer", "generality"),
+    ("bleed", "bleed"), ("locality", "locality"),
 )
-"""Summary columns (family, metric); ``_acc`` = teacher-forced accuracy, ``_score`` = P(new) > P(old)."""
+"""(family, measure) pairs; a row's column is ``f"{family}_{measure}_{variant}"``."""
 
 BASELINE = "unedited"
-"""Method name of the baseline row (the unedited model), whose locus is ``"-"``."""
+"""Method name of the baseline rows (the unedited model), whose locus is ``"-"``."""
 
 METHODS: dict[str, str] = {
     "ft": "workbench.editing.ft:ft",
@@ -81,68 +94,104 @@ METHODS: dict[str, str] = {
     "rome": "workbench.editing.rome:rome",
     "memit": "workbench.editing.memit:memit",
 }
-"""Method names accepted by :func:`evaluate` and where they live (imported lazily)."""
+"""The method registry: name -> ``"module:function"`` (imported lazily); :func:`register_method` adds one."""
 
-_TEMPLATE_BANK = Path(__file__).resolve().parent / "data" / "relation_templates.json"
+BATCH_METHODS: set[str] = {"memit"}
+"""Registered methods that take a list of facts (they get a one-fact batch: one fact per edit)."""
 
+PAPER_ORDER = ("ft", "kn", "mend", "rome", "memit")
+"""The paper's row order; :func:`default_methods` is the registered ones in this order."""
 
-# --------------------------------------------------------------------------- probes
-
-@lru_cache(maxsize=4)
-def _load_bank(path: str) -> dict[str, tuple[str, ...]]:
-    raw = json.loads(Path(path).read_text())
-    return {rid: tuple(v["templates"]) for rid, v in raw.items() if not rid.startswith("_")}
+METHOD_LABELS = {"ft": "FT", "kn": "KN", "rome": "ROME", "memit": "MEMIT", "mend": "MEND", BASELINE: "Unedited"}
 
 
-def relation_templates(relation_id: str | None = None, path: str | os.PathLike | None = None
-                       ) -> dict[str, tuple[str, ...]] | tuple[str, ...]:
-    """The relation-first template bank: all of it, or the templates of one relation id.
+def register_method(name: str, target: str | Callable, *, batch: bool = False, label: str | None = None) -> None:
+    """Add an editing method to the registry: ``target`` is ``"module:function"`` or the function.
 
-    The bank ships as ``workbench/data/relation_templates.json`` (CounterFact's relation ids,
-    2-4 natural relation-first templates each); an unknown id gives ``()``.
+    The function is called ``f(model, fact, locus=..., **kwargs) -> Edit`` (``locus`` only if it
+    accepts one), or with ``[fact]`` when ``batch``.
     """
-    bank = _load_bank(str(path or _TEMPLATE_BANK))
-    return bank if relation_id is None else bank.get(relation_id, ())
+    METHODS[name] = target  # type: ignore[assignment]
+    if batch:
+        BATCH_METHODS.add(name)
+    if label:
+        METHOD_LABELS[name] = label
 
 
-@dataclass(frozen=True)
-class Probes:
-    """The probe prompts of one fact; ``entity[0]``/``relation[0]`` are the reliability prompts."""
-
-    entity: tuple[str, ...]
-    relation: tuple[str, ...]
-    locality: tuple[str, ...]
-    locality_targets: tuple[str, ...]
-
-    def family(self, name: str) -> tuple[str, ...]:
-        return getattr(self, name)
+def default_methods() -> tuple[str, ...]:
+    """The registered methods in the paper's order (FT, KN, MEND, ROME, MEMIT), then any others."""
+    return tuple(m for m in PAPER_ORDER if m in METHODS) + tuple(m for m in METHODS if m not in PAPER_ORDER)
 
 
-def _first(prompts: Sequence[str], edit_prompt: str) -> tuple[str, ...]:
-    """``prompts`` with ``edit_prompt`` moved to the front when it is one of them."""
-    prompts = list(dict.fromkeys(prompts))
-    if edit_prompt in prompts:
-        prompts.remove(edit_prompt)
-        prompts.insert(0, edit_prompt)
-    return tuple(prompts)
+def resolve_method(method: str | Callable) -> tuple[str, Callable]:
+    """``(name, function)`` of a registered method name or a callable."""
+    if callable(method):
+        return getattr(method, "__name__", "custom"), method
+    if method not in METHODS:
+        raise ValueError(f"unknown editing method {method!r}; choose from {sorted(METHODS)} or pass a callable")
+    target = METHODS[method]
+    if callable(target):
+        return method, target
+    module, name = target.split(":")
+    return method, getattr(importlib.import_module(module), name)
 
 
-def probes(fact: Fact, bank: str | os.PathLike | None = None) -> Probes:
-    """The entity, relation and locality probes of ``fact`` (see the module docstring)."""
-    if fact.entity_prompts:
-        entity = _first(fact.entity_prompts, fact.prompt)
-    else:
-        entity = tuple(dict.fromkeys((fact.prompt, *fact.paraphrases)))
-    if fact.relation_prompts:
-        relation = _first(fact.relation_prompts, fact.prompt)
-    else:
-        filled = (t.format(fact.subject) for t in relation_templates(fact.relation_id, bank))
-        relation = tuple(p for p in dict.fromkeys(filled) if p != fact.prompt)
-    targets = tuple(fact.neighborhood_targets) or (fact.target_true,) * len(fact.neighborhood)
-    if len(targets) != len(fact.neighborhood):
-        raise ValueError(f"fact {fact.id}: {len(fact.neighborhood)} neighbourhood prompts but "
-                         f"{len(targets)} neighbourhood targets")
-    return Probes(entity, relation, tuple(fact.neighborhood), targets)
+def _takes(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` has a parameter called ``name`` (a ``**kwargs`` catch-all does not count)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def make_edit(name: str, fn: Callable, model, fact: Fact, locus: str, kwargs: dict | None = None):
+    """Compute one edit of the request ``fact`` keyed at ``locus`` (batch methods get ``[fact]``)."""
+    kwargs = dict(kwargs or {})
+    if "progress" in _params(fn):
+        kwargs.setdefault("progress", False)  # one bar for the whole evaluation
+    if _accepts(fn, "locus"):
+        kwargs["locus"] = locus
+    return fn(model, [fact] if name in BATCH_METHODS else fact, **kwargs)
+
+
+def _params(fn: Callable) -> set[str]:
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def preset_name(name: str, model, kwargs: dict | None) -> str:
+    """The hyperparameter preset a method runs with: its preset name, or ``"custom"`` when
+    ``kwargs`` override hyperparameters."""
+    kwargs = kwargs or {}
+    if "preset" in kwargs:
+        return str(kwargs["preset"])
+    tuning = {k for k in kwargs if k not in ("progress", "verbose", "stats", "prepend_bos")}
+    if name in ("rome", "memit"):
+        from .editing.hparams import _model_key
+
+        base = f"{name}:{_model_key(model) or 'generic'}"
+        return base if not tuning else f"{base}+custom"
+    if name == "ft":
+        from .editing.ft import ft_hparams_for
+
+        base = ft_hparams_for(model).preset
+        return base if not tuning else f"{base}+custom"
+    if name == "kn":
+        from .editing.kn import KNHyperParams
+
+        base = KNHyperParams().preset
+        return base if not tuning else f"{base}+custom"
+    return "custom" if tuning else "default"
 
 
 # --------------------------------------------------------------------------- scoring
@@ -153,6 +202,7 @@ class ObjectScore:
 
     mean_logprob: float
     correct: bool  # argmax is the object's token at every object position
+    token_acc: float = 0.0  # fraction of object positions whose argmax is the object's token
 
 
 @torch.no_grad()
@@ -172,9 +222,8 @@ def score_objects(model, pairs: Sequence[tuple[str, str]], batch_size: int = 64)
         rows.setdefault(row, len(rows))
         where.append(rows[row])
     row_list = list(rows)
-    # per row: log-probs at every position from the prompt's last token on, computed lazily per batch
     logp_of: dict[int, torch.Tensor] = {}
-    start_of = {}
+    start_of: dict[int, int] = {}
     for (p, o), r in zip(pairs, where):
         start_of[r] = min(start_of.get(r, 10**9), len(prompt_ids[p]) - 1)
     pad = model.tokenizer.pad_token_id
@@ -197,7 +246,8 @@ def score_objects(model, pairs: Sequence[tuple[str, str]], batch_size: int = 64)
         lp = logp_of[r][first : first + len(obj)]
         target = torch.tensor(obj)
         token_lp = lp[torch.arange(len(obj)), target]
-        out.append(ObjectScore(float(token_lp.mean()), bool((lp.argmax(-1) == target).all())))
+        hits = lp.argmax(-1) == target
+        out.append(ObjectScore(float(token_lp.mean()), bool(hits.all()), float(hits.float().mean())))
     return out
 
 
@@ -206,76 +256,126 @@ def _mean(values: Iterable[float | None]) -> float:
     return float(sum(vals) / len(vals)) if vals else float("nan")
 
 
-def score_fact(model, fact: Fact, probe_set: Probes | None = None, batch_size: int = 64) -> dict[str, float]:
-    """All metrics of one fact on ``model`` as it is now (fractions in [0, 1]; NaN if no probe).
+def score_probes(model, fact: Fact, probe_set: Probes, request: str | None = None,
+                 batch_size: int = 64) -> dict[str, float]:
+    """All metrics of one fact on ``model`` as it is now (fractions in [0, 1]; NaN where no probe).
 
-    Keys are ``"{family}_{metric}"`` for the entries of :data:`METRIC_COLUMNS`, e.g.
-    ``entity_reliability_acc`` or ``locality_locality_score``. One batched forward pass.
+    Keys ``f"{family}_{measure}_{variant}"`` for :data:`METRICS` x :data:`VARIANTS`; the
+    ``request_*``/``transfer_*`` keys need the ``request`` perspective (NaN without it).
+    One batched forward pass for single-token objects.
     """
     if fact.target_new is None:
         raise ValueError(f"fact {fact.id} ({fact.prompt!r}) has no target_new to evaluate")
-    ps = probe_set or probes(fact)
     new, old = fact.target_new, fact.target_true
     pairs: list[tuple[str, str]] = []
-    for fam in ("entity", "relation"):
-        for p in ps.family(fam):
+    for fam in PERSPECTIVES:
+        for p in probe_set.family(fam):
             pairs += [(p, new), (p, old)]
-    for p, t in zip(ps.locality, ps.locality_targets):
+    for p, obj, _ in probe_set.bleed:
+        pairs += [(p, new), (p, obj)]
+    for p, t in zip(probe_set.locality, probe_set.locality_targets):
         pairs += [(p, t), (p, new)]
     scores = dict(zip(pairs, score_objects(model, pairs, batch_size))) if pairs else {}
 
-    def acc(p: str, target: str) -> float:
-        return float(scores[(p, target)].correct)
+    def variants(items: Sequence[tuple[str, str, str]]) -> dict[str, float]:
+        """items: (prompt, target, rival); acc/tok on target, score = P(target) > P(rival)."""
+        return {"acc": _mean(float(scores[(p, t)].correct) for p, t, _ in items),
+                "tok": _mean(scores[(p, t)].token_acc for p, t, _ in items),
+                "score": _mean(None if t == r else float(scores[(p, t)].mean_logprob > scores[(p, r)].mean_logprob)
+                               for p, t, r in items)}
 
-    def cf(p: str, target: str, other: str) -> float | None:
-        if target == other:
-            return None
-        return float(scores[(p, target)].mean_logprob > scores[(p, other)].mean_logprob)
-
+    groups: dict[tuple[str, str], list[tuple[str, str, str]]] = {}
+    for fam in PERSPECTIVES:
+        prompts = probe_set.family(fam)
+        groups[(fam, "reliability")] = [(p, new, old) for p in prompts[:1]]
+        groups[(fam, "generality")] = [(p, new, old) for p in prompts[1:]]
+    groups[("bleed", "bleed")] = [(p, new, obj) for p, obj, _ in probe_set.bleed]
+    groups[("locality", "locality")] = [(p, t, new) for p, t in zip(probe_set.locality, probe_set.locality_targets)]
     result: dict[str, float] = {}
-    for fam in ("entity", "relation"):
-        prompts = ps.family(fam)
-        rel, gen = prompts[:1], prompts[1:]
-        result[f"{fam}_reliability_acc"] = _mean(acc(p, new) for p in rel)
-        result[f"{fam}_reliability_score"] = _mean(cf(p, new, old) for p in rel)
-        result[f"{fam}_generality_acc"] = _mean(acc(p, new) for p in gen)
-        result[f"{fam}_generality_score"] = _mean(cf(p, new, old) for p in gen)
-    loc = list(zip(ps.locality, ps.locality_targets))
-    result["locality_locality_acc"] = _mean(acc(p, t) for p, t in loc)
-    result["locality_locality_score"] = _mean(cf(p, t, new) for p, t in loc)
+    for (fam, measure), items in groups.items():
+        for variant, value in variants(items).items():
+            result[f"{fam}_{measure}_{variant}"] = value
+    other = {"entity": "relation", "relation": "entity"}.get(request or "")
+    for measure in ("reliability", "generality"):
+        for variant in VARIANTS:
+            result[f"request_{measure}_{variant}"] = (result[f"{request}_{measure}_{variant}"] if other
+                                                      else float("nan"))
+            result[f"transfer_{measure}_{variant}"] = (result[f"{other}_{measure}_{variant}"] if other
+                                                       else float("nan"))
     return result
 
 
-# --------------------------------------------------------------------------- methods
+# --------------------------------------------------------------------------- one edit
 
-def resolve_method(method: str | Callable) -> tuple[str, Callable]:
-    """``(name, function)`` of a method given by name (:data:`METHODS`) or as a callable."""
-    if callable(method):
-        return getattr(method, "__name__", "custom"), method
-    if method not in METHODS:
-        raise ValueError(f"unknown editing method {method!r}; choose from {sorted(METHODS)} or pass a callable")
-    module, name = METHODS[method].split(":")
-    return method, getattr(importlib.import_module(module), name)
+def _scalars(info: dict) -> dict[str, Any]:
+    """The edit's scalar diagnostics (numbers, short strings), prefixed ``info_``."""
+    return {f"info_{k}": v for k, v in info.items()
+            if isinstance(v, (int, float, bool)) or (isinstance(v, str) and len(v) < 80)}
 
 
-def _takes(fn: Callable, name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
+def evaluate_one(model, fact: Fact, method: str | Callable | tuple[str, Callable] | None, request: str,
+                 locus: str | None, probe_set: Probes, *, method_kwargs: dict | None = None,
+                 ph: Phrasings | None = None, batch_size: int = 64, raise_errors: bool = False,
+                 prepend_bos: bool | None = None) -> dict[str, Any]:
+    """Edit ``fact`` posed from ``request`` keyed at ``locus``, score ``probe_set``, revert: one row.
+
+    ``method`` is a registered name, a callable, a ``(name, callable)`` pair, or ``None`` for
+    the unedited model (method :data:`BASELINE`, locus ``"-"``). The method only ever sees
+    :func:`~workbench.perspective.request_fact` (the request prompt, no probe). The model is
+    left as it was (the edit is applied inside a ``with`` block). A failing method gives a row
+    with ``failed=True`` and the ``error``, unless ``raise_errors``. ``prepend_bos``: one BOS
+    convention for the edit and the scores (default: the model's editing convention,
+    :func:`workbench.editing.hparams.editing_prepend_bos`), recorded in the row.
+    """
+    from .editing.hparams import editing_prepend_bos
+    from .spans import bos_convention
+
+    bos = editing_prepend_bos(model, prepend_bos)
+    with bos_convention(model, bos):
+        row = _evaluate_one(model, fact, method, request, locus, probe_set, method_kwargs, ph, batch_size,
+                            raise_errors, bos)
+    row["prepend_bos"] = bos
+    return row
 
 
-def make_edit(name: str, fn: Callable, model, fact: Fact, locus: str, kwargs: dict | None = None):
-    """Compute one edit of ``fact`` (MEMIT gets a one-fact batch: one fact per edit)."""
-    kwargs = dict(kwargs or {})
-    try:
-        if "progress" in inspect.signature(fn).parameters:
-            kwargs.setdefault("progress", False)  # one bar for the whole evaluation
-    except (TypeError, ValueError):
-        pass
-    if name == "memit":
-        return fn(model, [fact], locus=locus, **kwargs)
-    return fn(model, fact, locus=locus, **kwargs)
+def _evaluate_one(model, fact: Fact, method, request: str, locus: str | None, probe_set: Probes,
+                  method_kwargs: dict | None, ph: Phrasings | None, batch_size: int, raise_errors: bool,
+                  bos: bool) -> dict[str, Any]:
+    ph = ph or phrasings(fact)
+    if method is None:
+        name, fn = BASELINE, None
+    elif isinstance(method, tuple):
+        name, fn = method
+    else:
+        name, fn = resolve_method(method)
+    req = request_fact(fact, request, ph)
+    locus = "-" if fn is None else (locus or DEFAULT_LOCUS[request])
+    row: dict[str, Any] = {"method": name, "request": request, "locus": locus, "fact_id": fact.id,
+                           "subject": fact.subject, "relation_id": fact.relation_id, "request_prompt": req.prompt,
+                           "target_true": fact.target_true, "target_new": fact.target_new,
+                           "preset": "-" if fn is None else preset_name(name, model, method_kwargs),
+                           "n_bleed": len(probe_set.bleed), "failed": False, "error": None}
+    t0 = time.perf_counter()
+    if fn is None:
+        row.update(score_probes(model, fact, probe_set, request, batch_size))
+    else:
+        kwargs = {**(method_kwargs or {}), "prepend_bos": bos} if _takes(fn, "prepend_bos") else method_kwargs
+        try:
+            edit = make_edit(name, fn, model, req, locus, kwargs)
+        except Exception as err:  # noqa: BLE001 - recorded per fact, the run goes on
+            if raise_errors:
+                raise
+            row["failed"] = True
+            row["error"] = f"{type(err).__name__}: {err}"
+        else:
+            row["edit_s"] = time.perf_counter() - t0
+            with edit.applied(model):
+                row.update(score_probes(model, fact, probe_set, request, batch_size))
+            row["edit_norm"] = math.sqrt(sum(v ** 2 for v in edit.norms().values()))
+            row["hparams"] = json.dumps(edit.hparams, default=str, sort_keys=True)
+            row.update(_scalars(edit.info))
+    row["seconds"] = time.perf_counter() - t0
+    return row
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -290,20 +390,39 @@ def select_facts(facts: Sequence[Fact], n: int | None = None, seed: int = 0) -> 
     return [usable[i] for i in keep]
 
 
+def cells_for(requests: Sequence[str] = PERSPECTIVES, loci: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """(request, locus) cells: the paper's pairing (``loci=None``) or every request x locus."""
+    from .editing.common import LOCI
+
+    for r in requests:
+        if r not in PERSPECTIVES:
+            raise ValueError(f"request perspective must be one of {PERSPECTIVES}, not {r!r}")
+    if loci is None:
+        return [(r, DEFAULT_LOCUS[r]) for r in requests]
+    for locus in loci:
+        if locus not in LOCI:
+            raise ValueError(f"locus must be one of {LOCI}, not {locus!r}")
+    return [(r, locus) for r in requests for locus in loci]
+
+
 STORE_KIND = "evaluation"
 """``kind`` of an evaluation folder's :class:`workbench.store.ResultStore`."""
 ROWS_FILE = "details.jsonl"
-"""Per-fact rows of an evaluation folder."""
+"""Per-edit rows of an evaluation folder."""
+ID_FIELDS = ("method", "request", "locus", "fact_id")
+"""What identifies one row of an evaluation."""
 
 
 def probe_bank_version(bank: str | os.PathLike | None = None) -> str:
-    """Content hash of the relation-template bank (probes, and so rows, depend on it)."""
+    """Content hash of the phrasing-template bank (probes and requests, and so rows, depend on it)."""
+    from .perspective import _TEMPLATE_BANK
+
     return hashlib.sha256(Path(bank or _TEMPLATE_BANK).read_bytes()).hexdigest()[:16]
 
 
 def resolved_hparams(name: str, model, kwargs: dict | None = None) -> dict | None:
-    """The hyperparameters a built-in method will use with ``kwargs`` on ``model`` (``None``:
-    a custom callable, or kwargs the method will reject anyway, which its rows record as errors)."""
+    """The hyperparameters (with the preset's name) a built-in method will use with ``kwargs`` on ``model``
+    (``None``: a custom callable, or kwargs the method will reject anyway, which its rows record as failed)."""
     from dataclasses import fields, replace
 
     kw = dict(kwargs or {})
@@ -318,31 +437,38 @@ def resolved_hparams(name: str, model, kwargs: dict | None = None) -> dict | Non
             else:
                 layers = list(kw["layers"]) if kw.get("layers") else None
                 hp = resolve_hparams(model, kw.get("hparams"), MEMITHyperParams, memit_hparams_for, layers)
-            return hp.to_dict()
+            return {**hp.to_dict(), "preset": preset_name(name, model, kwargs)}
         if name in ("ft", "kn"):
-            from .editing.ft import FTHyperParams, default_layer
-            from .editing.kn import KNHyperParams
+            from .editing.ft import FT_PRESETS, FTHyperParams, default_layer, ft_hparams_for
+            from .editing.kn import KN_PRESETS, KNHyperParams
 
             cls = FTHyperParams if name == "ft" else KNHyperParams
+            presets = FT_PRESETS if name == "ft" else KN_PRESETS
+            if kw.get("preset") is not None:
+                base = presets[kw["preset"]]
+            else:
+                base = ft_hparams_for(model) if name == "ft" else KN_PRESETS["kn-original"]
             given = kw.get("hparams")
-            hp = given if isinstance(given, cls) else cls(**(given or {}))
-            names = {f.name for f in fields(cls)}
+            hp = given if isinstance(given, cls) else replace(base, **(given or {}))
+            names = {f.name for f in fields(cls)} - {"preset"}
             hp = replace(hp, **{k: v for k, v in kw.items() if k in names})
             if name == "ft" and hp.layer is None:
                 hp = replace(hp, layer=default_layer(model))
-            return hp.to_dict()
+            return {**hp.to_dict(), "preset": preset_name(name, model, kwargs)}
     except Exception:  # noqa: BLE001 - the method raises the same error per row, recorded there
         return None
     return None
 
 
 def evaluation_key(model, facts: Sequence[Fact], resolved: Sequence[tuple[str, Callable]],
-                   method_kwargs: dict[str, dict], seed: int, fingerprint: str | None = None) -> dict:
+                   method_kwargs: dict[str, dict], seed: int, fingerprint: str | None = None,
+                   bleed_subjects_per_fact: int = 5) -> dict:
     """Everything an evaluation row depends on: the store key of ``evaluate(out=...)``.
 
-    The facts hash covers every usable fact (all fields), so a larger ``n`` reuses the rows
-    of a smaller one; each method contributes its kwargs and resolved hyperparameters (a
-    custom callable is known by its name and kwargs only: change its name when its code changes).
+    The facts hash covers every fact (all fields; bleed subjects come from the whole dataset),
+    so a larger ``n`` reuses the rows of a smaller one; each method contributes its kwargs and
+    resolved hyperparameters with the preset name (a custom callable is known by its name and
+    kwargs only: change its name when its code changes).
     """
     from .loading import model_fingerprint
     from .store import content_hash
@@ -350,246 +476,329 @@ def evaluation_key(model, facts: Sequence[Fact], resolved: Sequence[tuple[str, C
     methods = {}
     for name, fn in resolved:
         kwargs = method_kwargs.get(name) or {}
-        methods[name] = {"function": METHODS.get(name, "custom callable"),
+        target = METHODS.get(name)
+        methods[name] = {"function": target if isinstance(target, str) else "custom callable",
                          "kwargs": {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in kwargs.items()},
-                         "hparams": resolved_hparams(name, model, kwargs) if METHODS.get(name) else None}
-    usable = [f for f in facts if f.target_new is not None]
+                         "hparams": resolved_hparams(name, model, kwargs) if target else None}
     return {"model_spec": getattr(model, "workbench_spec", None),
             "model_fingerprint": fingerprint or model_fingerprint(model),
-            "facts_hash": content_hash(f.to_dict() for f in usable), "n_facts": len(usable), "seed": seed,
-            "probe_bank": probe_bank_version(), "methods": methods}
+            "facts_hash": content_hash(f.to_dict() for f in facts), "n_facts": len(facts), "seed": seed,
+            "probe_bank": probe_bank_version(), "bleed_subjects_per_fact": bleed_subjects_per_fact,
+            "methods": methods}
 
 
-def _scalars(info: dict) -> dict[str, Any]:
-    """The edit's scalar diagnostics (numbers, short strings), prefixed ``info_``."""
-    return {f"info_{k}": v for k, v in info.items()
-            if isinstance(v, (int, float, bool)) or (isinstance(v, str) and len(v) < 80)}
-
-
-def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] = ("ft", "kn", "rome", "memit"),
-             loci: Sequence[str] = ("subject", "relation"), n: int | None = None,
-             out: str | os.PathLike | None = None, *, seed: int = 0,
-             method_kwargs: dict[str, dict] | None = None, baseline: bool = True, check_every: int = 50,
+def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | None = None,
+             requests: Sequence[str] = PERSPECTIVES, loci: Sequence[str] | None = None, n: int | None = None,
+             out: str | os.PathLike | None = None, *, seed: int = 0, method_kwargs: dict[str, dict] | None = None,
+             baseline: bool = True, bleed_subjects_per_fact: int = 5, check_every: int = 50,
              raise_errors: bool = False, progress: bool = True, batch_size: int = 64,
-             prepend_bos: bool | None = None) -> pd.DataFrame:
-    """Edit each fact with each (method, locus), score the probe families, revert; summarize.
+             n_boot: int = 1000, prepend_bos: bool | None = None) -> pd.DataFrame:
+    """Edit each fact with each (method, request perspective, key locus), score, revert; summarize.
 
     Args:
         model: a bridge from :func:`workbench.load_model`.
-        facts: facts with ``target_new`` (others are skipped); ``n`` picks a seeded sample
-            (:func:`select_facts`).
-        methods: names from :data:`METHODS` or callables ``f(model, fact, locus=...) -> Edit``.
-        loci: ``"subject"`` and/or ``"relation"``: the token where each edit is keyed.
+        facts: the dataset (facts without ``target_new`` are not edited but still serve as
+            bleed subjects); ``n`` picks a seeded sample of the editable ones (:func:`select_facts`).
+        methods: registered names or callables ``f(model, fact, locus=...) -> Edit``; default
+            :func:`default_methods` (the paper's order).
+        requests: request perspectives, ``"entity"`` and/or ``"relation"``.
+        loci: ``None`` pairs each request with its default locus (entity -> subject, relation ->
+            relation); a list of loci evaluates every request x locus (the full cube).
         out: folder, a :class:`workbench.store.ResultStore` keyed by :func:`evaluation_key`;
-            per-fact rows go to ``out/details.jsonl`` as they finish (fsynced), and a rerun with
-            the same settings skips the (method, locus, fact id) already there, so a crashed
-            run resumes. Other settings, a missing config or a concurrent run on the same
-            folder are refused. ``summary.csv`` is written at the end.
-        method_kwargs: extra keyword arguments per method name, e.g. ``{"ft": {"steps": 10}}``.
-        baseline: add the unedited model's row (method :data:`BASELINE`, locus ``"-"``).
-        check_every: every that many edits, check that the weights' fingerprint is still the
-            unedited one (``0`` = never); a mismatch raises.
-        raise_errors: re-raise a method's error instead of recording it in the row's ``error``.
+            per-edit rows go to ``out/details.jsonl`` as they finish (fsynced), and a rerun with
+            the same settings skips the (method, request, locus, fact id) already there, so a
+            crashed run resumes. Other settings, a missing config or a concurrent run on the
+            same folder are refused. ``summary.csv`` (every cell's mean, interval, n) at the end.
+        method_kwargs: extra keyword arguments per method name, e.g. ``{"kn": {"lam": "auto"}}``.
+        baseline: add the unedited model's rows (one per request perspective).
+        bleed_subjects_per_fact: other subjects of the relation probed for bleed (x 2 phrasings).
+        check_every: every that many edits, check that the weights are still the unedited ones.
+        raise_errors: re-raise a method's error instead of recording the edit as failed.
+        n_boot: bootstrap resamples of the 95% intervals.
         prepend_bos: BOS before every prompt, for the edits and the scores alike (default: the
             model's editing convention, :func:`workbench.editing.hparams.editing_prepend_bos`:
             none for GPT-2 XL and GPT-J, as the originals); recorded in the key, rows and
             ``df.attrs["prepend_bos"]``.
 
     Returns:
-        The summary (:func:`summarize`): rows (method, locus), columns (family, metric) in
-        percent; ``df.attrs["details"]`` holds the per-fact rows (fractions).
+        The summary (:func:`summarize`): rows (method, request, locus), columns (family,
+        measure_variant) in percent; ``attrs["details"]`` the per-edit rows, ``attrs["long"]``
+        every cell's mean, interval and ``n``.
     """
     from tqdm.auto import tqdm
 
     from .loading import model_fingerprint
 
     from .editing.hparams import editing_prepend_bos
-    from .spans import bos_convention
 
     chosen = select_facts(facts, n, seed)
-    resolved = [resolve_method(m) for m in methods]
+    index = relation_index(facts)
+    resolved = [resolve_method(m) for m in (methods if methods is not None else default_methods())]
+    method_kwargs = method_kwargs or {}
     bos = editing_prepend_bos(model, prepend_bos)
-    # one convention for every edit and score: methods that take prepend_bos get it explicitly,
-    # the others tokenize under bos_convention below
-    method_kwargs = {name: ({**((method_kwargs or {}).get(name) or {}), "prepend_bos": bos}
-                            if _takes(fn, "prepend_bos") else (method_kwargs or {}).get(name))
-                     for name, fn in resolved}
+    cells = cells_for(requests, loci)
     fingerprint = model_fingerprint(model)
     store = None
     rows: list[dict] = []
     if out is not None:
         from .store import ResultStore
 
-        key = {**evaluation_key(model, facts, resolved, method_kwargs, seed, fingerprint), "prepend_bos": bos}
-        store = ResultStore.open(out, kind=STORE_KIND, key=key, id_fields=("method", "locus", "fact_id"),
-                                 rows_name=ROWS_FILE)
+        key = {**evaluation_key(model, facts, resolved, method_kwargs, seed, fingerprint, bleed_subjects_per_fact),
+               "prepend_bos": bos}
+        store = ResultStore.open(out, kind=STORE_KIND, key=key, id_fields=ID_FIELDS, rows_name=ROWS_FILE)
         rows = store.rows()
 
-    cells: list[tuple[str, Callable | None, str]] = [(BASELINE, None, "-")] if baseline else []
-    cells += [(name, fn, locus) for name, fn in resolved for locus in loci]
-    todo = [(c, f) for c in cells for f in chosen if store is None or (c[0], c[2], f.id) not in store]
+    jobs: list[tuple[str, Callable | None, str, str]] = []
+    if baseline:
+        jobs += [(BASELINE, None, r, "-") for r in dict.fromkeys(r for r, _ in cells)]
+    jobs += [(name, fn, r, locus) for name, fn in resolved for r, locus in cells]
+    todo = [(j, f) for j in jobs for f in chosen if store is None or (j[0], j[2], j[3], f.id) not in store]
+    prepared: dict[str, tuple[Phrasings, Probes]] = {}
     n_edits = 0
     bar = tqdm(todo, desc="evaluate", disable=not progress, dynamic_ncols=True)
-    convention = bos_convention(model, bos)
-    convention.__enter__()
     try:
-        for (name, fn, locus), fact in bar:
-            bar.set_postfix_str(f"{name}/{locus}", refresh=False)
-            row: dict[str, Any] = {"method": name, "locus": locus, "fact_id": fact.id, "subject": fact.subject,
-                                   "relation_id": fact.relation_id, "prompt": fact.prompt,
-                                   "target_true": fact.target_true, "target_new": fact.target_new, "error": None,
-                                   "prepend_bos": bos}
-            ps = probes(fact)
-            t0 = time.perf_counter()
-            if fn is None:
-                row.update(score_fact(model, fact, ps, batch_size))
-            else:
-                try:
-                    edit = make_edit(name, fn, model, fact, locus, method_kwargs.get(name))
-                except Exception as err:  # noqa: BLE001 - recorded per fact, the run goes on
-                    if raise_errors:
-                        raise
-                    row["error"] = f"{type(err).__name__}: {err}"
-                else:
-                    row["edit_s"] = time.perf_counter() - t0
-                    with edit.applied(model):
-                        row.update(score_fact(model, fact, ps, batch_size))
-                    row["edit_norm"] = math.sqrt(sum(v ** 2 for v in edit.norms().values()))
-                    row.update(_scalars(edit.info))
-                    n_edits += 1
-                    if check_every and n_edits % check_every == 0 and model_fingerprint(model) != fingerprint:
-                        raise RuntimeError(f"weights differ from the unedited model after {n_edits} edits "
-                                           f"(last: {name}/{locus} on fact {fact.id}); an edit was not reverted")
-            row["seconds"] = time.perf_counter() - t0
+        for (name, fn, request, locus), fact in bar:
+            bar.set_postfix_str(f"{name}/{request}/{locus}", refresh=False)
+            key = str(fact.id)
+            if key not in prepared:
+                ph = phrasings(fact)
+                others = bleed_subjects(fact, index, bleed_subjects_per_fact, seed)
+                prepared[key] = (ph, probes(fact, others, ph=ph))
+            ph, ps = prepared[key]
+            row = evaluate_one(model, fact, None if fn is None else (name, fn), request, locus, ps,
+                               method_kwargs=method_kwargs.get(name), ph=ph, batch_size=batch_size,
+                               raise_errors=raise_errors, prepend_bos=bos)
+            if fn is not None and not row["failed"]:
+                n_edits += 1
+                if check_every and n_edits % check_every == 0 and model_fingerprint(model) != fingerprint:
+                    raise RuntimeError(f"weights differ from the unedited model after {n_edits} edits "
+                                       f"(last: {name}/{request}/{locus} on fact {fact.id}); an edit was not reverted")
             rows.append(store.append(row) if store is not None else row)
     finally:
-        convention.__exit__(None, None, None)
         bar.close()
         if store is not None:
             store.close()
     if check_every and n_edits and model_fingerprint(model) != fingerprint:
         raise RuntimeError("weights differ from the unedited model after the evaluation; an edit was not reverted")
-    wanted = {(c[0], c[2]) for c in cells}
+    wanted = {(j[0], j[2], j[3]) for j in jobs}
     ids = {str(f.id) for f in chosen}
-    details = pd.DataFrame([r for r in rows if (r["method"], r["locus"]) in wanted and str(r["fact_id"]) in ids])
-    summary = summarize(details, order=[(c[0], c[2]) for c in cells])
+    details = pd.DataFrame([r for r in rows if (r["method"], r["request"], r["locus"]) in wanted
+                            and str(r["fact_id"]) in ids])
+    summary = summarize(details, order=[(j[0], j[2], j[3]) for j in jobs], n_boot=n_boot, seed=seed)
     if out is not None:
-        flat = summary.copy()
-        flat.columns = [f"{a}_{b}" for a, b in flat.columns]
-        flat.to_csv(Path(out) / "summary.csv")
-    summary.attrs["details"] = details
+        summary.attrs["long"].to_csv(Path(out) / "summary.csv", index=False)
     summary.attrs["prepend_bos"] = bos
     return summary
 
 
-def summarize(details: pd.DataFrame, order: Sequence[tuple[str, str]] | None = None) -> pd.DataFrame:
-    """Per-(method, locus) means of per-fact rows, in percent, plus edit and error counts.
+def score_fact(model, fact: Fact, probe_set: Probes | None = None, request: str | None = None,
+               batch_size: int = 64) -> dict[str, float]:
+    """:func:`score_probes` with the fact's own probes (no bleed subjects unless ``probe_set`` has them)."""
+    return score_probes(model, fact, probe_set or probes(fact), request, batch_size)
 
-    Columns: :data:`METRIC_COLUMNS` as a (family, metric) MultiIndex, then ``("n", "edits")``
-    (facts scored) and ``("n", "errors")`` (facts whose edit failed).
+
+# --------------------------------------------------------------------------- summaries
+
+def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0, level: float = 0.95
+                 ) -> tuple[float, float, float]:
+    """``(mean, lo, hi)``: the mean of ``values`` and its percentile-bootstrap ``level`` interval.
+
+    NaNs are dropped; no values give NaNs; one value gives a zero-width interval.
     """
-    cols = pd.MultiIndex.from_tuples(list(METRIC_COLUMNS) + [("n", "edits"), ("n", "errors")],
-                                     names=["family", "metric"])
-    if details is None or details.empty:
-        return pd.DataFrame(columns=cols, index=pd.MultiIndex.from_tuples([], names=["method", "locus"]))
-    keys = order or list(dict.fromkeys(zip(details["method"], details["locus"])))
+    x = np.asarray([v for v in values if v is not None], dtype=float)
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    return float(x.mean()), float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail))
+
+
+CELL = ["method", "request", "locus"]
+
+
+def summarize(details: pd.DataFrame, order: Sequence[tuple[str, str, str]] | None = None, *, n_boot: int = 1000,
+              seed: int = 0) -> pd.DataFrame:
+    """Per-cell (method, request, locus) means over facts, in percent, with 95% bootstrap intervals.
+
+    Returns the wide summary: columns (family, ``measure_variant``) of means, then
+    ``("n", "edits")`` (edits scored) and ``("n", "failed")``. ``attrs["long"]`` has one row
+    per cell x family x measure x variant: ``mean``, ``lo``, ``hi`` and ``n`` (facts with a value).
+    """
+    cols = [(fam, f"{measure}_{v}") for fam, measure in METRICS for v in VARIANTS]
+    columns = pd.MultiIndex.from_tuples(cols + [("n", "edits"), ("n", "failed")], names=["family", "metric"])
+    long_rows: list[dict] = []
     records = []
-    for method, locus in keys:
-        part = details[(details["method"] == method) & (details["locus"] == locus)]
-        ok = part[part["error"].isna()] if "error" in part else part
-        vals = []
-        for fam, met in METRIC_COLUMNS:
-            col = f"{fam}_{met}"
-            vals.append(100.0 * ok[col].astype(float).mean() if col in ok and len(ok) else float("nan"))
-        records.append(vals + [len(ok), len(part) - len(ok)])
-    index = pd.MultiIndex.from_tuples(list(keys), names=["method", "locus"])
-    return pd.DataFrame(records, index=index, columns=cols)
+    if details is None or details.empty:
+        summary = pd.DataFrame(columns=columns, index=pd.MultiIndex.from_tuples([], names=CELL))
+        summary.attrs["long"] = pd.DataFrame(columns=CELL + ["family", "measure", "variant", "mean", "lo", "hi", "n"])
+        return summary
+    keys = list(order or dict.fromkeys(zip(details["method"], details["request"], details["locus"])))
+    failed = details["failed"].fillna(False).astype(bool) if "failed" in details else pd.Series(False, details.index)
+    for cell in keys:
+        mask = (details["method"] == cell[0]) & (details["request"] == cell[1]) & (details["locus"] == cell[2])
+        part, ok = details[mask], details[mask & ~failed]
+        means = []
+        for fam, measure in METRICS:
+            for v in VARIANTS:
+                col = f"{fam}_{measure}_{v}"
+                vals = ok[col].astype(float).tolist() if col in ok else []
+                mean, lo, hi = bootstrap_ci(vals, n_boot, seed)
+                n_val = int(np.sum(~np.isnan(np.asarray(vals, dtype=float)))) if vals else 0
+                long_rows.append(dict(zip(CELL, cell), family=fam, measure=measure, variant=v, mean=100 * mean,
+                                      lo=100 * lo, hi=100 * hi, n=n_val))
+                means.append(100 * mean)
+        records.append(means + [len(ok), len(part) - len(ok)])
+    summary = pd.DataFrame(records, index=pd.MultiIndex.from_tuples(keys, names=CELL), columns=columns)
+    summary.attrs["long"] = pd.DataFrame(long_rows)
+    summary.attrs["details"] = details
+    return summary
 
 
 # --------------------------------------------------------------------------- tables
 
 PAPER_COLUMNS = (("entity", "reliability", "Entity Reliability"), ("entity", "generality", "Entity Generality"),
                  ("relation", "reliability", "Relation Reliability"),
-                 ("relation", "generality", "Relation Generality"), ("locality", "locality", "Locality"))
-"""The paper's column order (Tables 1-2), with the workbench's locality column added."""
+                 ("relation", "generality", "Relation Generality"),
+                 ("bleed", "bleed", "Bleed"), ("locality", "locality", "Locality"))
+"""The paper's column order (Tables 1-2), then the workbench's bleed and locality columns."""
 
-METHOD_LABELS = {"ft": "FT", "kn": "KN", "rome": "ROME", "memit": "MEMIT", "mend": "MEND", BASELINE: "Unedited"}
+CUBE_COLUMNS = (("request", "reliability", "Request Reliability"), ("request", "generality", "Request Generality"),
+                ("transfer", "reliability", "Transfer Reliability"),
+                ("transfer", "generality", "Transfer Generality"),
+                ("bleed", "bleed", "Bleed"), ("locality", "locality", "Locality"))
+"""Columns of the full cube: the request family, the other (transfer) family, bleed, locality."""
+
+VARIANT_TEXT = {
+    "acc": "accuracy: o*'s tokens are all the teacher-forced argmax (%)",
+    "tok": "per-token accuracy: mean over o*'s tokens of argmax = token (%)",
+    "score": "CounterFact score: P(o*) > P(o) by mean token log-prob; bleed P(o*) > P(own object); "
+             "locality P(answer) > P(o*) (%)",
+}
 
 
-def paper_table(summary: pd.DataFrame, locus: str, metric: str = "acc", baseline: bool = True) -> pd.DataFrame:
-    """One of the paper's tables: the edits keyed at ``locus``, in the paper's column order.
+def _method_rank(method: str) -> tuple[int, int]:
+    if method == BASELINE:
+        return (0, 0)
+    return (1, PAPER_ORDER.index(method)) if method in PAPER_ORDER else (2, 0)
 
-    ``locus="relation"`` is Table 1 (relation-based edits), ``"subject"`` Table 2 (entity-based
-    edits). ``metric`` is ``"acc"`` (the paper's editing accuracy) or ``"score"``. Values in
-    percent; the unedited model comes first when ``baseline``; an ``n`` column counts edits.
-    """
-    if metric not in ("acc", "score"):
-        raise ValueError(f"metric must be 'acc' or 'score', not {metric!r}")
+
+def _table(summary: pd.DataFrame, cells: list[tuple[str, str, str]], columns, variant: str,
+           index_names: list[str], label_of: Callable[[tuple[str, str, str]], tuple]) -> pd.DataFrame:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, not {variant!r}")
+    long = summary.attrs.get("long")
+    if long is None:
+        raise ValueError("the summary has no intervals (attrs['long']); make it with summarize() or evaluate()")
+    stats = long[long["variant"] == variant].set_index(CELL + ["family", "measure"])
     rows, labels = [], []
-    for (method, loc), values in summary.iterrows():
-        if (method == BASELINE and baseline) or loc == locus:
-            labels.append(METHOD_LABELS.get(method, method))
-            rows.append([values[(fam, f"{met}_{metric}")] for fam, met, _ in PAPER_COLUMNS]
-                        + [int(values[("n", "edits")])])
-    table = pd.DataFrame(rows, index=pd.Index(labels, name="Method"),
-                         columns=[label for *_, label in PAPER_COLUMNS] + ["n"])
-    return table
+    for cell in cells:
+        rec: dict[str, Any] = {}
+        for fam, measure, label in columns:
+            s = stats.loc[(*cell, fam, measure)] if (*cell, fam, measure) in stats.index else None
+            rec[label] = float("nan") if s is None else float(s["mean"])
+            rec[f"{label} lo"] = float("nan") if s is None else float(s["lo"])
+            rec[f"{label} hi"] = float("nan") if s is None else float(s["hi"])
+        rec["n"] = int(summary.loc[cell, ("n", "edits")])
+        rec["failed"] = int(summary.loc[cell, ("n", "failed")])
+        rows.append(rec)
+        labels.append(label_of(cell))
+    index = (pd.MultiIndex.from_tuples(labels, names=index_names) if len(index_names) > 1
+             else pd.Index([l[0] for l in labels], name=index_names[0]))
+    return pd.DataFrame(rows, index=index)
 
 
-def full_table(summary: pd.DataFrame, metric: str = "acc") -> pd.DataFrame:
-    """The 2x2 generalization (method x edit locus rows; entity/relation family columns, + locality)."""
-    rows, index = [], []
-    for (method, loc), values in summary.iterrows():
-        index.append((METHOD_LABELS.get(method, method), {"subject": "entity", "relation": "relation"}.get(loc, loc)))
-        rows.append([values[(fam, f"{met}_{metric}")] for fam, met, _ in PAPER_COLUMNS]
-                    + [int(values[("n", "edits")])])
-    return pd.DataFrame(rows, index=pd.MultiIndex.from_tuples(index, names=["Method", "Edit locus"]),
-                        columns=[label for *_, label in PAPER_COLUMNS] + ["n"])
+def paper_table(summary: pd.DataFrame, request: str, locus: str | None = None, variant: str = "acc",
+                baseline: bool = True) -> pd.DataFrame:
+    """One of the paper's tables: edits requested from ``request`` keyed at ``locus``.
+
+    ``request="relation"`` is Table 1 (relation-based edits), ``"entity"`` Table 2; ``locus``
+    defaults to the paper's pairing. Columns in the paper's order (entity reliability and
+    generality, relation reliability and generality), then bleed and locality, each with
+    ``" lo"``/``" hi"`` interval columns, then ``n`` (edits scored) and ``failed``. Rows: the
+    unedited model (when ``baseline``), then the methods in the paper's order.
+    """
+    if request not in PERSPECTIVES:
+        raise ValueError(f"request must be one of {PERSPECTIVES}, not {request!r}")
+    locus = locus or DEFAULT_LOCUS[request]
+    cells = [c for c in summary.index if c[1] == request and (c[2] == locus or (baseline and c[0] == BASELINE))]
+    cells.sort(key=lambda c: _method_rank(c[0]))
+    return _table(summary, cells, PAPER_COLUMNS, variant, ["Method"], lambda c: (METHOD_LABELS.get(c[0], c[0]),))
 
 
-def to_markdown(table: pd.DataFrame, caption: str | None = None, decimals: int = 2) -> str:
-    """A GitHub Markdown table (numbers with ``decimals`` places), optionally under a caption."""
+def cube_table(summary: pd.DataFrame, variant: str = "acc") -> pd.DataFrame:
+    """Every cell (method x request x locus) as a row: request-family, transfer, bleed and locality columns."""
+    cells = sorted(summary.index, key=lambda c: (_method_rank(c[0]), PERSPECTIVES.index(c[1]), c[2]))
+    return _table(summary, cells, CUBE_COLUMNS, variant, ["Method", "Request", "Locus"],
+                  lambda c: (METHOD_LABELS.get(c[0], c[0]), c[1], c[2]))
+
+
+full_table = cube_table
+
+
+def to_markdown(table: pd.DataFrame, caption: str | None = None, decimals: int = 1) -> str:
+    """A GitHub Markdown table; a column ``X`` with ``X lo``/``X hi`` twins is written ``mean [lo, hi]``."""
     names = list(table.index.names) if isinstance(table.index, pd.MultiIndex) else [table.index.name or ""]
-    header = [str(n or "") for n in names] + [str(c) for c in table.columns]
+    cols = [c for c in table.columns if not (str(c).endswith(" lo") or str(c).endswith(" hi"))]
+    header = [str(n or "") for n in names] + [str(c) for c in cols]
 
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return "-" if math.isnan(v) else f"{v:.{decimals}f}"
-        return str(v)
+    def num(v: Any) -> str:
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{decimals}f}"
 
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    for row in table.itertuples(index=True, name=None):  # keeps each column's type (n stays an int)
-        key = row[0] if isinstance(row[0], tuple) else (row[0],)
-        lines.append("| " + " | ".join([str(k) for k in key] + [cell(v) for v in row[1:]]) + " |")
+    for key, rec in table.iterrows():
+        key = key if isinstance(key, tuple) else (key,)
+        cells = []
+        for c in cols:
+            v = rec[c]
+            if f"{c} lo" in table.columns:
+                lo, hi = rec[f"{c} lo"], rec[f"{c} hi"]
+                cells.append(num(v) if num(v) == "-" else f"{num(v)} [{num(lo)}, {num(hi)}]")
+            elif isinstance(v, (float, np.floating)) and float(v).is_integer() and c in ("n", "failed"):
+                cells.append(str(int(v)))
+            else:
+                cells.append(num(v) if isinstance(v, (float, np.floating)) else str(v))
+        lines.append("| " + " | ".join([str(k) for k in key] + cells) + " |")
     text = "\n".join(lines) + "\n"
     return f"{caption}\n\n{text}" if caption else text
 
 
 def write_tables(summary: pd.DataFrame, out: str | os.PathLike, model_name: str = "") -> list[Path]:
-    """Write Table 1 (relation edits), Table 2 (entity edits) and the full 2x2 table as CSV and Markdown.
+    """Write Table 1, Table 2 and the full cube as CSV and Markdown, for every metric variant.
 
-    Files: ``table1_relation_edits``, ``table2_entity_edits``, ``table_2x2`` (accuracy, the
-    paper's metric) and the same names with ``_score`` (CounterFact score), ``.csv`` and ``.md``.
+    Files: ``table1_relation_requests``, ``table2_entity_requests``, ``cube`` for accuracy,
+    with ``_tok`` / ``_score`` twins for per-token accuracy and CounterFact score; each
+    ``.csv`` (mean, ``lo``, ``hi`` columns) and ``.md`` (``mean [lo, hi]``), plus
+    ``summary_long.csv`` (every cell, family, measure and variant).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    what = {"acc": "accuracy: o*'s tokens are the teacher-forced argmax, all of them (%)",
-            "score": "CounterFact score: P(o*) > P(o) by mean token log-prob; locality P(answer) > P(o*) (%)"}
-    for metric in ("acc", "score"):
-        suffix = "" if metric == "acc" else "_score"
-        tables = {
-            f"table1_relation_edits{suffix}": (paper_table(summary, "relation", metric),
-                                               f"Table 1: relation-based edits{model_name}, {what[metric]}"),
-            f"table2_entity_edits{suffix}": (paper_table(summary, "subject", metric),
-                                             f"Table 2: entity-based edits{model_name}, {what[metric]}"),
-            f"table_2x2{suffix}": (full_table(summary, metric),
-                                   f"Edit locus x probe family{model_name}, {what[metric]}"),
-        }
+    requests = {c[1] for c in summary.index}
+    for variant in VARIANTS:
+        suffix = "" if variant == "acc" else f"_{variant}"
+        tables: dict[str, tuple[pd.DataFrame, str]] = {}
+        if "relation" in requests:
+            tables[f"table1_relation_requests{suffix}"] = (
+                paper_table(summary, "relation", variant=variant),
+                f"Table 1: relation-based requests (relation-first prompt, key at the relation's last token)"
+                f"{model_name}, {VARIANT_TEXT[variant]}, mean [95% bootstrap interval]")
+        if "entity" in requests:
+            tables[f"table2_entity_requests{suffix}"] = (
+                paper_table(summary, "entity", variant=variant),
+                f"Table 2: entity-based requests (subject-first prompt, key at the subject's last token)"
+                f"{model_name}, {VARIANT_TEXT[variant]}, mean [95% bootstrap interval]")
+        tables[f"cube{suffix}"] = (cube_table(summary, variant),
+                                   f"Every method x request perspective x key locus{model_name}, "
+                                   f"{VARIANT_TEXT[variant]}, mean [95% bootstrap interval]")
         for stem, (table, caption) in tables.items():
             csv = out / f"{stem}.csv"
             table.round(2).to_csv(csv)
             md = out / f"{stem}.md"
             md.write_text(to_markdown(table, caption))
             written += [csv, md]
+    long_csv = out / "summary_long.csv"
+    summary.attrs["long"].round(3).to_csv(long_csv, index=False)
+    written.append(long_csv)
     return written

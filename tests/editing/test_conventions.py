@@ -129,7 +129,7 @@ def test_evaluate_uses_one_convention_and_records_it(tiny_model):
         name = "transformer.h.1.mlp.c_proj.weight"
         return Edit(deltas={name: torch.zeros(256, 64)}, method="nudge", locus=locus)
 
-    table = evaluate(tiny_model, [FACT], methods=(nudge,), loci=("subject",), baseline=False, progress=False,
+    table = evaluate(tiny_model, [FACT], methods=(nudge,), requests=("entity",), baseline=False, progress=False,
                      prepend_bos=False)
     assert seen == [False] and table.attrs["prepend_bos"] is False
     assert table.attrs["details"]["prepend_bos"].tolist() == [False]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from workbench.editing import Edit
-from workbench.editing.ft import FTHyperParams, ft
+from workbench.editing.ft import FT_GPT2_XL, FTHyperParams, ft
 from workbench.evaluation import score_objects
 from workbench.facts import Fact
 from workbench.loading import hf_parameter, model_fingerprint
@@ -77,6 +77,18 @@ def test_ft_errors_leave_model_alone(tiny_model):
         ft(tiny_model, FACT, hparams={"no_such_field": 1})
     assert model_fingerprint(tiny_model) == before
     assert FTHyperParams().to_dict()["steps"] == 25
+
+
+def test_ft_gpt2_xl_preset_trains_weight_and_bias_within_bound(tiny_model):
+    """ROME's constrained FT-L for GPT-2 XL: weight and bias of c_proj at layer 0, lr = bound = 5e-4."""
+    edit = ft(tiny_model, FACT, preset="ft-gpt2-xl", steps=3)
+    assert set(edit.deltas) == {"transformer.h.0.mlp.c_proj.weight", "transformer.h.0.mlp.c_proj.bias"}
+    assert all(0 < float(d.abs().max()) <= 5e-4 + 1e-9 for d in edit.deltas.values())
+    assert edit.hparams["preset"] == "ft-gpt2-xl" and edit.hparams["lr"] == 5e-4 and edit.hparams["train_bias"]
+    assert FT_GPT2_XL.layer == 0 and FT_GPT2_XL.norm_constraint == FT_GPT2_XL.lr == 5e-4
+    assert ft(tiny_model, FACT, layer=0, steps=1).hparams["preset"] == "ft-toy"
+    with pytest.raises(ValueError):
+        ft(tiny_model, FACT, preset="ft-nothing")
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(os.path.dirname(__file__), "..", "..", "assets", "toy-facts",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from workbench.editing import Edit
-from workbench.editing.kn import integrated_gradients, kn, kn_prompts, select_neurons
+from workbench.editing.kn import KNHyperParams, integrated_gradients, kn, kn_prompts, select_neurons
 from workbench.facts import Fact
 from workbench.loading import model_fingerprint
 from workbench.predict import next_token_probs, object_token_ids
@@ -36,13 +36,43 @@ def test_ig_completeness(tiny_model):
 
 def test_ig_batches_agree_and_skip_prompts_without_subject(tiny_model):
     tok = object_token_ids(tiny_model, "French")[0]
-    prompts = kn_prompts(FACT)
+    prompts = kn_prompts(FACT, refine=True)
     a, kept = integrated_gradients(tiny_model, prompts, FACT.subject, tok, "subject", steps=4, batch_size=7)
     b, _ = integrated_gradients(tiny_model, prompts, FACT.subject, tok, "subject", steps=4, batch_size=1000)
     assert "Mira Dos speaks" not in kept and len(kept) == 3
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     with pytest.raises(SpanError):
         integrated_gradients(tiny_model, ["Mira Dos speaks"], FACT.subject, tok)
+
+
+def test_original_baseline_defaults():
+    """The original KN baseline: the request prompt only, refine off, 0.4 of the max, lam = 2."""
+    hp = KNHyperParams()
+    assert (hp.threshold, hp.lam, hp.refine, hp.max_neurons) == (0.4, 2.0, False, None)
+    assert kn_prompts(FACT) == [FACT.prompt]
+    assert kn_prompts(FACT, refine=True)[1:] == list(FACT.paraphrases)
+
+
+def test_ig_grid_includes_alpha_one(tiny_model, monkeypatch):
+    """With 2 steps the grid is alpha = 0 and 1: attribution = a * (grad at 0 + grad at a) / 2."""
+    tok = object_token_ids(tiny_model, "French")[0]
+    attr, _ = integrated_gradients(tiny_model, [FACT.prompt], FACT.subject, tok, "relation", steps=2, layers=[1])
+    acts = {}
+    tiny_model.run_with_hooks(tiny_model.to_tokens(FACT.prompt), fwd_hooks=[(
+        "blocks.1.mlp.hook_post", lambda x, hook: acts.setdefault("a", x[0, -1].detach().clone()))])
+    a = acts["a"]
+    grads = []
+    for alpha in (0.0, 1.0):
+        scaled = (alpha * a).clone().requires_grad_(True)
+
+        def patch(x, hook):
+            x = x.clone()
+            x[0, -1] = scaled
+            return x
+        logits = tiny_model.run_with_hooks(tiny_model.to_tokens(FACT.prompt), fwd_hooks=[("blocks.1.mlp.hook_post", patch)])
+        (g,) = torch.autograd.grad(torch.softmax(logits[0, -1], -1)[tok], scaled)
+        grads.append(g)
+    torch.testing.assert_close(attr[0, 1], a * (grads[0] + grads[1]) / 2, rtol=1e-4, atol=1e-7)
 
 
 def test_select_neurons():
@@ -79,9 +109,15 @@ def test_kn_edit_rows(tiny_model):
 
 def test_kn_locus_and_auto_lambda(tiny_model):
     a = kn(tiny_model, FACT, locus="subject", steps=4)
-    b = kn(tiny_model, FACT, locus="relation", steps=4, lam="auto", lam_grid=(0.5, 1.0))
+    b = kn(tiny_model, FACT, "Polish", locus="relation", steps=4, preset="kn-calibrated", lam_grid=(0.5, 1.0, 1e4))
     assert a.info["neurons"] != b.info["neurons"]
-    assert b.info["lam"] in (0.5, 1.0) and b.info["lam_tried"]
+    assert b.info["lam"] in (0.5, 1.0, 1e4) and b.info["lam_tried"][-1] == b.info["lam"]
+    assert b.hparams["preset"] == "kn-calibrated" and a.hparams["preset"] == "kn-original"
+    c = kn(tiny_model, FACT, locus="relation_before_subject", steps=4)
+    assert c.info["neurons"] != b.info["neurons"]
+    with pytest.raises(SpanError):  # a subject-first prompt has no relation token before the subject
+        kn(tiny_model, Fact(subject="Varo Keltin", template="{} speaks", target_true="French", target_new="Tuvan"),
+           locus="relation_before_subject", steps=2)
     with pytest.raises(ValueError):
         kn(tiny_model, FACT, locus="everywhere")
     with pytest.raises(ValueError):

@@ -242,3 +242,33 @@ def test_bundled_cli(capsys, tmp_path):
     assert rc == 0 and "before" in text and "after" in text and out.exists()
     first_after = text.split("after:")[1].splitlines()[1]
     assert fact.target_new in first_after, text
+
+
+def test_multi_layer_covariances_come_from_the_unedited_model(tiny_model, tiny_stats, monkeypatch):
+    """With several layers and no stats given, every layer's C is computed before any update is applied."""
+    from workbench.loading import model_fingerprint
+
+    rome_module = importlib.import_module("workbench.editing.rome")
+    seen = []
+
+    def spy(model, layer, **kwargs):
+        seen.append((layer, model_fingerprint(model)))
+        return tiny_stats[layer]
+
+    monkeypatch.setattr(rome_module, "layer_stats", spy)
+    before = model_fingerprint(tiny_model)
+    hp = ROMEHyperParams(layers=[0, 1], v_num_grad_steps=3, context_templates=["{}"], mom2_n_tokens=2000)
+    edit = rome(tiny_model, REQ, hparams=hp)
+    assert [l for l, _ in seen] == [0, 1] and all(fp == before for _, fp in seen)
+    assert len(edit.info["layers"]) == 2
+
+
+def test_relation_before_subject_locus(tiny_model):
+    row = fact_row(tiny_model, "The capital of {} is", "Miles Davis", "relation_before_subject")
+    assert tiny_model.tokenizer.decode([row.ids[row.pos]]) == " of"
+    with pytest.raises(EditError):
+        fact_row(tiny_model, "{} plays the", "Miles Davis", "relation_before_subject")
+    edit = rome(tiny_model, REQ, locus="relation_before_subject",
+                hparams=ROMEHyperParams(layers=[1], v_num_grad_steps=2, context_templates=["{}"],
+                                        mom2_adjustment=False))
+    assert edit.locus == "relation_before_subject" and edit.info["layers"][0]["fact_token_str"] == " of"

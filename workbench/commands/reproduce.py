@@ -1,54 +1,83 @@
-"""``workbench reproduce``: the paper's Tables 1 and 2 (and the full 2x2 table) on a model.
+"""``workbench reproduce``: the paper's Tables 1 and 2 (and the full cube) on a model.
 
-Every fact is edited once per (method, locus), scored on the entity, relation and locality
-probe families (:mod:`workbench.evaluation`), and reverted. Results go to ``--out``:
-``details.jsonl`` (one row per edit, written as it finishes; rerunning with the same
-``--out`` resumes), ``summary.csv``, and the tables ``table1_relation_edits``,
-``table2_entity_edits``, ``table_2x2`` (accuracy, the paper's metric) and their ``_score``
-twins (CounterFact score), each as ``.csv`` and ``.md``, in the paper's column order
-(entity reliability, entity generality, relation reliability, relation generality) with a
-locality column added; percentages with two decimals.
+Every sampled fact is edited once per (method, request perspective, key locus), scored on its
+probe families (:mod:`workbench.evaluation`: entity- and relation-phrased families, bleed onto
+other subjects of the relation, locality), and reverted. The request perspective is how the
+edit is posed (``entity``: subject-first prompt; ``relation``: relation-first prompt), the locus
+where token-keyed methods read their key. By default each request gets the paper's locus
+(entity -> subject, relation -> relation); ``--loci subject,relation,relation_before_subject``
+evaluates every combination (the full cube).
+
+Results go to ``--out``: ``details.jsonl`` (one row per edit, written as it finishes; rerunning
+with the same ``--out`` resumes), ``summary.csv``, and the tables ``table1_relation_requests``,
+``table2_entity_requests`` and ``cube`` (accuracy) with ``_tok`` (per-token accuracy) and
+``_score`` (CounterFact score) twins, each ``.csv`` and ``.md``: means over edits with 95%
+bootstrap intervals, ``n`` edits scored and ``failed`` edits per row.
 """
 
 from __future__ import annotations
 
+import time
+
 from . import add_bos_arg, add_model_arg
 
 
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def register(sub) -> None:
-    p = sub.add_parser("reproduce", help="the paper's Table 1 (relation edits) and Table 2 (entity edits)",
+    p = sub.add_parser("reproduce", help="the paper's Table 1 (relation-based requests) and Table 2 (entity-based)",
                        description=__doc__.split("\n\n", 1)[1] if __doc__ else None)
     add_model_arg(p)
     p.add_argument("--facts", "-f", default="toy-facts",
                    help="'toy-facts' (the bundled world's CounterFact split) or a CounterFact JSON file")
     p.add_argument("--out", "-o", required=True, help="output folder (resumable)")
-    p.add_argument("-n", type=int, default=100, help="facts per (method, locus) cell, a seeded sample (default 100; "
-                                                      "0 = all)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the fact sample (default 0)")
-    p.add_argument("--methods", default="ft,kn,rome,memit", help="comma-separated methods (default ft,kn,rome,memit)")
-    p.add_argument("--loci", default="subject,relation", help="comma-separated edit loci (default subject,relation)")
+    p.add_argument("-n", type=int, default=100, help="facts per cell, a seeded sample (default 100; 0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fact sample and bleed subjects (default 0)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods (default: every registered one, in the paper's order "
+                        "FT, KN, MEND, ROME, MEMIT)")
+    p.add_argument("--requests", default="entity,relation",
+                   help="comma-separated request perspectives (default entity,relation)")
+    p.add_argument("--loci", default="paired",
+                   help="'paired' (entity->subject, relation->relation; default) or comma-separated key loci "
+                        "from subject,relation,relation_before_subject, evaluated for every request")
+    p.add_argument("--kn-preset", default=None, help="KN preset: kn-original (default) or kn-calibrated")
+    p.add_argument("--ft-preset", default=None, help="FT preset: ft-toy, ft-gpt2-xl (default: by model)")
+    p.add_argument("--bleed-subjects", type=int, default=5,
+                   help="other subjects of the relation probed for bleed per fact (x 2 phrasings; default 5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_bos_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..evaluation import evaluate, to_markdown, paper_table, write_tables
+    from ..evaluation import evaluate, paper_table, to_markdown, write_tables
     from ..facts import load_facts
     from ..loading import load_model
 
+    start = time.perf_counter()
     model = load_model(args.model, device=args.device)
     facts = load_facts(args.facts)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    loci = [m.strip() for m in args.loci.split(",") if m.strip()]
-    summary = evaluate(model, facts, methods=methods, loci=loci, n=args.n or None, out=args.out, seed=args.seed,
+    methods = _split(args.methods) if args.methods else None
+    requests = _split(args.requests)
+    loci = None if args.loci.strip() == "paired" else _split(args.loci)
+    kwargs: dict[str, dict] = {}
+    if args.kn_preset:
+        kwargs["kn"] = {"preset": args.kn_preset}
+    if args.ft_preset:
+        kwargs["ft"] = {"preset": args.ft_preset}
+    summary = evaluate(model, facts, methods=methods, requests=requests, loci=loci, n=args.n or None, out=args.out,
+                       seed=args.seed, method_kwargs=kwargs, bleed_subjects_per_fact=args.bleed_subjects,
                        raise_errors=bool(args.debug), progress=not args.no_progress, prepend_bos=args.prepend_bos)
     written = write_tables(summary, args.out, model_name=f" ({args.model})")
-    for locus, title in (("relation", "Table 1: relation-based edits"), ("subject", "Table 2: entity-based edits")):
-        if locus in loci:
-            print(to_markdown(paper_table(summary, locus), f"{title} (accuracy, %)"))
-    errors = int(summary[("n", "errors")].sum())
-    if errors:
-        print(f"{errors} edit(s) failed; see the 'error' field of {args.out}/details.jsonl")
+    for request, title in (("relation", "Table 1: relation-based requests"), ("entity", "Table 2: entity-based requests")):
+        if request in requests:
+            print(to_markdown(paper_table(summary, request), f"{title} (accuracy, %, mean [95% interval])"))
+    failed = int(summary[("n", "failed")].sum())
+    if failed:
+        print(f"{failed} edit(s) failed; see the 'error' field of {args.out}/details.jsonl")
     print("wrote " + ", ".join(str(p) for p in written))
+    print(f"reproduce took {time.perf_counter() - start:.0f} s")
     return 0

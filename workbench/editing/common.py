@@ -10,7 +10,12 @@ end in relation words (``"{} speaks"``, ``"The mother tongue of {} is"``) this i
 prompt's final token. In the KL "essence" prompt ``"{} is a"`` the relation words are
 ``" is a"``, so the relation locus reads its final token ``" a"``, whose next-token
 distribution is exactly what the KL term is meant to preserve; the subject locus reads
-the subject's last token there, as in the originals.
+the subject's last token there, as in the originals. ``locus="relation_before_subject"``
+reads the last relation token *before* the subject (``" of"`` in ``"The mother tongue of {} is"``),
+the paper's other possible reading of "relation token"; that token cannot see the subject,
+so an edit keyed there changes the relation for every subject. A template that starts with
+the subject has no such token (an :class:`EditError`); the essence prompt ``"{} is a"`` never
+has one, so its KL row reads the relation's last token instead.
 
 Rewriting prompts. The originals build ``context.format(prompt) + tok.decode(target_ids[:-1])``
 and re-tokenize; here the prompt is tokenized and ``target_ids[:-1]`` are appended as ids,
@@ -37,7 +42,8 @@ from ..facts import Fact
 from ..predict import object_token_ids
 from ..spans import SpanError, subject_span, tokenize
 
-LOCI = ("subject", "relation")
+LOCI = ("subject", "relation", "relation_before_subject")
+"""Key loci: the token whose key an edit is computed at (reference §7)."""
 
 
 class EditError(ValueError):
@@ -129,17 +135,42 @@ def fact_row(model, template: str, subject: str, locus: str, context: str = "{}"
         subj = subject_span(tokens, subject, full_template)
     except SpanError as err:
         raise EditError(str(err)) from err
-    if locus == "subject":
-        pos = subj.last
-    else:
-        lo, hi = len(prefix), len(prefix) + len(template.format(subject))
-        first = 1 if tokens.has_bos else 0
-        cand = [i for i in range(first, len(tokens)) if i not in subj
-                and tokens.offsets[i][0] < hi and tokens.offsets[i][1] > lo]
-        if not cand:
-            raise EditError(f"template {template!r} has no relation words besides the subject {subject!r}")
-        pos = cand[-1]
+    pos = key_position(tokens, subj, locus, (len(prefix), len(prefix) + len(template.format(subject))))
+    if pos is None:
+        where = "before the subject" if locus == "relation_before_subject" else "besides the subject"
+        raise EditError(f"template {template!r} has no relation words {where} {subject!r}")
     return Row(ids=tuple(tokens.ids) + tuple(int(i) for i in suffix_ids), pos=pos, text=text)
+
+
+def key_position(tokens, subj, locus: str, chars: tuple[int, int] | None = None) -> int | None:
+    """Token index of the key ``locus`` in ``tokens`` (``None`` when the prompt has no such token).
+
+    ``subj`` is the subject's span; ``chars`` the character range of the template's own text
+    (relation tokens outside it, e.g. a context prefix, never count; default: the whole prompt).
+    """
+    check_locus(locus)
+    if locus == "subject":
+        return subj.last
+    lo, hi = chars if chars is not None else (0, len(tokens.prompt))
+    first = 1 if tokens.has_bos else 0
+    cand = [i for i in range(first, len(tokens)) if i not in subj
+            and tokens.offsets[i][0] < hi and tokens.offsets[i][1] > lo]
+    if locus == "relation_before_subject":
+        cand = [i for i in cand if i < subj.first]
+    return cand[-1] if cand else None
+
+
+def locus_position(model, prompt: str, subject: str, locus: str, template: str | None = None) -> int:
+    """Token index of the key ``locus`` in ``prompt`` as the model tokenizes it (an :class:`EditError` if none)."""
+    tokens = tokenize(model, prompt)
+    try:
+        subj = subject_span(tokens, subject, template)
+    except SpanError as err:
+        raise EditError(str(err)) from err
+    pos = key_position(tokens, subj, locus)
+    if pos is None:
+        raise EditError(f"prompt {prompt!r} has no {locus.replace('_', ' ')} token (subject {subject!r})")
+    return pos
 
 
 def _pad_id(model) -> int:
@@ -247,7 +278,8 @@ def compute_target(model, request: dict, hook_name: str, *, templates: Sequence[
     n_t = len(target_ids)
     rewrite = [fact_row(model, request["prompt"], request["subject"], locus, context=c, suffix_ids=target_ids[:-1])
                for c in templates]
-    kl = [fact_row(model, p, request["subject"], locus) for p in kl_prompts]
+    kl_locus = "relation" if locus == "relation_before_subject" else locus  # "{} is a" has no such token
+    kl = [fact_row(model, p, request["subject"], kl_locus) for p in kl_prompts]
     rows = rewrite + kl
     ids, pos, lengths = pad_rows(model, rows)
     n_rw = len(rewrite)

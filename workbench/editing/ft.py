@@ -15,19 +15,29 @@ with ``W_out + D``), so a failure
 at any point leaves the weights untouched, and the result is an :class:`Edit` to apply,
 revert or save like ROME's.
 
-**Locus.** Fine-tuning has no token locus: by default (``positions="all"``) D acts at every
-token, exactly as the changed weight will, and ``locus`` is only recorded on the edit, so
-FT's subject and relation rows coincide by construction. ``positions="locus"`` is a
-variant that lets D act during training only at the locus token (the subject's or the
-relation's last token of the rewrite prompt), so the gradient reaches ``W_out`` only
-through that token's key; the saved edit is still a plain weight change.
+With ``train_bias`` the projection's bias gets a trainable, equally bounded delta too
+(``hook_mlp_out += b``), as ROME's FT-L trains every parameter of the module.
 
-Defaults (chosen on the bundled model, see ``FT_DEFAULTS``): the layer is ROME's layer for
-the model (``rome_hparams_for(model).layers[0]``), Adam lr 1e-2, at most 25 steps, L-inf bound
-1e-2 per entry (the bundled model's ``W_out`` entries have std ~0.07), early stop at loss
-0.01. On 100 bundled facts this gives 98% reliability on the rewrite prompt with 96%
-locality (a 20-fact sweep: bound 5e-3 reaches only 60%; 2e-2 costs locality, 79%). ROME's FT-L for
-GPT-2 XL used lr = bound = 5e-4; pass those for it.
+**Request and locus.** FT trains on the request prompt ``fact.prompt``, so the request
+perspective (subject-first or relation-first phrasing, :mod:`workbench.perspective`) is what
+distinguishes its rows. It has no token locus: by default (``positions="all"``) D acts at
+every token, exactly as the changed weight will, and ``locus`` is only recorded.
+``positions="locus"`` is a variant that lets D act during training only at the locus token,
+so the gradient reaches ``W_out`` only through that token's key; the saved edit is still a
+plain weight change.
+
+Presets (:data:`FT_PRESETS`; the one used is ``hparams["preset"]`` of the edit):
+
+* ``"ft-toy"`` (the bundled model's, chosen on it): ROME's layer for the model
+  (``rome_hparams_for(model).layers[0]``), weight only, Adam lr 1e-2, at most 25 steps, L-inf
+  bound 1e-2 per entry (the bundled model's ``W_out`` entries have std ~0.07), early stop at
+  loss 0.01 (a 20-fact sweep of the bound: 5e-3 reached 60% reliability, 2e-2 cost locality);
+* ``"ft-gpt2-xl"`` (:data:`FT_GPT2_XL`): ROME's constrained FT-L for GPT-2 XL: weight *and*
+  bias of ``c_proj`` at layer 0, lr = bound = 5e-4, 25 steps. (The original's loss scores
+  every target token at the prompt's last position; here the target is teacher-forced,
+  which is the same for one-token objects.)
+
+:func:`ft_hparams_for` picks ``ft-gpt2-xl`` for GPT-2 XL and ``ft-toy`` otherwise.
 """
 
 from __future__ import annotations
@@ -41,9 +51,9 @@ from ..architecture import mlp_weights
 from ..facts import Fact
 from ..loading import model_fingerprint
 from ..predict import object_token_ids
-from ..spans import resolve_span, tokenize
-from .common import follows_bos_convention
-from .edit import Edit
+from ..spans import tokenize
+from .common import check_locus, follows_bos_convention, locus_position
+from .edit import Edit, named_parameters
 
 
 @dataclass
@@ -58,12 +68,25 @@ class FTHyperParams:
     weight_decay: float = 0.0
     positions: str = "all"  # "all" (FT-L) or "locus" (delta active only at the locus token while training)
     prepend_bos: bool | None = None  # BOS before every prompt (None: the model's convention)
+    train_bias: bool = False
+    preset: str = "ft-toy"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-FT_DEFAULTS = FTHyperParams()
+FT_TOY = FTHyperParams()
+FT_GPT2_XL = FTHyperParams(layer=0, lr=5e-4, steps=25, norm_constraint=5e-4, early_stop_loss=1e-2,
+                           train_bias=True, preset="ft-gpt2-xl")
+FT_PRESETS: dict[str, FTHyperParams] = {"ft-toy": FT_TOY, "ft-gpt2-xl": FT_GPT2_XL}
+FT_DEFAULTS = FT_TOY
+
+
+def ft_hparams_for(model) -> FTHyperParams:
+    """The FT preset for ``model``: ``ft-gpt2-xl`` for GPT-2 XL, else ``ft-toy``."""
+    from .hparams import _model_key
+
+    return FT_GPT2_XL if _model_key(model) == "gpt2-xl" else FT_TOY
 
 
 def default_layer(model) -> int:
@@ -73,30 +96,28 @@ def default_layer(model) -> int:
     return int(rome_hparams_for(model).layers[0])
 
 
-def locus_position(model, prompt: str, subject: str, locus: str, template: str | None = None) -> int:
-    """Token index of the locus in ``prompt``: the subject's or the relation's last token."""
-    if locus not in ("subject", "relation"):
-        raise ValueError(f"locus must be 'subject' or 'relation', not {locus!r}")
-    return resolve_span(tokenize(model, prompt), locus, subject, template).last
-
-
 @follows_bos_convention
 def ft(model, fact: Fact, new_object: str | None = None, *, layer: int | None = None, locus: str = "subject",
-       hparams: FTHyperParams | dict | None = None, prepend_bos: bool | None = None, **overrides: Any) -> Edit:
+       hparams: FTHyperParams | dict | None = None, preset: str | None = None, prepend_bos: bool | None = None,
+       **overrides: Any) -> Edit:
     """Fine-tune ``W_out`` of one layer so that ``fact.prompt`` predicts ``new_object``.
 
     Args:
         fact: the fact; ``new_object`` defaults to ``fact.target_new``.
         layer: the block whose MLP output projection is trained (default: ROME's layer).
-        locus: ``"subject"`` or ``"relation"``; recorded, and used for ``positions="locus"``.
+        locus: one of :data:`~workbench.editing.common.LOCI`; recorded, and used for ``positions="locus"``.
         hparams: :class:`FTHyperParams` or a dict of its fields; ``overrides`` change single fields.
+        preset: a name of :data:`FT_PRESETS` to start from (default :func:`ft_hparams_for`).
         prepend_bos: BOS before every prompt (default: ``hparams.prepend_bos``, else the model's
             convention, :func:`workbench.editing.hparams.editing_prepend_bos`); recorded in ``hparams``.
 
     Returns:
         An :class:`Edit` (method ``"ft"``) whose ``info`` has the loss per step.
     """
-    hp = hparams if isinstance(hparams, FTHyperParams) else FTHyperParams(**(hparams or {}))
+    if preset is not None and preset not in FT_PRESETS:
+        raise ValueError(f"unknown FT preset {preset!r}; choose from {sorted(FT_PRESETS)}")
+    base = FT_PRESETS[preset] if preset is not None else ft_hparams_for(model)
+    hp = hparams if isinstance(hparams, FTHyperParams) else replace(base, **(hparams or {}))
     hp = replace(hp, **overrides)
     hp = replace(hp, prepend_bos=prepend_bos)
     if layer is not None:
@@ -105,12 +126,13 @@ def ft(model, fact: Fact, new_object: str | None = None, *, layer: int | None = 
         hp = replace(hp, layer=default_layer(model))
     if not 0 <= hp.layer < model.cfg.n_layers:
         raise ValueError(f"layer {hp.layer} is outside the model's {model.cfg.n_layers} layers")
+    check_locus(locus)
     if hp.positions not in ("all", "locus"):
         raise ValueError(f"positions must be 'all' or 'locus', not {hp.positions!r}")
     new = new_object if new_object is not None else fact.target_new
     if not new:
         raise ValueError(f"fact {fact.id} ({fact.prompt!r}) has no new object to fine-tune towards")
-    pos = locus_position(model, fact.prompt, fact.subject, locus, fact.template)
+    pos = locus_position(model, fact.prompt, fact.subject, locus, fact.template) if hp.positions == "locus" else None
 
     mlp = mlp_weights(model, hp.layer)
     name, weight = mlp.out_name, mlp.out_weight
@@ -121,7 +143,14 @@ def ft(model, fact: Fact, new_object: str | None = None, *, layer: int | None = 
     target_t = torch.tensor(target, device=weight.device)
 
     delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=hp.lr, weight_decay=hp.weight_decay)
+    bias_name = mlp.out_bias_name
+    if hp.train_bias and bias_name is None:
+        raise ValueError(f"train_bias=True but the MLP output projection of layer {hp.layer} has no bias")
+    bias = named_parameters(model)[bias_name] if hp.train_bias else None
+    bias_delta = (torch.zeros(bias.shape, dtype=torch.float32, device=weight.device, requires_grad=True)
+                  if bias is not None else None)
+    params = [delta] + ([bias_delta] if bias_delta is not None else [])
+    opt = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
     post: dict[str, torch.Tensor] = {}
 
     def keep_post(x, hook):
@@ -130,6 +159,8 @@ def ft(model, fact: Fact, new_object: str | None = None, *, layer: int | None = 
 
     def add_delta(x, hook):
         change = mlp.project(post["x"], delta.to(post["x"].dtype))
+        if bias_delta is not None:
+            change = change + bias_delta.to(change.dtype)
         if hp.positions == "locus":
             mask = torch.zeros(x.shape[1], 1, dtype=x.dtype, device=x.device)
             mask[pos] = 1
@@ -152,11 +183,15 @@ def ft(model, fact: Fact, new_object: str | None = None, *, layer: int | None = 
             loss.backward()
             opt.step()
             with torch.no_grad():
-                delta.clamp_(-hp.norm_constraint, hp.norm_constraint)
+                for p in params:
+                    p.clamp_(-hp.norm_constraint, hp.norm_constraint)
     post.clear()
     request = fact.with_new(new).to_request()
+    deltas = {name: delta.detach().to(weight.dtype)}
+    if bias_delta is not None:
+        deltas[bias_name] = bias_delta.detach().to(bias.dtype)
     return Edit(
-        deltas={name: delta.detach().to(weight.dtype)},
+        deltas=deltas,
         method="ft", locus=locus, requests=[request],
         hparams={**hp.to_dict(), "locus_position": pos},
         info={"layer": hp.layer, "steps": len(losses) - 1, "loss": losses, "final_loss": losses[-1],

@@ -41,7 +41,7 @@ def memit(model, facts: Sequence[Fact | dict], *, layers: Sequence[int] | None =
           prepend_bos: bool | None = None, verbose: bool = False, progress: bool = True) -> Edit:
     """Compute one MEMIT edit for all ``facts`` (each needs a ``target_new``).
 
-    ``layers`` overrides ``hparams.layers``; ``locus`` is ``"subject"`` or ``"relation"``;
+    ``layers`` overrides ``hparams.layers``; ``locus`` is one of :data:`~workbench.editing.common.LOCI`;
     ``stats``: ``{layer: LayerStats | tensor}`` (computed with :func:`layer_stats` for
     the missing layers); ``prepend_bos`` as in :func:`workbench.editing.rome.rome`. Returns an
     unapplied :class:`Edit`.
@@ -63,7 +63,7 @@ def memit(model, facts: Sequence[Fact | dict], *, layers: Sequence[int] | None =
     flat = flatten(groups)
     bare = [fact_row(model, r["prompt"], r["subject"], locus) for r in requests]  # validates every request
     for r in requests:
-        fact_row(model, "{} is a", r["subject"], locus)
+        fact_row(model, "{} is a", r["subject"], "relation" if locus == "relation_before_subject" else locus)
     R = [int(l) for l in hp.layers]
     z_layer = R[-1]
     z_hook = f"blocks.{z_layer}.hook_resid_post"

@@ -114,8 +114,8 @@ def rome(model, fact: Fact | dict, new_object: str | None = None, *, layer: int 
     fingerprint = model_fingerprint(model)
     groups = resolve_templates(model, hp, fingerprint)
     flat = flatten(groups)
-    for prompt in (request["prompt"], "{} is a"):  # validate the fact token before any work
-        fact_row(model, prompt, request["subject"], locus)
+    fact_row(model, request["prompt"], request["subject"], locus)  # validate the fact token before any work
+    fact_row(model, "{} is a", request["subject"], "relation" if locus == "relation_before_subject" else locus)
     if verbose:
         print(f"ROME ({locus}): {request_summary(request)}", file=sys.stderr)
 
@@ -123,10 +123,13 @@ def rome(model, fact: Fact | dict, new_object: str | None = None, *, layer: int 
     per_layer: list[dict[str, Any]] = []
     layers = sorted(int(l) for l in hp.layers)
     touched: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (param, original copy)
+    # every layer's covariance on the unedited model, before any update (a cold cache would
+    # otherwise store statistics of the partly edited model under the unedited fingerprint)
+    covs = {l: resolve_cov(model, l, stats, hp, fingerprint) if hp.mom2_adjustment else (None, {})
+            for l in layers}
     try:
         for layer_ in layers:
-            cov, cov_info = (resolve_cov(model, layer_, stats, hp, fingerprint) if hp.mom2_adjustment
-                             else (None, {}))
+            cov, cov_info = covs[layer_]
             u, k_star = compute_u(model, request, layer_, flat, locus, cov)
             mlp = mlp_weights(model, layer_)
             res = compute_target(model, request, mlp.out_hook, templates=flat, locus=locus,
