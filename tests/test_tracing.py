@@ -366,3 +366,52 @@ def test_bundled_model_engines_agree():
     for kind in inc.kinds:
         assert np.abs(inc.scores[kind] - ref.scores[kind]).max() < TOL
     assert inc.scores["hidden"][-1, -1] == np.float32(inc.p_clean)
+
+
+# ------------------------------------------------------------------ dataset-level noise, strict filter, buckets
+
+def test_dataset_level_noise_is_used_and_recorded(tiny_model):
+    from workbench.tracing.noise import noise_level
+
+    subjects = ["Danielle Darrieux", "Miles Davis", "Varo Keltin"]
+    nu = noise_level(tiny_model, subjects, "s3")
+    a = trace(tiny_model, "Miles Davis plays the", subject="Miles Davis", kinds=("hidden",), samples=2,
+              noise="s3", noise_subjects=subjects)
+    b = trace(tiny_model, "Miles Davis plays the", subject="Miles Davis", kinds=("hidden",), samples=2, noise=nu)
+    own = trace(tiny_model, "Miles Davis plays the", subject="Miles Davis", kinds=("hidden",), samples=2)
+    assert a.noise_level == pytest.approx(nu) and a.noise_rule == "s3 over 3 subjects"
+    assert b.noise_rule == "given" and own.noise_rule.startswith("s3 over 'Miles Davis'")
+    np.testing.assert_allclose(a.scores["hidden"], b.scores["hidden"], rtol=1e-5, atol=1e-7)
+    assert own.noise_level != pytest.approx(nu)
+    assert type(a).from_dict(a.to_dict()).noise_rule == a.noise_rule
+
+
+def test_relation_buckets_by_hand():
+    from workbench.tracing.dataset import relation_bucket_positions
+
+    # "<bos> The mother tongue of Varo Keltin is": relation 1..4 and 7, subject 5, 6
+    assert relation_bucket_positions([1, 2, 3, 4, 7], [5, 6], 8) == {
+        "relation before subject": [1, 2, 3], "last relation before subject": [4], "subject": [5, 6],
+        "relation after subject": [], "last token": [7]}
+    # "<bos> Varo Keltin grew up speaking": subject first
+    assert relation_bucket_positions([3, 4, 5], [1, 2], 6) == {
+        "relation before subject": [], "last relation before subject": [], "subject": [1, 2],
+        "relation after subject": [3, 4], "last token": [5]}
+
+
+def test_trace_dataset_relation_buckets_and_strict_filter(peaky, monkeypatch):
+    from workbench.tracing.results import RELATION_BUCKETS
+
+    facts = _facts(peaky, monkeypatch)
+    res = trace_dataset(peaky, facts, corrupt="relation", kinds=("hidden",), samples=2, progress=False)
+    assert list(res.aie["hidden"].index) == list(RELATION_BUCKETS)
+    assert res.noise_rule == f"s3 over {len(facts)} subjects"
+    assert res.counts["subject"] > 0 and res.counts["last token"] == len(facts) - res.n_skipped
+    import workbench.evaluation as ev
+
+    calls = []
+    monkeypatch.setattr(ev, "score_objects", lambda m, pairs: calls.append(pairs) or [ev.ObjectScore(0.0, False)])
+    strict = trace_dataset(peaky, facts, kinds=("hidden",), samples=2, progress=False, known="strict")
+    assert strict.n_skipped == len(facts) and len(calls) == len(facts) - res.n_skipped
+    with pytest.raises(ValueError):
+        trace_dataset(peaky, facts, known="sometimes", progress=False)

@@ -26,6 +26,7 @@ class Prepared:
     relation_span: Span | None
     noise_level: float
     engine: Engine
+    noise_rule: str = ""
 
     def resolve_answer(self, model, answer: AnswerSpec) -> int:
         if answer is None:
@@ -46,7 +47,8 @@ def _span_text(tokens: Tokenized, span: Span) -> str:
 def prepare(model, prompt: str, *, subject: str | None = None, corrupt: SpanSpec = "subject",
             template: str | None = None, samples: int = 10, noise: NoiseSpec = "s3", seed: int = 1,
             replace: bool = False, prepend_bos: bool | None = None, precision: str = "exact",
-            engine: str = "auto", max_batch: int | None = None) -> Prepared:
+            engine: str = "auto", max_batch: int | None = None,
+            noise_subjects: Sequence[str] | None = None) -> Prepared:
     """Tokenize, find spans, draw the noise and run the clean pass (shared by every trace)."""
     if samples < 1:
         raise ValueError("samples must be >= 1")
@@ -54,17 +56,30 @@ def prepare(model, prompt: str, *, subject: str | None = None, corrupt: SpanSpec
     span = resolve_span(tokens, corrupt, subject, template)
     subj = subject_span(tokens, subject, template) if subject is not None else None
     rel = relation_span(tokens, subject, template) if subject is not None else None
-    kind, value = parse_noise(noise)
-    if kind == "std":
-        # Over the given subject; without one, over the text of the corrupted span.
-        nu = noise_level(model, [subject if subject is not None else _span_text(tokens, span)], noise)
-    else:
-        nu = value
+    nu, rule = resolve_noise(model, noise, noise_subjects, subject if subject is not None
+                             else _span_text(tokens, span))
+    kind, _ = parse_noise(noise)
     eps = draw_noise(samples, len(span), model.cfg.d_model, nu, seed=seed, uniform=kind == "uniform")
     corruption = Corruption(span.positions, eps, replace=replace)
     ids = tokens.tensor(model.cfg.device)
     eng = make_engine(model, ids, corruption, engine=engine, precision=precision, max_batch=max_batch)
-    return Prepared(tokens, span, subj, rel, nu, eng)
+    return Prepared(tokens, span, subj, rel, nu, eng, rule)
+
+
+def resolve_noise(model, noise: NoiseSpec, subjects: Sequence[str] | None, fallback: str) -> tuple[float, str]:
+    """``(nu, rule)``: the noise level and how it was obtained.
+
+    A number is nu itself (e.g. a dataset-level nu computed once); ``"s<x>"`` is x times the
+    std of the embeddings of ``subjects`` when given (a dataset-level nu over a list of
+    subjects), else of ``fallback`` (the traced subject, or the corrupted text).
+    """
+    kind, value = parse_noise(noise)
+    if kind != "std":
+        return value, ("given" if kind == "level" else f"uniform {value!r}")
+    if subjects is not None:
+        subjects = list(subjects)
+        return noise_level(model, subjects, noise), f"{noise} over {len(subjects)} subjects"
+    return noise_level(model, [fallback], noise), f"{noise} over {fallback!r}"
 
 
 def _decode(model, token_id: int) -> str:
@@ -75,13 +90,15 @@ def trace(model, prompt: str, *, subject: str | None = None, corrupt: SpanSpec =
           kinds: Sequence[str] = KINDS, samples: int = 10, noise: NoiseSpec = "s3", window: int = 10,
           answer: AnswerSpec = None, seed: int = 1, prepend_bos: bool | None = None, precision: str = "exact",
           template: str | None = None, replace: bool = False, engine: str = "auto",
-          max_batch: int | None = None) -> TraceResult:
+          max_batch: int | None = None, noise_subjects: Sequence[str] | None = None) -> TraceResult:
     """Causal trace of ``prompt``: p_restored for every (token, layer) cell of each kind.
 
     ``corrupt``: ``"subject"``, ``"relation"`` (needs ``subject``), a substring, a (start,
     end) token range or positions. ``noise``: nu itself (a number), ``"s<x>"`` (x times
-    the std of the subject's token embeddings; of the corrupted text when no subject is
-    given) or ``"u<x>"`` (uniform in [-x, x]); ``replace=True`` replaces the embeddings by
+    the std of the token embeddings of ``noise_subjects`` when given -- a dataset-level nu --,
+    else of the subject, else of the corrupted text) or ``"u<x>"`` (uniform in [-x, x]); a
+    number passes a dataset-level nu computed once (:func:`~workbench.tracing.noise.noise_level`).
+    The result records nu (``noise_level``) and how it was obtained (``noise_rule``); ``replace=True`` replaces the embeddings by
     the noise instead of adding it. The draw is ``RandomState(seed).randn(samples,
     span_len, d_model) * nu``, shared by every cell. ``answer``: the token to score (the
     clean top-1 by default; a string scores its first token with a leading space; an int
@@ -101,7 +118,7 @@ def trace(model, prompt: str, *, subject: str | None = None, corrupt: SpanSpec =
             raise ValueError(f"unknown trace kind {kind!r}; use any of {KINDS}")
     prep = prepare(model, prompt, subject=subject, corrupt=corrupt, template=template, samples=samples,
                    noise=noise, seed=seed, replace=replace, prepend_bos=prepend_bos, precision=precision,
-                   engine=engine, max_batch=max_batch)
+                   engine=engine, max_batch=max_batch, noise_subjects=noise_subjects)
     return _trace_prepared(model, prep, prompt, corrupt, kinds, window, answer, seed)
 
 
@@ -121,6 +138,7 @@ def _trace_prepared(model, prep: Prepared, prompt: str, corrupt, kinds: tuple, w
         answer=_decode(model, answer_id), p_clean=p_clean, p_corrupt=p_corrupt, scores=scores, kinds=kinds,
         noise_level=prep.noise_level, samples=eng.S, window=window, seed=seed,
         model_spec=getattr(model, "workbench_spec", None), prepend_bos=prep.tokens.has_bos, engine=eng.name,
+        noise_rule=prep.noise_rule,
     )
 
 
@@ -148,7 +166,8 @@ def severed_trace(model, prompt: str, *, subject: str | None = None, corrupt: Sp
                   token: str | int = "last_corrupted", samples: int = 10, noise: NoiseSpec = "s3",
                   answer: AnswerSpec = None, seed: int = 1, prepend_bos: bool | None = None,
                   precision: str = "exact", template: str | None = None, replace: bool = False,
-                  engine: str = "auto", max_batch: int | None = None) -> SeveredResult:
+                  engine: str = "auto", max_batch: int | None = None,
+                  noise_subjects: Sequence[str] | None = None) -> SeveredResult:
     """Hidden-state restoration at ``token``, per layer, with nothing / all MLPs / all attention severed.
 
     Severing sets ``hook_mlp_out`` (or ``hook_attn_out``) of every layer at ``token`` to its
@@ -159,7 +178,7 @@ def severed_trace(model, prompt: str, *, subject: str | None = None, corrupt: Sp
     """
     prep = prepare(model, prompt, subject=subject, corrupt=corrupt, template=template, samples=samples,
                    noise=noise, seed=seed, replace=replace, prepend_bos=prepend_bos, precision=precision,
-                   engine=engine, max_batch=max_batch)
+                   engine=engine, max_batch=max_batch, noise_subjects=noise_subjects)
     eng = prep.engine
     n, L = len(prep.tokens), model.cfg.n_layers
     t = _severed_token(prep, token, n)
@@ -171,5 +190,6 @@ def severed_trace(model, prompt: str, *, subject: str | None = None, corrupt: Sp
         answer=_decode(model, answer_id), p_clean=float(eng.clean_probs[answer_id]), p_corrupt=p_corrupt,
         corrupted_span=prep.corrupted_span, none=flat[:L].copy(), mlp_severed=flat[L:2 * L].copy(),
         attn_severed=flat[2 * L:].copy(), prepend_bos=prep.tokens.has_bos, engine=eng.name,
+        noise_level=prep.noise_level, noise_rule=prep.noise_rule,
     )
 

@@ -10,12 +10,16 @@ with sorted positions P in a prompt of n tokens:
   first after is the last token, both buckets get it; when the span ends at the last
   token, first after and further get nothing).
 
-For a contiguous subject span this is exactly ROME's notebook. For a non-contiguous span
-(the relation around the subject, ``"The capital of {} is"``) the tokens inside the span's
-hull that are not corrupted (the subject) and the tokens before the span are in no
-bucket; ``per_fact`` keeps every fact's full maps for other aggregations. The averaged
-quantity is the indirect effect (score - p_corrupt of the fact), over facts whose clean
-top-1 token is the first token of the expected object; the others are skipped, counted.
+For a contiguous subject span this is exactly ROME's notebook. Relation-corrupted sweeps use
+:data:`~workbench.tracing.results.RELATION_BUCKETS` instead (:func:`relation_bucket_positions`),
+since the relation is split around the subject (``"The capital of {} is"``): relation tokens
+before the subject (all but the last of them; the last of them), the uncorrupted subject
+tokens, relation tokens after the subject (but the last token), and the last token.
+``per_fact`` keeps every fact's full maps for other aggregations. The averaged quantity is the
+indirect effect (score - p_corrupt of the fact), over the facts the model knows; the others are
+skipped, counted. ``known="first_token"`` (default) keeps a fact when the clean top-1 token is
+the expected object's first token; ``known="strict"`` is ROME's filter: the greedy
+continuation is the *whole* object (teacher-forced argmax at every object token).
 
 With ``out=DIR`` the sweep is a :class:`workbench.store.ResultStore`: every finished fact is
 appended to ``DIR/facts.jsonl`` (one JSON object per line, fsynced;
@@ -41,7 +45,7 @@ from ..store import ResultStore, content_hash
 from .api import _trace_prepared, prepare
 from .engine import KINDS
 from .noise import NoiseSpec, noise_level, parse_noise
-from .results import BUCKETS, DatasetTraceResult, TraceResult, span_to_list
+from .results import BUCKETS, RELATION_BUCKETS, DatasetTraceResult, TraceResult, span_to_list
 
 STORE_KIND = "trace-sweep"
 """``kind`` of a sweep's :class:`workbench.store.ResultStore`."""
@@ -63,22 +67,47 @@ def bucket_positions(span_positions: Sequence[int], n_tokens: int) -> dict[str, 
     }
 
 
-def aggregate(records: Iterable[dict], kinds: Sequence[str], n_layers: int
+def relation_bucket_positions(relation_positions: Sequence[int], subject_positions: Sequence[int],
+                              n_tokens: int) -> dict[str, list[int]]:
+    """Token positions feeding each bucket of :data:`RELATION_BUCKETS` (see the module docstring)."""
+    rel, subj = sorted(int(p) for p in relation_positions), sorted(int(p) for p in subject_positions)
+    end = n_tokens - 1
+    before = [p for p in rel if p < subj[0]]
+    return {
+        "relation before subject": before[:-1],
+        "last relation before subject": before[-1:],
+        "subject": subj,
+        "relation after subject": [p for p in rel if p > subj[-1] and p != end],
+        "last token": [end],
+    }
+
+
+def aggregate(records: Iterable[dict], kinds: Sequence[str], n_layers: int, buckets: str = "corrupted"
               ) -> tuple[dict[str, pd.DataFrame], pd.Series]:
-    """Mean IE per bucket and layer over kept records (dicts with scores, p_corrupt, span, n_tokens)."""
-    sums = {k: np.zeros((len(BUCKETS), n_layers)) for k in kinds}
-    counts = np.zeros(len(BUCKETS), dtype=np.int64)
+    """Mean IE per bucket and layer over kept records (dicts with scores, p_corrupt, spans, n_tokens).
+
+    ``buckets="corrupted"``: :data:`BUCKETS` around the corrupted span; ``"relation"``:
+    :data:`RELATION_BUCKETS` (needs each record's ``relation_span`` and ``subject_span``).
+    """
+    if buckets not in ("corrupted", "relation"):
+        raise ValueError(f"buckets must be 'corrupted' or 'relation', not {buckets!r}")
+    names = BUCKETS if buckets == "corrupted" else RELATION_BUCKETS
+    sums = {k: np.zeros((len(names), n_layers)) for k in kinds}
+    counts = np.zeros(len(names), dtype=np.int64)
     for rec in records:
         if not rec["kept"]:
             continue
-        buckets = bucket_positions(rec["corrupted_span"], rec["n_tokens"])
-        for b, name in enumerate(BUCKETS):
-            counts[b] += len(buckets[name])
+        if buckets == "corrupted":
+            positions = bucket_positions(rec["corrupted_span"], rec["n_tokens"])
+        else:
+            positions = relation_bucket_positions(rec["relation_span"], rec["subject_span"], rec["n_tokens"])
+        for b, name in enumerate(names):
+            counts[b] += len(positions[name])
             for kind in kinds:
                 ie = np.asarray(rec["scores"][kind], dtype=np.float64) - rec["p_corrupt"]
-                for p in buckets[name]:
+                for p in positions[name]:
                     sums[kind][b] += ie[p]
-    index = pd.Index(BUCKETS, name="bucket")
+    index = pd.Index(names, name="bucket")
     columns = pd.Index(range(n_layers), name="layer")
     with np.errstate(invalid="ignore", divide="ignore"):
         aie = {k: pd.DataFrame(sums[k] / counts[:, None], index=index, columns=columns) for k in kinds}
@@ -122,13 +151,15 @@ def trace_dataset(model, facts: Sequence[Fact] | str, *, corrupt: str = "subject
                   out: str | os.PathLike | None = None, samples: int = 10, noise: NoiseSpec = "s3",
                   window: int = 10, seed: int = 1, prepend_bos: bool | None = None, precision: str = "exact",
                   replace: bool = False, engine: str = "auto", max_batch: int | None = None,
-                  progress: bool = True) -> DatasetTraceResult:
+                  known: str = "first_token", progress: bool = True) -> DatasetTraceResult:
     """Trace every fact (``corrupt`` = ``"subject"`` or ``"relation"``) and average IE per bucket.
 
     ``facts``: :class:`Fact` objects or a source for :func:`workbench.load_facts`. The
     noise rule ``"s<x>"`` is evaluated once over all the facts' subjects. Facts whose
     clean top-1 is not the expected object's first token are skipped and counted. ``out``
-    makes the sweep resumable (module docstring). Other arguments as in :func:`trace`.
+    makes the sweep resumable (module docstring). ``known``: ``"first_token"`` or ROME's
+    ``"strict"`` known-fact filter (module docstring). Other arguments as in :func:`trace`;
+    every fact is traced with the same dataset-level nu, recorded in the result.
     """
     from tqdm.auto import tqdm
 
@@ -138,14 +169,19 @@ def trace_dataset(model, facts: Sequence[Fact] | str, *, corrupt: str = "subject
     kinds = tuple(kinds)
     if corrupt not in ("subject", "relation"):
         raise ValueError(f"trace_dataset corrupts 'subject' or 'relation', not {corrupt!r}")
+    if known not in ("first_token", "strict"):
+        raise ValueError(f"known must be 'first_token' or 'strict', not {known!r}")
     kind, value = parse_noise(noise)
     nu = noise_level(model, [f.subject for f in facts], noise) if kind == "std" else value
+    rule = f"{noise} over {len(facts)} subjects" if kind == "std" else ("given" if kind == "level" else str(noise))
     noise_arg = f"u{nu!r}" if kind == "uniform" else nu
     L = model.cfg.n_layers
     store = None
     if out is not None:
         key = sweep_key(model, facts, corrupt=corrupt, kinds=kinds, samples=samples, noise=noise, nu=nu,
                         window=window, seed=seed, prepend_bos=prepend_bos, precision=precision, replace=replace)
+        if known != "first_token":  # folders of first-token sweeps stay resumable
+            key["known"] = known
         store = ResultStore.open(out, kind=STORE_KIND, key=key, id_fields=("index",), rows_name=ROWS_FILE)
     records: list[dict] = []
     try:
@@ -156,18 +192,29 @@ def trace_dataset(model, facts: Sequence[Fact] | str, *, corrupt: str = "subject
                 records.append(store.get(i))
                 continue
             rec = _trace_fact(model, i, fact, corrupt, kinds, samples, noise_arg, window, seed, prepend_bos,
-                              precision, replace, engine, max_batch)
+                              precision, replace, engine, max_batch, known)
+            rec["noise_level"] = nu
             records.append(store.append(rec) if store is not None else rec)
             bar.update(1)
         bar.close()
     finally:
         if store is not None:
             store.close()
-    return _summarize(records, kinds, L, corrupt, nu)
+    result = _summarize(records, kinds, L, corrupt, nu)
+    result.noise_rule = rule
+    return result
+
+
+def _knows_whole_object(model, fact: Fact) -> bool:
+    """ROME's strict filter: the greedy continuation of the prompt is the whole expected object."""
+    from ..evaluation import score_objects
+
+    return score_objects(model, [(fact.prompt, fact.target_true)])[0].correct
 
 
 def _trace_fact(model, index: int, fact: Fact, corrupt: str, kinds: tuple, samples: int, noise, window: int,
-                seed: int, prepend_bos, precision: str, replace: bool, engine: str, max_batch) -> dict:
+                seed: int, prepend_bos, precision: str, replace: bool, engine: str, max_batch,
+                known: str = "first_token") -> dict:
     prep = prepare(model, fact.prompt, subject=fact.subject, corrupt=corrupt, template=fact.template,
                    samples=samples, noise=noise, seed=seed, replace=replace, prepend_bos=prepend_bos,
                    precision=precision, engine=engine, max_batch=max_batch)
@@ -175,14 +222,14 @@ def _trace_fact(model, index: int, fact: Fact, corrupt: str, kinds: tuple, sampl
     top = int(prep.engine.clean_probs.argmax())
     p_clean = float(prep.engine.clean_probs[top])
     answer = model.tokenizer.decode([top])
-    if top != expected:
+    if top != expected or (known == "strict" and not _knows_whole_object(model, fact)):
         return _record(index, fact, None, prep, False, p_clean, top, answer, expected)
     result = _trace_prepared(model, prep, fact.prompt, corrupt, kinds, window, top, seed)
     return _record(index, fact, result, prep, True, p_clean, top, answer, expected)
 
 
 def _summarize(records: list[dict], kinds: tuple, n_layers: int, corrupt: str, nu: float) -> DatasetTraceResult:
-    aie, counts = aggregate(records, kinds, n_layers)
+    aie, counts = aggregate(records, kinds, n_layers, "relation" if corrupt == "relation" else "corrupted")
     rows = []
     for rec in records:
         row = {k: rec[k] for k in ("index", "id", "prompt", "subject", "target", "kept", "answer", "p_clean",

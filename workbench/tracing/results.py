@@ -16,6 +16,11 @@ from ..spans import Span
 BUCKETS = ("first corrupted", "middle corrupted", "last corrupted", "first after", "further", "last token")
 """Position buckets of averaged traces (reference §1, ROME's notebook), in plotting order."""
 
+RELATION_BUCKETS = ("relation before subject", "last relation before subject", "subject", "relation after subject",
+                    "last token")
+"""Buckets of relation-corrupted traces: relation tokens before the subject (all but the last of them, and the
+last), the uncorrupted subject tokens, relation tokens after the subject (but the last token), the last token."""
+
 
 def span_to_list(span: Span | None) -> list[int] | None:
     return None if span is None else [int(p) for p in span.positions]
@@ -48,6 +53,7 @@ class TraceResult:
     model_spec: str | None = None
     prepend_bos: bool | None = None  # whether BOS was prepended to the prompt
     engine: str | None = None  # the engine that computed the scores
+    noise_rule: str = ""  # how noise_level was obtained, e.g. "s3 over 300 subjects" or "given"
 
     def ie(self, kind: str) -> np.ndarray:
         """Indirect effect p_restored - p_corrupt (float64) of ``kind``."""
@@ -63,7 +69,7 @@ class TraceResult:
             "scores": {k: np.asarray(v).tolist() for k, v in self.scores.items()}, "kinds": list(self.kinds),
             "noise_level": float(self.noise_level), "samples": int(self.samples), "window": int(self.window),
             "seed": int(self.seed), "model_spec": self.model_spec, "prepend_bos": self.prepend_bos,
-            "engine": self.engine,
+            "engine": self.engine, "noise_rule": self.noise_rule,
         }
 
     @classmethod
@@ -78,7 +84,7 @@ class TraceResult:
             scores={k: np.asarray(v, dtype=np.float32) for k, v in data["scores"].items()},
             kinds=tuple(data["kinds"]), noise_level=float(data["noise_level"]), samples=int(data["samples"]),
             window=int(data["window"]), seed=int(data["seed"]), model_spec=data.get("model_spec"),
-            prepend_bos=data.get("prepend_bos"), engine=data.get("engine"),
+            prepend_bos=data.get("prepend_bos"), engine=data.get("engine"), noise_rule=data.get("noise_rule", ""),
         )
 
     def save_json(self, path: str | os.PathLike) -> Path:
@@ -115,6 +121,8 @@ class SeveredResult:
     attn_severed: np.ndarray
     prepend_bos: bool | None = None
     engine: str | None = None
+    noise_level: float = float("nan")
+    noise_rule: str = ""
 
     def to_dict(self) -> dict:
         return {
@@ -123,6 +131,7 @@ class SeveredResult:
             "p_corrupt": float(self.p_corrupt), "corrupted_span": span_to_list(self.corrupted_span),
             "none": self.none.tolist(), "mlp_severed": self.mlp_severed.tolist(),
             "attn_severed": self.attn_severed.tolist(), "prepend_bos": self.prepend_bos, "engine": self.engine,
+            "noise_level": float(self.noise_level), "noise_rule": self.noise_rule,
         }
 
     @classmethod
@@ -130,7 +139,8 @@ class SeveredResult:
         arr = lambda k: np.asarray(data[k], dtype=np.float32)  # noqa: E731
         return cls(data["prompt"], list(data["tokens"]), int(data["token"]), int(data["answer_id"]), data["answer"],
                    float(data["p_clean"]), float(data["p_corrupt"]), span_from_list(data["corrupted_span"]),
-                   arr("none"), arr("mlp_severed"), arr("attn_severed"), data.get("prepend_bos"), data.get("engine"))
+                   arr("none"), arr("mlp_severed"), arr("attn_severed"), data.get("prepend_bos"), data.get("engine"),
+                   float(data.get("noise_level", float("nan"))), data.get("noise_rule", ""))
 
 
 @dataclass
@@ -147,3 +157,4 @@ class DatasetTraceResult:
     kinds: tuple
     noise_level: float
     per_fact: pd.DataFrame = field(repr=False)
+    noise_rule: str = ""  # e.g. "s3 over 300 subjects" (one dataset-level nu for every fact) or "given"
