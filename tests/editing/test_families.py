@@ -51,7 +51,7 @@ def test_edits_reach_new_object_and_revert(family_models, model_type, tmp_path_f
         "memit": memit(model, [FACT], layers=[0, 1], locus="relation",
                        hparams={**EDIT_HP, "mom2_update_weight": 1.0}, stats=stats, progress=False),
         "ft": ft(model, FACT, layer=1, steps=40, lr=0.05, norm_constraint=0.1),
-        "kn": kn(model, FACT, lam_grid=(1.0, 4.0, 16.0, 64.0)),
+        "kn": kn(model, FACT, preset="kn-calibrated", threshold=0.2, lam_grid=(1.0, 4.0, 16.0, 64.0, 256.0)),
     }
     assert identical(model, before)  # computing never changes the model
     for method, edit in edits.items():

@@ -282,9 +282,10 @@ def test_shipped_editor_flips_held_out_facts_and_reverts(toy_model, shipped):
 
 def test_mend_in_evaluate_with_the_shipped_editor(toy_model, shipped):
     facts = wb.load_facts("toy-facts")
-    table = evaluate(toy_model, facts, methods=("mend",), loci=("subject",), n=3, progress=False, raise_errors=True)
-    row = table.loc[("mend", "subject")]
-    assert row[("n", "edits")] == 3 and row[("n", "errors")] == 0
+    table = evaluate(toy_model, facts, methods=("mend",), requests=("entity",), n=3, progress=False,
+                     raise_errors=True, n_boot=20)
+    row = table.loc[("mend", "entity", "subject")]
+    assert row[("n", "edits")] == 3 and row[("n", "failed")] == 0
     assert row[("entity", "reliability_score")] + row[("relation", "reliability_score")] > 0
 
 
