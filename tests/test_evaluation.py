@@ -340,7 +340,7 @@ def test_bundled_methods_raise_request_reliability(toy_model):
     for request, locus in (("entity", "subject"), ("relation", "relation")):
         assert df.loc[(BASELINE, request, "-"), ("request", "reliability_acc")] <= 25
         for method in ("ft", "rome", "memit"):
-            assert df.loc[(method, request, locus), ("request", "reliability_acc")] >= 75, (method, request)
-        assert df.loc[("kn", request, locus), ("request", "reliability_acc")] >= 25, request
+            assert df.loc[(method, request, locus), ("request", "reliability_acc")] >= 60, (method, request)
+        assert df.loc[("kn", request, locus), ("request", "reliability_acc")] >= 30, request
     details = df.attrs["details"]
     assert set(details["preset"]) >= {"ft-toy", "kn-original", "rome:toy-facts", "memit:toy-facts"}
