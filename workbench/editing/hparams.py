@@ -113,7 +113,9 @@ ends at 17 in GPT-2 XL, and takes the layers whose window-1 AIE is at least half
 peak: R = [2, 3]. λ (mom2_update_weight) = 100: the originals' 20,000 is calibrated to
 GPT-2 XL's keys and here blocks the edit entirely (50 facts: efficacy 0.00); a sweep
 over 1..20,000 (10 steps, 6 templates, 50 facts) gave efficacy/unrelated-kept 0.78/0.42 (λ=10),
-0.84/0.50 (100), 0.40/0.74 (1000), 0.00/0.995 (20,000)."""
+0.84/0.50 (100), 0.40/0.74 (1000), 0.00/0.995 (20,000). ROME_TOY over 200 known CounterFact
+facts of the bundled world (one edit each): new object top-1 on the rewrite prompt 98.0 %,
+paraphrases 92.8 %, neighbourhood answers kept 82.1 % (docs/results.md)."""
 
 ROME_TOY = ROMEHyperParams(layers=[3], mom2_n_tokens=200_000)
 MEMIT_TOY = MEMITHyperParams(layers=[2, 3], mom2_update_weight=100.0, mom2_n_tokens=200_000)
