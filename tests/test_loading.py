@@ -59,3 +59,132 @@ def test_fingerprint_tracks_weights(tiny_model):
     with torch.no_grad():
         model.blocks[1].mlp.W_out[3, :] += 1e-3
     assert model_fingerprint(model) != before
+
+
+# ------------------------------------------------------------------ bad model folders (issue: inputs at the border)
+
+def _copy_bundled(dst, skip=()):
+    import shutil
+
+    from workbench.loading import bundled_path
+
+    dst.mkdir()
+    for f in bundled_path().iterdir():
+        if f.name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json") and \
+                f.name not in skip:
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def test_folder_without_tokenizer_is_refused(tmp_path):
+    """Problem 3: no tokenizer files used to load a 1-entry tokenizer that maps every prompt to [0]."""
+    folder = _copy_bundled(tmp_path / "m", skip=("tokenizer.json", "tokenizer_config.json"))
+    with pytest.raises(ModelLoadError, match="no tokenizer files"):
+        load_model(folder, device="cpu")
+
+
+def test_tokenizer_of_another_size_is_refused(tiny_model):
+    from types import SimpleNamespace
+
+    from workbench.loading import check_tokenizer
+
+    tok = tiny_model.workbench_hf_tokenizer
+    check_tokenizer(tok, SimpleNamespace(vocab_size=len(tok)))
+    with pytest.raises(ModelLoadError, match="embeds only"):
+        check_tokenizer(tok, SimpleNamespace(vocab_size=len(tok) - 1))
+    with pytest.raises(ModelLoadError, match="another model"):
+        check_tokenizer(tok, SimpleNamespace(vocab_size=len(tok) * 3))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "random"])
+def test_unreadable_weights_name_the_file(tmp_path, damage):
+    """Problem 11: a corrupt safetensors file gave a raw SafetensorError naming no file."""
+    import os
+
+    folder = _copy_bundled(tmp_path / "m")
+    w = folder / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes(data[: len(data) // 2] if damage == "truncate" else os.urandom(4096))
+    with pytest.raises(ModelLoadError, match=f"{w}.*not a readable safetensors file"):
+        load_model(folder, device="cpu")
+
+
+def test_invalid_config_and_wrong_width_name_the_file(tmp_path):
+    """Problem 11: invalid config.json (no file named) and a wrong n_embd ("look at the above report")."""
+    import json
+
+    folder = _copy_bundled(tmp_path / "a")
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match=f"{folder / 'config.json'} is not a readable JSON config"):
+        load_model(folder, device="cpu")
+    folder = _copy_bundled(tmp_path / "b")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["n_embd"] *= 2
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"model.safetensors is \(128, 384\), config gives \(256, 768\)"):
+        load_model(folder, device="cpu")
+
+
+def test_unsupported_architecture_fails_at_load_naming_hooks(tmp_path):
+    """Problem 14: a Mamba model loaded and then failed later with a hook-name KeyError."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    tok = load_model("toy-facts", device="cpu").workbench_hf_tokenizer
+    MambaForCausalLM(MambaConfig(vocab_size=len(tok), hidden_size=16, num_hidden_layers=1, state_size=4)
+                     ).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="not supported.*blocks.0.hook_mlp_out"):
+        load_model(tmp_path, device="cpu")
+
+
+def test_load_model_moves_the_weights_to_the_device(monkeypatch):
+    """Problem 8: the bridge does not move a model it is handed; load_model must (spied: no GPU here)."""
+    import workbench.loading as loading
+
+    real, moved = loading._load_folder, []
+
+    def spying(path, dtype):
+        model, tok = real(path, dtype)
+        original = model.to
+
+        def to(*args, **kwargs):
+            moved.append(kwargs.get("device", args[0] if args else None))
+            return original(*args, **kwargs)
+
+        model.to = to
+        return model, tok
+
+    monkeypatch.setattr(loading, "_load_folder", spying)
+    monkeypatch.setattr(loading, "resolve_spec", lambda spec: ("folder", loading.bundled_path()))
+    model = load_model("toy-facts", device="cpu")
+    assert moved and str(moved[0]) == "cpu"
+    assert {p.device.type for p in hf_model(model).parameters()} == {"cpu"}
+
+
+def test_save_hf_tokenizer_tokenizes_like_the_original(toy_model, tmp_path):
+    """Problem 15: the saved tokenizer prepended BOS by itself ([0, 341, 740] instead of [341, 740])."""
+    from transformers import AutoTokenizer
+
+    from workbench.loading import bundled_path
+    from workbench.spans import tokenize
+
+    save_hf(toy_model, tmp_path)
+    text = "Varo Keltin was born in"
+    original = AutoTokenizer.from_pretrained(str(bundled_path()))(text)["input_ids"]
+    assert AutoTokenizer.from_pretrained(str(tmp_path))(text)["input_ids"] == original
+    again = load_model(tmp_path, device="cpu")
+    assert tokenize(again, text).ids == tokenize(toy_model, text).ids
+
+
+def test_bare_bundled_name_is_reserved_and_says_so(tmp_path, monkeypatch):
+    """Problem 14: `--model toy-facts` silently preferred the bundled model over a ./toy-facts folder."""
+    from workbench.loading import bundled_path, resolve_spec
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_spec("toy-facts") == ("bundled", bundled_path())
+    _copy_bundled(tmp_path / "toy-facts")
+    with pytest.warns(UserWarning, match=r"pass './toy-facts'"):
+        assert resolve_spec("toy-facts")[0] == "bundled"
+    kind, path = resolve_spec("./toy-facts")
+    assert kind == "folder" and path.resolve() == (tmp_path / "toy-facts").resolve()
+    assert resolve_spec("bundled:toy-facts") == ("bundled", bundled_path())

@@ -2,8 +2,10 @@
 
 Three kinds of ``spec`` are accepted:
 
-* ``"toy-facts"`` — the bundled model, trained by this project on a synthetic world
-  of facts (``assets/toy-facts``); always offline.
+* ``"toy-facts"`` (or ``"bundled:toy-facts"``) — the bundled model, trained by this
+  project on a synthetic world of facts (``assets/toy-facts``); always offline. The bare
+  name is reserved: it means the bundled model even where a ``./toy-facts`` folder exists
+  (a note says so); write ``./toy-facts`` for that folder.
 * a local folder in Hugging Face format (``config.json``, weights, tokenizer files);
   always offline.
 * a hub name such as ``"gpt2-xl"``; needs network access to the hub.
@@ -19,6 +21,8 @@ format.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -28,9 +32,39 @@ import torch
 BUNDLED = "toy-facts"
 """Name of the bundled model and world."""
 
+BUNDLED_PREFIX = "bundled:"
+"""``"bundled:toy-facts"`` names the bundled model explicitly."""
+
+REQUIRED_HOOKS = ("hook_embed", "blocks.{l}.hook_resid_post", "blocks.{l}.hook_mlp_out", "blocks.{l}.hook_attn_out")
+"""Hook names tracing and editing rely on; a model whose bridge lacks one is refused at load."""
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+"""Files of which a model folder needs at least one for its tokenizer."""
+
+log = logging.getLogger(__name__)
+
 
 class ModelLoadError(RuntimeError):
-    """A model spec could not be resolved to weights on this machine."""
+    """A model spec could not be resolved to a usable model; the message names the file and the fix."""
+
+
+def is_bundled_name(spec: str | os.PathLike, *, note: bool = True) -> bool:
+    """Whether ``spec`` names the bundled model/world (``"toy-facts"`` or ``"bundled:toy-facts"``).
+
+    The bare name is reserved for the bundled assets; when a ``./toy-facts`` folder also
+    exists, a note (a ``UserWarning``) says which one is used and how to pick the folder.
+    """
+    text = str(spec)
+    if text == BUNDLED_PREFIX + BUNDLED:
+        return True
+    if text != BUNDLED:
+        return False
+    if note and Path(text).is_dir():
+        msg = (f"'{BUNDLED}' names the bundled model/world; a ./{BUNDLED} folder exists here too and is NOT used "
+               f"(pass './{BUNDLED}' to use that folder)")
+        log.warning(msg)
+        warnings.warn(msg, UserWarning, stacklevel=3)
+    return True
 
 
 def assets_dir() -> Path:
@@ -60,13 +94,16 @@ def default_device() -> str:
 def resolve_spec(spec: str | os.PathLike) -> tuple[str, Path | None]:
     """Classify a spec: ``("bundled"|"folder"|"hub", local_path_or_None)``."""
     text = str(spec)
-    if text == BUNDLED:
+    if is_bundled_name(text):
         return "bundled", bundled_path()
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{path} is a folder but has no config.json: not a Hugging Face model folder.")
         return "folder", path
+    if path.is_file():
+        raise ModelLoadError(f"{path} is a file; a model is a folder (config.json, *.safetensors, tokenizer files), "
+                             f"'{BUNDLED}', or a hub name")
     if text.startswith((".", "/", "~")) or os.sep in text and not _looks_like_hub_id(text):
         raise ModelLoadError(f"No model folder at {path}.")
     return "hub", None
@@ -139,20 +176,145 @@ def load_model(
         source = name
     else:
         assert path is not None
-        hf_model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        hf_model, tokenizer = _load_folder(path, dtype)
         source = str(path)
-    hf_model.eval()
+    check_tokenizer(tokenizer, hf_model.config, source)
+    # The bridge does not move a model it is handed: put the weights where they are asked for.
+    hf_model.to(device=device).eval()
+    original_tokenizer = tokenizer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         bridge = TransformerBridge.boot_transformers(
             source, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
         )
+    check_hooks(bridge, source)
     bridge.eval()
     for param in bridge.parameters():
         param.requires_grad_(False)
+    # The bridge's own tokenizer prepends BOS; save_hf writes this unmodified one.
+    bridge.workbench_hf_tokenizer = original_tokenizer
     bridge.workbench_spec = str(spec)
     return bridge
+
+
+def _read_config(path: Path) -> dict:
+    cfg_path = path / "config.json"
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{cfg_path} is not a readable JSON config ({err}); restore it from the model's source "
+                             f"or re-save the folder with save_pretrained") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ModelLoadError(f"{cfg_path} has no 'model_type'; it is not a Hugging Face model config")
+    return config
+
+
+def _weight_files(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin"))
+
+
+def check_model_folder(path: str | os.PathLike) -> dict:
+    """Check a Hugging Face model folder before loading it; returns its parsed ``config.json``.
+
+    Raises :class:`ModelLoadError` naming the file at fault when the config does not parse,
+    no tokenizer file is present, or no weight file (or a weight file whose safetensors
+    header is unreadable) is found.
+    """
+    path = Path(path)
+    config = _read_config(path)
+    if not any((path / name).exists() for name in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"{path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); without them every prompt would "
+            f"be tokenized wrongly. Copy the tokenizer files of the model's source into {path}, or save the folder "
+            f"with save_hf / tokenizer.save_pretrained")
+    weights = _weight_files(path)
+    if not weights:
+        raise ModelLoadError(f"{path} has no weight files (*.safetensors or pytorch_model*.bin)")
+    from safetensors import safe_open
+
+    for file in weights:
+        if file.suffix != ".safetensors":
+            continue
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                fh.keys()
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type
+            raise ModelLoadError(f"{file} is not a readable safetensors file ({type(err).__name__}: {err}); "
+                                 f"the download or copy is probably incomplete: fetch the file again") from None
+    return config
+
+
+def _shape_mismatches(path: Path, limit: int = 3) -> list[str]:
+    """``"name: file (a, b) vs config (c, d)"`` for tensors whose saved shape differs from the config's."""
+    try:
+        from safetensors import safe_open
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        with torch.device("meta"):
+            fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
+        expected = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+        out = []
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as fh:
+                for name in fh.keys():
+                    shape = tuple(fh.get_slice(name).get_shape())
+                    want = expected.get(name)
+                    if want is not None and want != shape:
+                        out.append(f"{name} in {file.name} is {shape}, config gives {want}")
+        return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
+    except Exception:  # noqa: BLE001 - only a better message is at stake
+        return []
+
+
+def _load_folder(path: Path, dtype: torch.dtype):
+    """Model and tokenizer of a local folder, every failure as a ModelLoadError naming the folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_folder(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=dtype)
+    except Exception as err:  # noqa: BLE001 - transformers raises many types; the path is what the user needs
+        text = " ".join(str(err).split())
+        mismatches = _shape_mismatches(path)
+        detail = ("; shapes in the weight files differ from what config.json implies: " + "; ".join(mismatches)
+                  if mismatches else f": {type(err).__name__}: {text[:600]}")
+        raise ModelLoadError(f"cannot load the weights in {path}{detail}. Check that {path / 'config.json'} matches "
+                             f"the weight files (n_embd, n_layer, n_head, vocab_size, ...)") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as err:  # noqa: BLE001
+        raise ModelLoadError(f"cannot load the tokenizer in {path}: {type(err).__name__}: {err}") from None
+    return model, tokenizer
+
+
+def check_tokenizer(tokenizer, config, source: str = "the model") -> None:
+    """Refuse a tokenizer that cannot belong to a model with ``config.vocab_size`` embeddings.
+
+    More tokens than embeddings would index past the table; fewer than half of them means
+    another model's (or a placeholder) tokenizer. Models pad their vocabulary by a few
+    percent at most, so real pairs pass.
+    """
+    vocab = getattr(config, "vocab_size", None)
+    n = len(tokenizer)
+    if vocab is None:
+        return
+    if n > vocab:
+        raise ModelLoadError(f"the tokenizer of {source} has {n} tokens but the model embeds only {vocab} "
+                             f"(config vocab_size); the tokenizer files belong to another model")
+    if n < vocab // 2:
+        raise ModelLoadError(f"the tokenizer of {source} has {n} tokens for a model with {vocab} embeddings; "
+                             f"the tokenizer files are missing, a placeholder, or belong to another model")
+
+
+def check_hooks(bridge, source: str = "the model") -> None:
+    """Refuse a bridge that lacks the hook points tracing and editing use (e.g. state-space models)."""
+    names = set(bridge.hook_dict)
+    missing = [h.format(l=0) for h in REQUIRED_HOOKS if h.format(l=0) not in names]
+    if missing:
+        arch = getattr(getattr(bridge, "cfg", None), "architecture", None) or "this architecture"
+        raise ModelLoadError(
+            f"{source} ({arch}) is not supported: its bridge has no hook points {', '.join(missing)}, which causal "
+            f"tracing and editing need (transformer blocks with attention and MLP outputs)")
 
 
 def hf_model(model):
@@ -243,7 +405,11 @@ def model_info(model) -> dict:
 
 
 def save_hf(model, out_dir: str | os.PathLike) -> Path:
-    """Write the model's current (possibly edited) weights and tokenizer as a HF folder."""
+    """Write the model's current (possibly edited) weights and tokenizer as a HF folder.
+
+    The tokenizer written is the one the model was loaded with, not the bridge's copy
+    (which prepends BOS by itself), so the saved folder tokenizes exactly like the source.
+    """
     from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
@@ -252,7 +418,14 @@ def save_hf(model, out_dir: str | os.PathLike) -> Path:
     fresh = AutoModelForCausalLM.from_config(config)
     fresh.load_state_dict({k: v.detach().to("cpu").contiguous() for k, v in hf_state_dict(model).items()})
     fresh.save_pretrained(str(out), safe_serialization=True)
-    model.tokenizer.save_pretrained(str(out))
+    tokenizer = getattr(model, "workbench_hf_tokenizer", None)
+    if tokenizer is None:
+        msg = ("save_hf: this bridge was not built by workbench, so its own tokenizer (which may prepend BOS by "
+               "itself) is saved")
+        log.warning(msg)
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        tokenizer = model.tokenizer
+    tokenizer.save_pretrained(str(out))
     return out
 
 
@@ -312,6 +485,7 @@ def random_model(n_layers: int = 2, d_model: int = 64, n_heads: int = 4, *, n_ct
         warnings.simplefilter("ignore")
         bridge = TransformerBridge.boot_transformers(tokenizer.name_or_path, hf_model=hf, tokenizer=tokenizer,
                                                      device=device, dtype=dtype)
+    bridge.workbench_hf_tokenizer = tokenizer
     bridge.eval()
     for param in bridge.parameters():
         param.requires_grad_(False)
