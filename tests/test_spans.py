@@ -82,3 +82,18 @@ def test_template_mismatch_is_an_error(tiny_model):
     tokens = tokenize(tiny_model, "The capital of France is")
     with pytest.raises(SpanError, match="not the prompt"):
         subject_span(tokens, "France", template="{} is big")
+
+
+def test_integer_ranges_of_any_integer_type_and_non_integers_refused(tiny_model):
+    """Problem 4: (np.int64(4), np.int64(6)) was read as positions {4, 6}; (1.5, 4.2) as {1, 4}."""
+    import numpy as np
+
+    from workbench.spans import Span, SpanError, resolve_span, tokenize
+
+    tokens = tokenize(tiny_model, "The mother tongue of Danielle Darrieux is")
+    assert resolve_span(tokens, (np.int64(4), np.int64(6))) == Span.range(4, 6)
+    assert resolve_span(tokens, (np.int32(1), 3)) == Span.range(1, 3)
+    assert resolve_span(tokens, [np.int64(4), np.int64(6)]).positions == (4, 6)  # a list: positions
+    for bad in [(1.5, 4.2), (np.float64(1), 3), [1, 2.5], (True, 3)]:
+        with pytest.raises(SpanError, match="integers"):
+            resolve_span(tokens, bad)

@@ -415,3 +415,31 @@ def test_trace_dataset_relation_buckets_and_strict_filter(peaky, monkeypatch):
     assert strict.n_skipped == len(facts) and len(calls) == len(facts) - res.n_skipped
     with pytest.raises(ValueError):
         trace_dataset(peaky, facts, known="sometimes", progress=False)
+
+
+@pytest.mark.parametrize("kw, match", [({"window": 0}, "window must be >= 1"), ({"window": -3}, "window"),
+                                       ({"window": 2.5}, "window must be an integer"),
+                                       ({"noise": float("nan")}, "finite number > 0"),
+                                       ({"noise": float("inf")}, "finite"), ({"noise": -0.1}, "finite number > 0"),
+                                       ({"noise": "s-3"}, "std factor"), ({"noise": "snan"}, "finite"),
+                                       ({"samples": 0}, "samples")])
+def test_trace_parameters_are_validated(tiny_model, tmp_path, kw, match):
+    """Problem 4: window <= 0 gave constant maps, NaN/inf noise NaN maps, negative noise was accepted."""
+    from workbench.facts import Fact
+    from workbench.tracing.api import TraceParameterError
+
+    samples = kw.pop("samples", 2)
+    with pytest.raises(TraceParameterError, match=match):
+        trace(tiny_model, PROMPT, subject=SUBJECT, kinds=("mlp",), samples=samples, **kw)
+    fact = Fact(subject=SUBJECT, template="The mother tongue of {} is", target_true="French")
+    with pytest.raises(TraceParameterError, match=match):
+        trace_dataset(tiny_model, [fact], kinds=("mlp",), progress=False, out=tmp_path / "o",
+                      samples=samples, **kw)
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_numpy_integer_range_corrupts_the_range(peaky):
+    """Problem 4 end to end: the p_corrupt of a numpy range equals that of the int range."""
+    a = trace(peaky, PROMPT, corrupt=(np.int64(4), np.int64(6)), kinds=("hidden",), samples=2, noise=0.5)
+    b = trace(peaky, PROMPT, corrupt=(4, 6), kinds=("hidden",), samples=2, noise=0.5)
+    assert a.corrupted_span.positions == (4, 5) and a.p_corrupt == b.p_corrupt

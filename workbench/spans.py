@@ -14,9 +14,11 @@ positions that need not be contiguous; its ``last`` is the last relation token.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from dataclasses import dataclass
 from typing import Iterator, Sequence, Union
 
+import numpy as np
 import torch
 
 
@@ -205,9 +207,21 @@ def relation_span(tokens: Tokenized, subject: str, template: str | None = None) 
 SpanSpec = Union[str, tuple[int, int], Sequence[int], Span]
 
 
+def _position(value, spec) -> int:
+    """A token position: any integer type (numpy's included), never a float or a bool."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise SpanError(f"token positions must be integers; {value!r} in {spec!r} is not (a (start, end) tuple is "
+                        f"a range, a list gives positions)")
+    return int(value)
+
+
 def resolve_span(tokens: Tokenized, spec: SpanSpec, subject: str | None = None,
                  template: str | None = None) -> Span:
-    """Turn ``"subject"``, ``"relation"``, a substring, a (start, end) range or positions into a Span."""
+    """Turn ``"subject"``, ``"relation"``, a substring, a (start, end) range or positions into a Span.
+
+    A tuple of two integers (of any integer type, numpy's included) is the range
+    [start, end); any other sequence (a list) gives positions. Non-integers are refused.
+    """
     if isinstance(spec, Span):
         span = spec
     elif isinstance(spec, str):
@@ -217,10 +231,15 @@ def resolve_span(tokens: Tokenized, spec: SpanSpec, subject: str | None = None,
             span = (subject_span if spec == "subject" else relation_span)(tokens, subject, template)
         else:
             span = substring_span(tokens, spec)
-    elif isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(x, int) for x in spec):
-        span = Span.range(*spec)
+    elif isinstance(spec, tuple) and len(spec) == 2:
+        span = Span.range(*(_position(x, spec) for x in spec))
     else:
-        span = Span(tuple(int(x) for x in spec))
+        try:
+            items = list(spec)
+        except TypeError:
+            raise SpanError(f"corrupt={spec!r}: use 'subject', 'relation', a substring, a (start, end) tuple "
+                            f"or a list of token positions") from None
+        span = Span(tuple(_position(x, spec) for x in items))
     if span.start < 0 or span.end > len(tokens):
         raise SpanError(f"span {span} is outside the {len(tokens)} tokens of {tokens.prompt!r}")
     return span

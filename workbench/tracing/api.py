@@ -16,6 +16,41 @@ from .results import SeveredResult, TraceResult
 AnswerSpec = Union[str, int, None]
 
 
+class TraceParameterError(ValueError):
+    """A tracing parameter is out of its domain; the message names the parameter and what is allowed."""
+
+
+def _integer(name: str, value, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TraceParameterError(f"{name} must be an integer >= {minimum}, not {value!r}")
+    if value < minimum:
+        raise TraceParameterError(f"{name} must be >= {minimum}, not {value}")
+    return int(value)
+
+
+def check_window(window) -> int | None:
+    """``window`` (layers restored around each layer by mlp/attn cells) as an int >= 1; ``None`` passes."""
+    return None if window is None else _integer("window", window, 1)
+
+
+def check_samples(samples) -> int:
+    """``samples`` (noise draws) as an int >= 1."""
+    return _integer("samples", samples, 1)
+
+
+def check_noise(noise: NoiseSpec) -> tuple[str, float]:
+    """:func:`parse_noise`, then nu (or the std factor, or the uniform bound) finite and > 0."""
+    try:
+        kind, value = parse_noise(noise)
+    except ValueError as err:
+        raise TraceParameterError(str(err)) from None
+    if not np.isfinite(value) or value <= 0:
+        what = {"std": "the std factor x of 's<x>'", "uniform": "the bound x of 'u<x>'"}.get(kind, "nu")
+        raise TraceParameterError(f"noise={noise!r}: {what} must be a finite number > 0 (NaN, inf, zero or a "
+                                  f"negative value gives meaningless maps)")
+    return kind, value
+
+
 @dataclass
 class Prepared:
     """A prompt made ready to trace: tokens, spans, the noise draw, the engine, the answer."""
@@ -50,8 +85,8 @@ def prepare(model, prompt: str, *, subject: str | None = None, corrupt: SpanSpec
             engine: str = "auto", max_batch: int | None = None,
             noise_subjects: Sequence[str] | None = None) -> Prepared:
     """Tokenize, find spans, draw the noise and run the clean pass (shared by every trace)."""
-    if samples < 1:
-        raise ValueError("samples must be >= 1")
+    check_samples(samples)
+    check_noise(noise)
     tokens = tokenize(model, prompt, prepend_bos)
     span = resolve_span(tokens, corrupt, subject, template)
     subj = subject_span(tokens, subject, template) if subject is not None else None
@@ -124,6 +159,7 @@ def trace(model, prompt: str, *, subject: str | None = None, corrupt: SpanSpec =
 
 def _trace_prepared(model, prep: Prepared, prompt: str, corrupt, kinds: tuple, window: int,
                     answer: AnswerSpec, seed: int) -> TraceResult:
+    window = check_window(window)
     eng = prep.engine
     n, L = len(prep.tokens), model.cfg.n_layers
     answer_id = prep.resolve_answer(model, answer)

@@ -42,9 +42,9 @@ from ..facts import Fact, load_facts
 from ..loading import model_fingerprint
 from ..predict import object_token_ids
 from ..store import ResultStore, content_hash
-from .api import _trace_prepared, prepare
+from .api import _trace_prepared, check_noise, check_samples, check_window, prepare
 from .engine import KINDS
-from .noise import NoiseSpec, noise_level, parse_noise
+from .noise import NoiseSpec, noise_level
 from .results import BUCKETS, RELATION_BUCKETS, DatasetTraceResult, TraceResult, span_to_list
 
 STORE_KIND = "trace-sweep"
@@ -171,7 +171,9 @@ def trace_dataset(model, facts: Sequence[Fact] | str, *, corrupt: str = "subject
         raise ValueError(f"trace_dataset corrupts 'subject' or 'relation', not {corrupt!r}")
     if known not in ("first_token", "strict"):
         raise ValueError(f"known must be 'first_token' or 'strict', not {known!r}")
-    kind, value = parse_noise(noise)
+    check_samples(samples)
+    check_window(window)
+    kind, value = check_noise(noise)
     nu = noise_level(model, [f.subject for f in facts], noise) if kind == "std" else value
     rule = f"{noise} over {len(facts)} subjects" if kind == "std" else ("given" if kind == "level" else str(noise))
     noise_arg = f"u{nu!r}" if kind == "uniform" else nu
