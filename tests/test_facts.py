@@ -70,3 +70,71 @@ def test_bundled_world_loads():
     assert all(f.paraphrases and f.neighborhood for f in facts)
     known = load_facts("toy-facts", split="known")
     assert len(known) >= 500
+
+
+# ------------------------------------------------------------------ validation at the border
+
+def _cf(**changes):
+    rec = {"case_id": 7, "requested_rewrite": {"prompt": "The mother tongue of {} is", "relation_id": "P103",
+                                               "target_new": {"str": "English"}, "target_true": {"str": "French"},
+                                               "subject": "Danielle Darrieux"},
+           "paraphrase_prompts": ["Danielle Darrieux speaks"], "neighborhood_prompts": ["Miles Davis speaks"]}
+    rw = changes.pop("rw", {})
+    rec["requested_rewrite"].update(rw)
+    rec["requested_rewrite"] = {k: v for k, v in rec["requested_rewrite"].items() if v is not None}
+    rec.update(changes)
+    return rec
+
+
+def _load(tmp_path, *records):
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps([_cf(), *records]))
+    return load_facts(path)
+
+
+@pytest.mark.parametrize("record, match", [
+    (_cf(rw={"target_true": None}), r"record 1 \(id 7\).*no 'target_true'"),  # problem 7: loaded as ''
+    (_cf(rw={"target_true": {"str": ""}}), "target_true must be a non-empty string"),
+    (_cf(paraphrase_prompts="Danielle Darrieux speaks"), "paraphrase_prompts is a single string"),  # problem 7
+    (_cf(neighborhood_targets=["A", "B"]), "1 neighborhood_prompts but 2 neighborhood_targets"),  # problem 7
+    (_cf(rw={"prompt": "The {relation} of {} is"}), r"placeholder \{relation\}"),  # problem 14
+    (_cf(rw={"prompt": "The mother tongue of is"}), "exactly one '{}'"),
+    (_cf(rw={"subject": 12}), "subject must be a string"),
+    (_cf(neighborhood_prompts=[1, 2]), "must hold strings only"),
+    ("not a record", "expected an object"),
+])
+def test_bad_records_name_file_record_field_and_fix(tmp_path, record, match):
+    with pytest.raises(FactFormatError, match=match) as err:
+        _load(tmp_path, record)
+    assert "facts.json" in str(err.value) and "record 1" in str(err.value)
+
+
+def test_fact_constructor_validates_too():
+    with pytest.raises(FactFormatError, match="single string"):
+        Fact(subject="A", template="{} is", target_true="B", paraphrases="A is")
+    with pytest.raises(FactFormatError, match=r"placeholder \{x\}"):
+        Fact(subject="A", template="{} {x} is", target_true="B")
+    with pytest.raises(FactFormatError, match="neighborhood_targets"):
+        Fact(subject="A", template="{} is", target_true="B", neighborhood=("C is",), neighborhood_targets=("D", "E"))
+    f = Fact(subject="A", template="{{literal}} {} is", target_true="B", paraphrases=["A is"])
+    assert f.prompt == "{literal} A is" and f.paraphrases == ("A is",)
+
+
+def test_prompts_longer_than_the_context(tiny_model, tmp_path, capsys):
+    """Problem 12: a too-long prompt blocked a sweep with a bare tensor-size error; predict raised IndexError."""
+    from workbench.cli import main
+    from workbench.loading import save_hf
+    from workbench.spans import PromptTooLongError
+    from workbench.predict import top_tokens
+    from workbench.tracing import trace_dataset
+
+    long = Fact(subject="Varo Keltin", template="{} " + "and so on " * 40 + "is", target_true="x", id=42)
+    ok = Fact(subject="Varo Keltin", template="{} was born in", target_true="x", id=1)
+    with pytest.raises(FactFormatError, match=r"n_ctx = 64 tokens\): #1 \(id 42"):
+        trace_dataset(tiny_model, [ok, long], kinds=("hidden",), samples=2, progress=False, out=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(PromptTooLongError, match="n_ctx"):
+        top_tokens(tiny_model, long.prompt)
+    folder = save_hf(tiny_model, tmp_path / "m")
+    assert main(["predict", "--model", str(folder), "--device", "cpu", long.prompt]) == 1
+    assert "context (n_ctx) is 64" in capsys.readouterr().err

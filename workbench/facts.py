@@ -9,15 +9,54 @@ from __future__ import annotations
 
 import json
 import os
+import string
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from .loading import BUNDLED, bundled_path
+from .loading import BUNDLED, bundled_path, is_bundled_name
 
 
 class FactFormatError(ValueError):
-    """A facts file could not be read; the message names the file and the first bad record."""
+    """A fact or a facts file is malformed; the message names the file, the record, the field and the fix."""
+
+
+_SEQUENCE_FIELDS = ("paraphrases", "neighborhood", "neighborhood_targets", "entity_prompts", "relation_prompts")
+
+
+def check_template(template: str, field: str = "template") -> str:
+    """A template with exactly one ``{}`` (the subject) and no other placeholder; returns it.
+
+    Literal braces are written ``{{`` / ``}}`` as in :meth:`str.format`.
+    """
+    if not isinstance(template, str):
+        raise FactFormatError(f"{field} must be a string, not {type(template).__name__}")
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise FactFormatError(f"{field} {template!r} is not a valid template ({err}); write literal braces as "
+                              f"'{{{{' and '}}}}'") from None
+    extra = [f for f in fields if f != ""]
+    if extra:
+        raise FactFormatError(f"{field} {template!r} has the placeholder {{{extra[0]}}}; only one '{{}}' (where the "
+                              f"subject goes) is allowed, write literal braces as '{{{{' and '}}}}'")
+    if len(fields) != 1:
+        raise FactFormatError(f"{field} {template!r} must contain exactly one '{{}}' for the subject "
+                              f"(it has {len(fields)})")
+    return template
+
+
+def _strings(name: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        raise FactFormatError(f"{name} is a single string ({value[:60]!r}); it must be a list of strings")
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise FactFormatError(f"{name} must be a list of strings, not {type(value).__name__}") from None
+    bad = [x for x in items if not isinstance(x, str)]
+    if bad:
+        raise FactFormatError(f"{name} must hold strings only; it holds {bad[0]!r}")
+    return items
 
 
 @dataclass(frozen=True)
@@ -45,10 +84,19 @@ class Fact:
     id: str | int = 0
 
     def __post_init__(self) -> None:
-        if self.template.count("{}") != 1:
-            raise ValueError(f"Fact template must contain exactly one '{{}}': {self.template!r}")
-        if not self.subject:
-            raise ValueError("Fact subject is empty")
+        check_template(self.template)
+        if not isinstance(self.subject, str) or not self.subject:
+            raise FactFormatError(f"subject must be a non-empty string, not {self.subject!r}")
+        if not isinstance(self.target_true, str):
+            raise FactFormatError(f"target_true must be a string, not {type(self.target_true).__name__}")
+        if self.target_new is not None and (not isinstance(self.target_new, str) or not self.target_new.strip()):
+            raise FactFormatError(f"target_new must be a non-empty string or None, not {self.target_new!r}")
+        for name in _SEQUENCE_FIELDS:
+            object.__setattr__(self, name, _strings(name, getattr(self, name)))
+        if self.neighborhood_targets and len(self.neighborhood_targets) != len(self.neighborhood):
+            raise FactFormatError(f"{len(self.neighborhood)} neighborhood prompts but {len(self.neighborhood_targets)} "
+                                  f"neighborhood_targets; give one target per prompt (or none: then every "
+                                  f"neighbour expects target_true)")
 
     @property
     def prompt(self) -> str:
@@ -75,45 +123,67 @@ class Fact:
 
 def fact_from_request(request: dict, **extra: Any) -> Fact:
     """Build a :class:`Fact` from a CounterFact ``requested_rewrite`` dict."""
-    def text(value: Any) -> str | None:
+    def text(name: str, required: bool) -> str | None:
+        value = request.get(name)
         if value is None:
+            if required:
+                raise FactFormatError(f"requested_rewrite has no {name!r} (expected {{\"str\": \"...\"}})")
             return None
-        return value["str"] if isinstance(value, dict) else str(value)
+        value = value.get("str") if isinstance(value, dict) else value
+        if not isinstance(value, str) or not value.strip():
+            raise FactFormatError(f"requested_rewrite.{name} must be a non-empty string or {{\"str\": ...}}, "
+                                  f"not {request.get(name)!r}")
+        return value
 
+    for name in ("prompt", "subject"):
+        if not isinstance(request.get(name), str):
+            raise FactFormatError(f"requested_rewrite.{name} must be a string, not {request.get(name)!r}")
     return Fact(
         subject=request["subject"],
-        template=request["prompt"],
-        target_true=text(request.get("target_true")) or "",
-        target_new=text(request.get("target_new")),
+        template=check_template(request["prompt"], "requested_rewrite.prompt"),
+        target_true=text("target_true", True),
+        target_new=text("target_new", False),
         relation_id=str(request.get("relation_id", "")),
         **extra,
     )
 
 
 def _counterfact_record(rec: dict) -> Fact:
-    rw = rec["requested_rewrite"]
-    neighborhood = tuple(rec.get("neighborhood_prompts", ()))
+    rw = rec.get("requested_rewrite")
+    if not isinstance(rw, dict):
+        raise FactFormatError(f"requested_rewrite must be an object, not {rw!r}")
+    neighborhood = _strings("neighborhood_prompts", rec.get("neighborhood_prompts", ()))
     targets = rec.get("neighborhood_targets")
     if targets is None:  # CounterFact: neighbours share the true object
         targets = [fact_from_request(rw).target_true] * len(neighborhood)
+    targets = _strings("neighborhood_targets", targets)
+    if len(targets) != len(neighborhood):
+        raise FactFormatError(f"{len(neighborhood)} neighborhood_prompts but {len(targets)} neighborhood_targets; "
+                              f"give one target per prompt, or leave neighborhood_targets out (then each "
+                              f"neighbour expects target_true)")
     return fact_from_request(
         rw,
-        paraphrases=tuple(rec.get("paraphrase_prompts", ())),
+        paraphrases=_strings("paraphrase_prompts", rec.get("paraphrase_prompts", ())),
         neighborhood=neighborhood,
-        neighborhood_targets=tuple(targets),
-        entity_prompts=tuple(rec.get("subject_first_prompts", ())),
-        relation_prompts=tuple(rec.get("relation_first_prompts", ())),
+        neighborhood_targets=targets,
+        entity_prompts=_strings("subject_first_prompts", rec.get("subject_first_prompts", ())),
+        relation_prompts=_strings("relation_first_prompts", rec.get("relation_first_prompts", ())),
         id=rec.get("case_id", 0),
     )
 
 
 def _known_record(rec: dict) -> Fact:
     subject = rec["subject"]
+    if not isinstance(subject, str) or not subject:
+        raise FactFormatError(f"subject must be a non-empty string, not {subject!r}")
+    attribute = rec["attribute"]
+    if not isinstance(attribute, str) or not attribute.strip():
+        raise FactFormatError(f"attribute (the expected object) must be a non-empty string, not {attribute!r}")
     template = rec.get("template")
     if template is None:
         prompt = rec["prompt"]
-        if prompt.count(subject) != 1:
-            raise ValueError(f"subject {subject!r} must occur once in prompt {prompt!r}")
+        if not isinstance(prompt, str) or prompt.count(subject) != 1:
+            raise FactFormatError(f"subject {subject!r} must occur once in prompt {prompt!r}")
         template = prompt.replace(subject, "{}")
     return Fact(
         subject=subject,
@@ -141,12 +211,37 @@ def parse_records(records: Sequence[dict], source: str = "<records>") -> list[Fa
     facts = []
     for i, rec in enumerate(records):
         try:
+            if not isinstance(rec, dict):
+                raise FactFormatError(f"expected an object, got {type(rec).__name__}")
             facts.append(parse(rec))
         except (KeyError, TypeError, ValueError) as err:
+            ident = rec.get("case_id", rec.get("known_id")) if isinstance(rec, dict) else None
+            where = f"record {i}" + (f" (id {ident})" if ident is not None else "")
+            what = f"missing field {err}" if isinstance(err, KeyError) else str(err)
             raise FactFormatError(
-                f"{source}: record {i} is not valid {kind} ({type(err).__name__}: {err}): {str(rec)[:200]}"
-            ) from err
+                f"{source}: {where} is not valid {kind}: {what}. Fix that record (or remove it) and load again. "
+                f"Record: {str(rec)[:200]}"
+            ) from None
     return facts
+
+
+def check_fit(model, facts: Sequence[Fact], prepend_bos: bool | None = None, source: str = "facts") -> None:
+    """Refuse facts whose prompt is longer than the model's context, naming each (index, id, length, limit)."""
+    from .spans import PromptTooLongError, tokenize
+
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx is None:
+        return
+    too_long = []
+    for i, fact in enumerate(facts):
+        try:
+            tokenize(model, fact.prompt, prepend_bos)
+        except PromptTooLongError:
+            too_long.append(f"#{i} (id {fact.id}, {fact.prompt[:40]!r}...)")
+    if too_long:
+        shown = ", ".join(too_long[:5]) + (f" and {len(too_long) - 5} more" if len(too_long) > 5 else "")
+        raise FactFormatError(f"{source}: {len(too_long)} fact(s) have prompts longer than the model's context "
+                              f"(n_ctx = {n_ctx} tokens): {shown}; remove them or shorten their templates")
 
 
 def load_facts(source: str | os.PathLike | Iterable[dict] = BUNDLED, *, split: str = "counterfact") -> list[Fact]:
@@ -157,7 +252,7 @@ def load_facts(source: str | os.PathLike | Iterable[dict] = BUNDLED, *, split: s
     """
     if not isinstance(source, (str, os.PathLike)):
         return parse_records(list(source))
-    if str(source) == BUNDLED:
+    if is_bundled_name(source):
         name = {"counterfact": "counterfact.json", "known": "known_1000.json"}[split]
         path = bundled_path() / name
     else:

@@ -140,8 +140,15 @@ def bos_convention(model, prepend_bos: bool | None) -> Iterator[bool]:
             del cfg.default_prepend_bos
 
 
+class PromptTooLongError(SpanError):
+    """A prompt has more tokens than the model's context window."""
+
+
 def tokenize(model_or_tokenizer, prompt: str, prepend_bos: bool | None = None) -> Tokenized:
-    """Tokenize ``prompt`` with character offsets, prepending BOS as TransformerLens does."""
+    """Tokenize ``prompt`` with character offsets, prepending BOS as TransformerLens does.
+
+    Given a model, a prompt longer than its context (``cfg.n_ctx``) raises :class:`PromptTooLongError`.
+    """
     tok = _tokenizer(model_or_tokenizer)
     if prepend_bos is None:
         prepend_bos = default_prepend_bos(model_or_tokenizer)
@@ -153,6 +160,10 @@ def tokenize(model_or_tokenizer, prompt: str, prepend_bos: bool | None = None) -
             raise SpanError("prepend_bos=True but the tokenizer has no BOS token")
         ids = [tok.bos_token_id] + ids
         offsets = [(0, 0)] + offsets
+    n_ctx = getattr(getattr(model_or_tokenizer, "cfg", None), "n_ctx", None)
+    if n_ctx is not None and len(ids) > n_ctx:
+        raise PromptTooLongError(f"the prompt {prompt[:80]!r}{'...' if len(prompt) > 80 else ''} has {len(ids)} "
+                                 f"tokens but the model's context (n_ctx) is {n_ctx}; shorten it")
     str_tokens = tuple(tok.convert_ids_to_tokens(ids))
     str_tokens = tuple(tok.convert_tokens_to_string([t]) for t in str_tokens)
     return Tokenized(prompt, tuple(ids), tuple(offsets), str_tokens, bool(prepend_bos))

@@ -38,7 +38,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from ..facts import Fact, load_facts
+from ..facts import Fact, check_fit, load_facts
 from ..loading import model_fingerprint
 from ..predict import object_token_ids
 from ..store import ResultStore, content_hash
@@ -174,6 +174,7 @@ def trace_dataset(model, facts: Sequence[Fact] | str, *, corrupt: str = "subject
     check_samples(samples)
     check_window(window)
     kind, value = check_noise(noise)
+    check_fit(model, facts, prepend_bos)
     nu = noise_level(model, [f.subject for f in facts], noise) if kind == "std" else value
     rule = f"{noise} over {len(facts)} subjects" if kind == "std" else ("given" if kind == "level" else str(noise))
     noise_arg = f"u{nu!r}" if kind == "uniform" else nu
