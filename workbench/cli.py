@@ -37,10 +37,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``workbench`` console script."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:
-        if not getattr(args, "passthrough", False):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.rest = list(args.rest) + extra
+    if getattr(args, "passthrough", False):
+        # Pass everything after the command on verbatim: parse_known_args would split
+        # "--out DIR" into an unknown option and a stray positional.
+        words = list(sys.argv[1:] if argv is None else argv)
+        args.rest = words[words.index(args.command) + 1:]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -55,6 +55,7 @@ import math
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -159,7 +160,11 @@ def make_edit(name: str, fn: Callable, model, fact: Fact, locus: str, kwargs: di
         kwargs.setdefault("progress", False)  # one bar for the whole evaluation
     if _accepts(fn, "locus"):
         kwargs["locus"] = locus
-    return fn(model, [fact] if name in BATCH_METHODS else fact, **kwargs)
+    from .editing.edit import EditNotReachedWarning
+
+    with warnings.catch_warnings():  # recorded per row (info_reached, info_p_new), not one warning per edit
+        warnings.simplefilter("ignore", EditNotReachedWarning)
+        return fn(model, [fact] if name in BATCH_METHODS else fact, **kwargs)
 
 
 def _params(fn: Callable) -> set[str]:

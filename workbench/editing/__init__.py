@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from .common import EditError
 from .context import context_templates
-from .edit import Edit, EditStateError
+from .edit import (Edit, EditFingerprintError, EditIntegrityError, EditNotReachedWarning, EditStateError,
+                   edit_outcome)
 from .ft import FTHyperParams, ft
 from .kn import KNHyperParams, kn
+from .hparams import HyperParameterError
 from .hparams import (MEMIT_GPT2_XL, MEMIT_GPT_J, MEMIT_PRESETS, MEMIT_TOY, ROME_GPT2_XL, ROME_GPT_J, ROME_PRESETS,
                       ROME_TOY, MEMITHyperParams, ROMEHyperParams, memit_hparams_for, rome_hparams_for)
 from .memit import memit
@@ -21,7 +23,8 @@ from .rome import rome
 from .stats import LayerStats, layer_stats
 
 __all__ = [
-    "Edit", "EditStateError", "EditError",
+    "Edit", "EditStateError", "EditError", "EditFingerprintError", "EditIntegrityError", "EditNotReachedWarning",
+    "edit_outcome", "HyperParameterError",
     "rome", "memit", "ft", "kn", "FTHyperParams", "KNHyperParams", "layer_stats", "LayerStats", "context_templates",
     "ROMEHyperParams", "MEMITHyperParams", "rome_hparams_for", "memit_hparams_for",
     "ROME_GPT2_XL", "ROME_GPT_J", "ROME_TOY", "MEMIT_GPT2_XL", "MEMIT_GPT_J", "MEMIT_TOY",

@@ -21,20 +21,30 @@ Per-model state lives on the wrapped Hugging Face module (attribute
 applying an edit that is already applied, or reverting one that is not, raises
 :class:`EditStateError`; edits that touch the same parameter must be reverted in the
 reverse order of application (otherwise restoring one copy would erase the other edit).
-Applying is itself a transaction: if adding any delta fails, the parameters already
-changed are restored before the error propagates.
+Applying is itself a transaction, end to end: if any step fails (adding a delta, the
+checksums, the bookkeeping), the parameters are restored before the error propagates.
+
+Provenance and integrity: an edit records the fingerprint of the weights it was computed
+on, and :meth:`Edit.apply` refuses a model with other weights (another model of the same
+shape, or one with other edits applied) unless ``force=True``. Saved edits carry a
+SHA-256 of every delta, checked by :meth:`Edit.load`. Methods decorated with
+:func:`reports_outcome` record in ``edit.info`` whether the edit reached its new object
+(``reached``, ``p_new``, ``top1``) and warn (:class:`EditNotReachedWarning`) when not.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
+import logging
 import os
 import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -42,8 +52,31 @@ _STATE_ATTR = "_workbench_applied_edits"
 _META_KEY = "workbench_edit"
 
 
+log = logging.getLogger(__name__)
+
+
 class EditStateError(RuntimeError):
     """An edit was applied twice, reverted while not applied, or reverted out of order."""
+
+
+class EditFingerprintError(EditStateError):
+    """An edit is applied to weights other than those it was computed on (override: ``force=True``)."""
+
+
+class EditIntegrityError(ValueError):
+    """A saved edit file is unreadable or its deltas do not match their recorded checksums."""
+
+
+class EditNotReachedWarning(UserWarning):
+    """An edit was computed but the edited model does not predict the new object."""
+
+
+def delta_checksum(t: torch.Tensor) -> str:
+    """SHA-256 of a delta's dtype, shape and bytes (what :meth:`Edit.save` records and :meth:`Edit.load` checks)."""
+    t = t.detach().to("cpu").contiguous()
+    digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def _hf(model):
@@ -164,11 +197,13 @@ class Edit:
                                  f"{tuple(params[name].shape)}")
         return {n: params[n] for n in self.deltas}
 
-    def apply(self, model) -> "Edit":
+    def apply(self, model, force: bool = False) -> "Edit":
         """Add the deltas to ``model``'s parameters in place; returns ``self``.
 
-        Raises :class:`EditStateError` if this edit is already applied to ``model``.
-        Non-finite deltas are refused before any weight changes.
+        Raises :class:`EditStateError` if this edit is already applied to ``model``, and
+        :class:`EditFingerprintError` if the model's weights are not those the edit was
+        computed on (``force=True`` applies anyway). Non-finite deltas are refused before
+        any weight changes; any failure after that restores the weights.
         """
         hf = _hf(model)
         state = _state(hf)
@@ -178,18 +213,31 @@ class Edit:
         for name, delta in self.deltas.items():
             if not torch.isfinite(delta).all():
                 raise ValueError(f"delta for {name} has non-finite values; refusing to apply")
+        if self.model_fingerprint is not None and not force:
+            from ..loading import model_fingerprint
+
+            current = model_fingerprint(model)
+            if current != self.model_fingerprint:
+                applied = len(state)
+                raise EditFingerprintError(
+                    f"{self!r} was computed on weights with fingerprint {self.model_fingerprint}, but this model's "
+                    f"weights have {current} (another model, or the same one with "
+                    f"{applied if applied else 'other'} edit(s) applied); recompute the edit on this model, or pass "
+                    f"force=True to apply it anyway")
         originals: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             try:
                 for name, param in params.items():
                     originals[name] = param.detach().clone()
                     param.add_(self.deltas[name].to(device=param.device, dtype=param.dtype))
+                checksums = {name: _checksum(p) for name, p in params.items()}
+                state.append((self.id, originals, checksums))
             except BaseException:
                 for name, orig in originals.items():
                     params[name].copy_(orig)
+                if state and state[-1][0] == self.id:
+                    state.pop()
                 raise
-        checksums = {name: _checksum(p) for name, p in params.items()}
-        state.append((self.id, originals, checksums))
         return self
 
     def revert(self, model) -> "Edit":
@@ -216,9 +264,9 @@ class Edit:
         return self
 
     @contextlib.contextmanager
-    def applied(self, model) -> Iterator[Any]:
-        """Context manager: apply on entry, revert on exit (also on error)."""
-        self.apply(model)
+    def applied(self, model, force: bool = False) -> Iterator[Any]:
+        """Context manager: apply on entry (``force`` as in :meth:`apply`), revert on exit (also on error)."""
+        self.apply(model, force=force)
         try:
             yield model
         finally:
@@ -249,7 +297,7 @@ class Edit:
         """Everything but the deltas, JSON-ready."""
         return _jsonable({"id": self.id, "method": self.method, "locus": self.locus, "requests": self.requests,
                           "hparams": self.hparams, "info": self.info, "model_fingerprint": self.model_fingerprint,
-                          "format": 1})
+                          "format": 2})
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the deltas as safetensors, the metadata as JSON in the safetensors header."""
@@ -258,22 +306,50 @@ class Edit:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {n: d.detach().to("cpu").contiguous() for n, d in self.deltas.items()}
-        save_file(tensors, str(path), metadata={_META_KEY: json.dumps(self.metadata())})
+        meta = {**self.metadata(), "checksums": {n: delta_checksum(t) for n, t in tensors.items()}}
+        save_file(tensors, str(path), metadata={_META_KEY: json.dumps(meta)})
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Edit":
-        """Read an edit written by :meth:`save`."""
+        """Read an edit written by :meth:`save`, verifying every delta against its recorded SHA-256.
+
+        Raises :class:`EditIntegrityError` (naming the file, and the delta) when the file is
+        unreadable, not an edit, or damaged. Files from before checksums load with a warning.
+        """
         from safetensors import safe_open
 
         deltas = {}
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            header = f.metadata() or {}
-            for name in f.keys():
-                deltas[name] = f.get_tensor(name)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                header = f.metadata() or {}
+                for name in f.keys():
+                    deltas[name] = f.get_tensor(name)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # noqa: BLE001 - safetensors' own error types; the path is what matters
+            raise EditIntegrityError(f"{path} is not a readable edit file ({type(err).__name__}: {err}); it is "
+                                     f"truncated or damaged: save the edit again") from None
         if _META_KEY not in header:
-            raise ValueError(f"{path} is a safetensors file but not a workbench edit (no {_META_KEY!r} metadata)")
-        meta = json.loads(header[_META_KEY])
+            raise EditIntegrityError(f"{path} is a safetensors file but not a workbench edit "
+                                     f"(no {_META_KEY!r} metadata)")
+        try:
+            meta = json.loads(header[_META_KEY])
+        except ValueError as err:
+            raise EditIntegrityError(f"{path}: the edit's metadata is not valid JSON ({err}); save it again") from None
+        sums = meta.get("checksums")
+        if sums is None:
+            warnings.warn(f"{path} was saved without checksums (an older workbench); its deltas cannot be verified",
+                          RuntimeWarning, stacklevel=2)
+        else:
+            if set(sums) != set(deltas):
+                raise EditIntegrityError(f"{path}: the file holds deltas {sorted(deltas)} but its checksums list "
+                                         f"{sorted(sums)}; the file is damaged: save the edit again")
+            for name, t in deltas.items():
+                if delta_checksum(t) != sums[name]:
+                    raise EditIntegrityError(f"{path}: delta {name} does not match its recorded SHA-256; the file "
+                                             f"is damaged (e.g. a flipped bit): save or recompute the edit again")
+        deltas = {n: t.to(device) for n, t in deltas.items()}
         return cls(deltas=deltas, method=meta.get("method", "custom"), locus=meta.get("locus", "subject"),
                    requests=meta.get("requests", []), hparams=meta.get("hparams", {}), info=meta.get("info", {}),
                    model_fingerprint=meta.get("model_fingerprint"))  # a fresh id: a separate object
@@ -290,3 +366,70 @@ class Edit:
             return save_hf(model, out_dir)
         with self.applied(model):
             return save_hf(model, out_dir)
+
+
+# --------------------------------------------------------------------------- outcome
+
+@torch.no_grad()
+def edit_outcome(model, edit: Edit, force: bool = True) -> list[dict]:
+    """Per request: does the edited model predict the new object at the edit prompt?
+
+    Teacher-forced over the new object's tokens: ``p_new`` = P(all of its tokens),
+    ``top1`` = the argmax next token after the prompt, ``reached`` = the argmax is the
+    object's token at every position. The edit is applied for the check and reverted.
+    """
+    from ..predict import object_token_ids
+    from ..spans import tokenize
+
+    rows = []
+    for req in edit.requests:
+        new = req.get("target_new")
+        new = new.get("str") if isinstance(new, dict) else new
+        if not req.get("prompt") or not req.get("subject") or not new:
+            continue
+        rows.append((req["prompt"].format(req["subject"]), new))
+    if not rows:
+        return []
+    out = []
+    ctx = contextlib.nullcontext() if edit.is_applied(model) else edit.applied(model, force=force)
+    with ctx:
+        for prompt, new in rows:
+            ids = list(tokenize(model, prompt).ids)
+            obj = object_token_ids(model, new)
+            seq = torch.tensor([ids + obj[:-1]], device=model.cfg.device)
+            logits = model(seq, return_type="logits")[0, len(ids) - 1:].float()
+            logp = torch.log_softmax(logits, dim=-1).cpu()
+            target = torch.tensor(obj)
+            p_new = float(logp[torch.arange(len(obj)), target].sum().exp())
+            top = int(logp[0].argmax())
+            out.append({"prompt": prompt, "target_new": new.strip(), "p_new": p_new,
+                        "top1": model.tokenizer.decode([top]), "reached": bool((logp.argmax(-1) == target).all())})
+    return out
+
+
+def record_outcome(model, edit: Edit, warn: bool = True) -> Edit:
+    """Store :func:`edit_outcome` in ``edit.info`` (``outcome``, ``reached``, ``p_new``) and warn if not reached."""
+    outcome = edit_outcome(model, edit)
+    if not outcome:
+        return edit
+    edit.info["outcome"] = outcome
+    edit.info["reached"] = all(o["reached"] for o in outcome)
+    edit.info["p_new"] = float(sum(o["p_new"] for o in outcome) / len(outcome))
+    missed = [o for o in outcome if not o["reached"]]
+    if missed and warn:
+        first = missed[0]
+        msg = (f"{edit.method} edit did not reach its new object for {len(missed)} of {len(outcome)} request(s): "
+               f"{first['prompt']!r} -> top-1 {first['top1']!r}, P({first['target_new']!r}) = {first['p_new']:.3g}")
+        warnings.warn(msg, EditNotReachedWarning, stacklevel=3)
+    return edit
+
+
+def reports_outcome(method: Callable[..., Edit]) -> Callable[..., Edit]:
+    """Decorate an editing method ``f(model, ...) -> Edit`` so that its edit records and
+    reports whether it reached its new object (:func:`record_outcome`)."""
+
+    @functools.wraps(method)
+    def wrapper(model, *args: Any, **kwargs: Any) -> Edit:
+        return record_outcome(model, method(model, *args, **kwargs))
+
+    return wrapper

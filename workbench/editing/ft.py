@@ -53,7 +53,7 @@ from ..loading import model_fingerprint
 from ..predict import object_token_ids
 from ..spans import tokenize
 from .common import check_locus, follows_bos_convention, locus_position
-from .edit import Edit, named_parameters
+from .edit import Edit, named_parameters, reports_outcome
 
 
 @dataclass
@@ -97,6 +97,7 @@ def default_layer(model) -> int:
 
 
 @follows_bos_convention
+@reports_outcome
 def ft(model, fact: Fact, new_object: str | None = None, *, layer: int | None = None, locus: str = "subject",
        hparams: FTHyperParams | dict | None = None, preset: str | None = None, prepend_bos: bool | None = None,
        **overrides: Any) -> Edit:

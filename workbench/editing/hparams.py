@@ -21,8 +21,27 @@ Presets: ``gpt2-xl`` and ``gpt-j`` (``EleutherAI/gpt-j-6B``) with the papers' va
 from __future__ import annotations
 
 import copy
+import difflib
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
+
+ORIGINAL_EXTRAS = frozenset({"rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp",
+                             "ln_f_module", "lm_head_module"})
+"""Fields of the originals' hparams JSON files that hook names replace here; ``from_dict`` skips them."""
+
+
+class HyperParameterError(ValueError):
+    """A hyperparameter is unknown or out of range; the message names it and, for a typo, the likely field."""
+
+
+def unknown_keys_error(cls_name: str, unknown: list[str], known: list[str]) -> HyperParameterError:
+    """The error for keys that are not fields, with a difflib suggestion for each."""
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return HyperParameterError(f"unknown {cls_name} field(s): {', '.join(parts)}; known fields: {', '.join(known)}")
 
 
 @dataclass
@@ -57,13 +76,61 @@ class _EditHyperParams:
     # with BOS) keeps True.
     prepend_bos: bool | None = None
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self):
+        """Check every field's type and range; raises :class:`HyperParameterError`, returns ``self``."""
+        name = type(self).__name__
+
+        def bad(field_name: str, rule: str):
+            return HyperParameterError(f"{name}.{field_name} = {getattr(self, field_name)!r}: {rule}")
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool) or type(v).__name__.startswith(("int", "uint"))
+
+        layers = self.layers
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            raise bad("layers", "must be a list of layer indices")
+        layers = list(layers)
+        if not layers or not all(is_int(l) and int(l) >= 0 for l in layers):
+            raise bad("layers", "must be a non-empty list of layer indices >= 0")
+        if len(set(int(l) for l in layers)) != len(layers):
+            raise bad("layers", "lists a layer twice; each layer can be edited once per edit")
+        if not is_int(self.v_num_grad_steps) or self.v_num_grad_steps < 1:
+            raise bad("v_num_grad_steps", "must be an integer >= 1 (the target vector needs at least one step)")
+        for f in ("v_lr", "clamp_norm_factor"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise bad(f, "must be a finite number > 0")
+        for f in ("v_weight_decay", "kl_factor"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise bad(f, "must be a finite number >= 0")
+        if self.v_loss_layer is not None and (not is_int(self.v_loss_layer) or self.v_loss_layer < 0):
+            raise bad("v_loss_layer", "must be None (the last layer) or a layer index >= 0")
+        if self.kl_direction not in ("original", "reference"):
+            raise bad("kl_direction", "must be 'original' or 'reference'")
+        for f in ("mom2_n_samples", "mom2_n_tokens"):
+            v = getattr(self, f)
+            if not is_int(v) or v < 1:
+                raise bad(f, "must be an integer >= 1")
+        if self.context_templates is not None and (isinstance(self.context_templates, str)
+                                                   or not len(self.context_templates)):
+            raise bad("context_templates", "must be None or a non-empty list of templates with '{}'")
+        return self
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict):
-        """An instance from a dict, ignoring keys that are not fields (e.g. the originals' extras)."""
-        names = {f.name for f in fields(cls)}
+        """An instance from a dict of fields; the originals' module-name fields (:data:`ORIGINAL_EXTRAS`)
+        are skipped, any other unknown key is an error that suggests the field meant."""
+        names = [f.name for f in fields(cls)]
+        unknown = [k for k in d if k not in names and k not in ORIGINAL_EXTRAS]
+        if unknown:
+            raise unknown_keys_error(cls.__name__, unknown, names)
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def with_(self, **changes: Any):
@@ -86,6 +153,13 @@ class MEMITHyperParams(_EditHyperParams):
     context_template_length_params: list[list[int]] = field(default_factory=lambda: [[10, 5]])
     layer_selection: str = "all"
     mom2_update_weight: float = 20_000.0
+
+    def validate(self):
+        super().validate()
+        w = self.mom2_update_weight
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w <= 0:
+            raise HyperParameterError(f"MEMITHyperParams.mom2_update_weight = {w!r}: must be a finite number > 0")
+        return self
 
 
 # ----------------------------------------------------------------------------- presets

@@ -46,7 +46,7 @@ from ..loading import hf_model, model_fingerprint
 from ..predict import object_token_ids
 from ..spans import SpanError, subject_span, tokenize
 from .common import check_locus, follows_bos_convention, key_position
-from .edit import Edit
+from .edit import Edit, reports_outcome
 
 
 class KNCalibrationError(RuntimeError):
@@ -223,6 +223,7 @@ def object_direction(model, new_tok: int, old_tok: int) -> tuple[Float[torch.Ten
 
 
 @follows_bos_convention
+@reports_outcome
 def kn(model, fact: Fact, new_object: str | None = None, *, locus: str = "subject",
        prompts: Sequence[str] | None = None, hparams: KNHyperParams | dict | None = None,
        preset: str | None = None, prepend_bos: bool | None = None, **overrides: Any) -> Edit:

@@ -29,13 +29,14 @@ from ..loading import model_fingerprint
 from .common import (EditError, activations_at, check_locus, compute_keys, compute_target, fact_row,
                      follows_bos_convention, normalize_request)
 from .context import flatten
-from .edit import Edit
+from .edit import Edit, reports_outcome
 from .hparams import MEMITHyperParams, memit_hparams_for
 from .rome import resolve_cov, resolve_hparams, resolve_templates
 from .stats import LayerStats
 
 
 @follows_bos_convention
+@reports_outcome
 def memit(model, facts: Sequence[Fact | dict], *, layers: Sequence[int] | None = None, locus: str = "subject",
           hparams: MEMITHyperParams | dict | None = None, stats: dict | LayerStats | None = None,
           prepend_bos: bool | None = None, verbose: bool = False, progress: bool = True) -> Edit:

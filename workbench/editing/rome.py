@@ -34,7 +34,7 @@ from ..loading import model_fingerprint
 from .common import (EditError, activations_at, check_locus, compute_keys, compute_target, fact_row,
                      follows_bos_convention, normalize_request, request_summary)
 from .context import as_groups, context_templates, flatten
-from .edit import Edit
+from .edit import Edit, reports_outcome
 from .hparams import ROMEHyperParams, rome_hparams_for
 from .stats import LayerStats, layer_stats
 
@@ -50,6 +50,7 @@ def resolve_hparams(model, hparams, cls, default_fn, layers: list[int] | None):
         raise TypeError(f"hparams must be {cls.__name__}, a dict or None, not {type(hparams).__name__}")
     if layers is not None:
         hp.layers = list(layers)
+    hp.validate()  # unknown keys, duplicate layers, v_num_grad_steps < 1, ... (HyperParameterError)
     L = int(model.cfg.n_layers)
     if not hp.layers or any(not 0 <= int(l) < L for l in hp.layers):
         raise EditError(f"layers {hp.layers} out of range for a {L}-layer model")
@@ -93,6 +94,7 @@ def compute_u(model, request: dict, layer: int, templates: list[str], locus: str
 
 
 @follows_bos_convention
+@reports_outcome
 def rome(model, fact: Fact | dict, new_object: str | None = None, *, layer: int | None = None,
          locus: str = "subject", hparams: ROMEHyperParams | dict | None = None,
          stats: LayerStats | torch.Tensor | dict | None = None, prepend_bos: bool | None = None,
