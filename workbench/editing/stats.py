@@ -26,15 +26,23 @@ Cache. Results go to ``cache_dir`` (default: ``platformdirs.user_cache_dir("work
 ``WORKBENCH_CACHE`` overrides), one safetensors file per (model fingerprint, layer,
 corpus id, n_tokens). A partial computation saves its running sum and count every
 ``save_every`` batches to ``<file>.partial.safetensors``; the next call resumes from
-the saved count (the token stream is deterministic).
+the saved count (the token stream is deterministic). Every file records a SHA-256 of its
+sum; a cache or partial file that is unreadable, damaged, of the wrong shape or for
+another key is reported with its path (a warning), moved aside to
+``<file>.corrupt-<time>`` and recomputed. One process computes a given file at a time
+(an ``flock`` on ``<file>.lock``; a second waits, then reads the result).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import sys
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -43,7 +51,7 @@ import torch
 from jaxtyping import Float
 
 from ..architecture import key_hook, mlp_weights
-from ..loading import BUNDLED, assets_dir, model_fingerprint
+from ..loading import BUNDLED, assets_dir, is_bundled_name, model_fingerprint
 
 DEFAULT_HUB_CORPUS = "wikitext:wikitext-103-raw-v1"
 _MEMORY: dict[tuple, "LayerStats"] = {}
@@ -78,6 +86,9 @@ def default_cache_dir() -> Path:
 
 
 # --------------------------------------------------------------------------- corpus
+_TEXT_SUFFIXES = (".txt", ".text", ".md", ".json", ".jsonl", ".csv", ".tsv")
+
+
 def _hash_texts(texts: Sequence[str]) -> str:
     h = hashlib.sha256()
     for t in texts:
@@ -99,7 +110,7 @@ def resolve_corpus(model, corpus) -> tuple[str, Iterator[str] | list[str]]:
     """``(corpus_id, texts)`` for a corpus spec; the id enters the cache key."""
     if corpus is None:
         spec = getattr(model, "workbench_spec", None)
-        corpus = BUNDLED if spec == BUNDLED else DEFAULT_HUB_CORPUS
+        corpus = BUNDLED if spec is not None and is_bundled_name(spec, note=False) else DEFAULT_HUB_CORPUS
     if isinstance(corpus, (list, tuple)):
         texts = [str(t) for t in corpus]
         return f"texts-{_hash_texts(texts)}", texts
@@ -111,6 +122,10 @@ def resolve_corpus(model, corpus) -> tuple[str, Iterator[str] | list[str]]:
     if path.is_file():
         texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         return f"file-{path.stem}-{_hash_texts(texts)}", texts
+    if path.is_dir() or text.startswith(("/", ".", "~")) or path.suffix in _TEXT_SUFFIXES:
+        raise FileNotFoundError(f"corpus file {path} does not exist (or is a folder); give a text file with one "
+                                f"text per line, 'toy-facts', or a Hugging Face dataset name such as "
+                                f"{DEFAULT_HUB_CORPUS!r}")
     name, _, config = text.partition(":")
     return f"hf-{text.replace('/', '_').replace(':', '_')}", _hub_texts(name, config or None)
 
@@ -163,21 +178,80 @@ def _keys(model, layer: int, ids: torch.Tensor) -> torch.Tensor:
     return store["k"]
 
 
+class StatsCacheWarning(RuntimeWarning):
+    """A covariance cache file was damaged; it was moved aside and is recomputed."""
+
+
+class _Corrupt(Exception):
+    pass
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
 def _save(path: Path, mom2_sum: torch.Tensor, count: int, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"mom2_sum": mom2_sum.contiguous()}, str(tmp), metadata={"count": str(count), "meta": json.dumps(meta)})
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    mom2_sum = mom2_sum.contiguous()
+    save_file({"mom2_sum": mom2_sum}, str(tmp),
+              metadata={"count": str(count), "meta": json.dumps(meta), "sha256": _digest(mom2_sum)})
     os.replace(tmp, path)
 
 
-def _load(path: Path) -> tuple[torch.Tensor, int, dict]:
+def _load(path: Path, d_mlp: int | None = None, meta: dict | None = None) -> tuple[torch.Tensor, int, dict]:
+    """The saved (sum, count, meta); raises ``_Corrupt`` with the reason when the file cannot be trusted."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
-        s = f.get_tensor("mom2_sum")
-    return s, int(header["count"]), json.loads(header.get("meta", "{}"))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            s = f.get_tensor("mom2_sum")
+        count = int(header["count"])
+        saved = json.loads(header.get("meta", "{}"))
+    except Exception as err:  # noqa: BLE001 - safetensors' errors, a missing tensor, a bad header
+        raise _Corrupt(f"unreadable: {type(err).__name__}: {err}") from None
+    if "sha256" in header and _digest(s) != header["sha256"]:
+        raise _Corrupt("its data does not match its recorded SHA-256")
+    if s.dtype != torch.float64 or s.ndim != 2 or s.shape[0] != s.shape[1] or (d_mlp and s.shape[0] != d_mlp):
+        raise _Corrupt(f"holds a {s.dtype} tensor of shape {tuple(s.shape)}, not float64 [{d_mlp}, {d_mlp}]")
+    if count <= 0 or not torch.isfinite(s).all():
+        raise _Corrupt("holds a non-positive count or non-finite values")
+    for k in ("layer", "corpus", "n_tokens", "fingerprint"):
+        if meta is not None and k in saved and saved[k] != meta[k]:
+            raise _Corrupt(f"was written for {k}={saved[k]!r}, not {meta[k]!r}")
+    return s, count, saved
+
+
+def _load_or_quarantine(path: Path, d_mlp: int, meta: dict, verbose: bool):
+    """:func:`_load`, or ``None`` after moving a damaged file aside with a warning naming it."""
+    try:
+        return _load(path, d_mlp, meta)
+    except _Corrupt as err:
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        os.replace(path, aside)
+        msg = (f"covariance cache {path} {err}; moved it to {aside} and recomputing "
+               f"(delete the moved file once you no longer need it)")
+        warnings.warn(msg, StatsCacheWarning, stacklevel=3)
+        return None
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, verbose: bool) -> Iterator[None]:
+    """Hold ``<path>.lock`` (blocking): one process computes a cache file, others wait for it."""
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if verbose:
+                print(f"layer_stats: another process is computing {path}; waiting for it", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def layer_stats(model, layer: int, *, corpus=None, n_tokens: int = 100_000, cache_dir: str | Path | None = None,
@@ -205,8 +279,18 @@ def layer_stats(model, layer: int, *, corpus=None, n_tokens: int = 100_000, cach
     meta = {"layer": layer, "corpus": corpus_id, "n_tokens": n_tokens, "fingerprint": fp, "seq_len": seq_len,
             "hook": key_hook(layer), "spec": getattr(model, "workbench_spec", None)}
 
-    if path.exists() and not force:
-        s, count, _ = _load(path)
+    d_mlp = mlp_weights(model, layer).d_mlp
+    folder.mkdir(parents=True, exist_ok=True)
+    with _exclusive(path, verbose):
+        return _layer_stats_locked(model, layer, path, partial, meta, key, texts, corpus_id, fp, d_mlp, n_tokens,
+                                   batch_size, seq_len, save_every, progress, force, verbose)
+
+
+def _layer_stats_locked(model, layer, path, partial, meta, key, texts, corpus_id, fp, d_mlp, n_tokens, batch_size,
+                        seq_len, save_every, progress, force, verbose) -> LayerStats:
+    loaded = _load_or_quarantine(path, d_mlp, meta, verbose) if path.exists() and not force else None
+    if loaded is not None:
+        s, count, _ = loaded
         if verbose:
             print(f"layer_stats: layer {layer}: cached E[kk^T] over {count} tokens from {path}", file=sys.stderr)
         stats = LayerStats(mom2=s / count, n_tokens=count, layer=layer, corpus=corpus_id, fingerprint=fp, path=path,
@@ -214,14 +298,14 @@ def layer_stats(model, layer: int, *, corpus=None, n_tokens: int = 100_000, cach
         _MEMORY[key] = stats
         return stats
 
-    folder.mkdir(parents=True, exist_ok=True)
-    d_mlp = mlp_weights(model, layer).d_mlp
     mom2_sum = torch.zeros(d_mlp, d_mlp, dtype=torch.float64)
     count = 0
     if partial.exists() and not force:
-        mom2_sum, count, pmeta = _load(partial)
-        if pmeta.get("seq_len") != seq_len:  # a different row layout: start over
-            mom2_sum, count = torch.zeros(d_mlp, d_mlp, dtype=torch.float64), 0
+        loaded = _load_or_quarantine(partial, d_mlp, meta, verbose)
+        if loaded is not None:
+            mom2_sum, count, pmeta = loaded
+            if pmeta.get("seq_len") != seq_len:  # a different row layout: start over
+                mom2_sum, count = torch.zeros(d_mlp, d_mlp, dtype=torch.float64), 0
     resumed = count
     if verbose:
         what = f"resuming at {count}" if count else "computing"
