@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+    except (ValueError, RuntimeError, OSError) as err:  # OSError: e.g. --out naming a file
         if getattr(args, "debug", False):
             raise
         print(f"workbench {args.command}: error: {err}", file=sys.stderr)

@@ -19,3 +19,14 @@ def add_bos_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prepend-bos", action=argparse.BooleanOptionalAction, default=None,
                         help="prepend BOS to every prompt (default: the model's convention; "
                              "--no-prepend-bos as the original ROME/MEMIT code)")
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (``--limit -5`` used to mean "all but the last 5")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value

@@ -42,6 +42,9 @@ def run(args) -> int:
     from ..editing.stats import layer_stats
     from ..loading import load_model
 
+    from ..facts import check_template
+
+    check_template(args.prompt, "--prompt")
     model = load_model(args.model, device=args.device)
     request = {"prompt": args.prompt, "subject": args.subject, "target_new": {"str": args.new_object}}
     prompt = args.prompt.format(args.subject)

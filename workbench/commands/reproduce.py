@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 
-from . import add_bos_arg, add_model_arg
+from . import add_bos_arg, add_model_arg, nonnegative_int
 
 
 def _split(text: str) -> list[str]:
@@ -33,7 +33,7 @@ def register(sub) -> None:
     p.add_argument("--facts", "-f", default="toy-facts",
                    help="'toy-facts' (the bundled world's CounterFact split) or a CounterFact JSON file")
     p.add_argument("--out", "-o", required=True, help="output folder (resumable)")
-    p.add_argument("-n", type=int, default=100, help="facts per cell, a seeded sample (default 100; 0 = all)")
+    p.add_argument("-n", type=nonnegative_int, default=100, help="facts per cell, a seeded sample (default 100; 0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fact sample and bleed subjects (default 0)")
     p.add_argument("--methods", default=None,
                    help="comma-separated methods (default: every registered one, in the paper's order "
@@ -47,6 +47,9 @@ def register(sub) -> None:
     p.add_argument("--ft-preset", default=None, help="FT preset: ft-toy, ft-gpt2-xl (default: by model)")
     p.add_argument("--bleed-subjects", type=int, default=5,
                    help="other subjects of the relation probed for bleed per fact (x 2 phrasings; default 5)")
+    p.add_argument("--corpus", default=None,
+                   help="covariance corpus of ROME and MEMIT: a text file (one text per line), 'toy-facts', or a "
+                        "datasets name (default: the bundled world for toy-facts, else wikitext, which needs the hub)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_bos_arg(p)
     p.set_defaults(func=run)
@@ -68,6 +71,13 @@ def run(args) -> int:
         kwargs["kn"] = {"preset": args.kn_preset}
     if args.ft_preset:
         kwargs["ft"] = {"preset": args.ft_preset}
+    if args.corpus:
+        from ..editing.stats import resolve_corpus
+
+        resolve_corpus(model, args.corpus)  # a missing file fails here, not once per edit
+        for m in ("rome", "memit"):
+            if methods is None or m in methods:
+                kwargs[m] = {"hparams": {"mom2_dataset": args.corpus}}
     summary = evaluate(model, facts, methods=methods, requests=requests, loci=loci, n=args.n or None, out=args.out,
                        seed=args.seed, method_kwargs=kwargs, bleed_subjects_per_fact=args.bleed_subjects,
                        raise_errors=bool(args.debug), progress=not args.no_progress, prepend_bos=args.prepend_bos)

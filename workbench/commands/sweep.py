@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import add_model_arg
+from . import add_model_arg, nonnegative_int
 from .trace import add_trace_args, parse_noise_arg
 
 
@@ -14,7 +14,7 @@ def register(sub) -> None:
                    help="for toy-facts: which file of the bundled world")
     p.add_argument("--corrupt", choices=("subject", "relation"), default="subject", help="what to corrupt")
     p.add_argument("--out", required=True, help="folder for per-fact results; rerunning resumes there")
-    p.add_argument("--limit", type=int, default=None, help="only the first N facts")
+    p.add_argument("--limit", type=nonnegative_int, default=None, help="only the first N facts (N >= 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_trace_args(p)
     p.set_defaults(func=run)
