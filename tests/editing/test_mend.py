@@ -289,6 +289,17 @@ def test_mend_in_evaluate_with_the_shipped_editor(toy_model, shipped):
     assert row[("entity", "reliability_score")] + row[("relation", "reliability_score")] > 0
 
 
+def test_reproduce_takes_a_mend_editor(shipped, tmp_path):
+    from workbench.cli import main
+
+    out = tmp_path / "repro"
+    assert main(["reproduce", "--out", str(out), "-n", "2", "--methods", "mend", "--requests", "relation",
+                 "--mend-editor", str(shipped_editor_path().parent), "--bleed-subjects", "1", "--no-progress"]) == 0
+    rows = [json.loads(line) for line in (out / "details.jsonl").read_text().splitlines() if line.strip()]
+    edited = [r for r in rows if r["method"] == "mend"]
+    assert len(edited) == 2 and all(r["error"] is None for r in edited)
+
+
 def test_cli_lists_train_mend():
     from workbench.cli import build_parser
 

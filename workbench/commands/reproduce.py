@@ -45,6 +45,9 @@ def register(sub) -> None:
                         "from subject,relation,relation_before_subject, evaluated for every request")
     p.add_argument("--kn-preset", default=None, help="KN preset: kn-original (default) or kn-calibrated")
     p.add_argument("--ft-preset", default=None, help="FT preset: ft-toy, ft-gpt2-xl (default: by model)")
+    p.add_argument("--mend-editor", default=None,
+                   help="MEND editor (file or `workbench train-mend` output folder; default: the one shipped for "
+                        "the bundled model)")
     p.add_argument("--bleed-subjects", type=int, default=5,
                    help="other subjects of the relation probed for bleed per fact (x 2 phrasings; default 5)")
     p.add_argument("--corpus", default=None,
@@ -78,6 +81,8 @@ def run(args) -> int:
         for m in ("rome", "memit"):
             if methods is None or m in methods:
                 kwargs[m] = {"hparams": {"mom2_dataset": args.corpus}}
+    if args.mend_editor:
+        kwargs["mend"] = {"editor": args.mend_editor}
     summary = evaluate(model, facts, methods=methods, requests=requests, loci=loci, n=args.n or None, out=args.out,
                        seed=args.seed, method_kwargs=kwargs, bleed_subjects_per_fact=args.bleed_subjects,
                        raise_errors=bool(args.debug), progress=not args.no_progress, prepend_bos=args.prepend_bos)
