@@ -22,6 +22,9 @@ from .conftest import identical, snapshot
 
 REPO = Path(__file__).resolve().parents[2]
 
+# editors trained for two steps on random models do not reach their objects; that is not under test here
+pytestmark = pytest.mark.filterwarnings("ignore::workbench.editing.edit.EditNotReachedWarning")
+
 TINY = dict(rank=16, batch_size=4, n_val=8, val_every=2, checkpoint_every=1, early_stop_patience=100,
             edit_lr=1e-3, lr=1e-3, lr_lr=1e-3, n_blocks=2)
 
@@ -274,6 +277,7 @@ def test_shipped_editor_flips_held_out_facts_and_reverts(toy_model, shipped):
         with edit.applied(toy_model):
             top = wb.top_tokens(toy_model, fact.prompt, k=1)[0][0]
         flipped += top.strip() == fact.target_new.strip()
+        assert edit.info["reached"] == (top.strip() == fact.target_new.strip())  # single-token objects
     assert identical(toy_model, before)
     assert flipped / len(facts) >= 0.8, f"the shipped editor flipped {flipped}/{len(facts)} edit prompts"
     size = shipped_editor_path().stat().st_size

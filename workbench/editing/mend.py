@@ -46,7 +46,7 @@ from ..facts import Fact
 from ..predict import object_token_ids
 from ..spans import tokenize
 from .common import EditError, _pad_id, normalize_request
-from .edit import Edit, _hf
+from .edit import Edit, _hf, record_outcome
 
 _META_KEY = "workbench_mend"
 FORMAT = 1
@@ -713,7 +713,7 @@ def mend(model, fact: Fact | dict, new_object: str | None = None, *, editor: Men
         if not torch.isfinite(delta).all():
             raise EditError(f"MEND produced a non-finite update for {name} on {text!r}")
     n_tokens = int(rows.tgt_id.numel())
-    return Edit(
+    edit = Edit(
         deltas=deltas, method="mend", locus=locus, requests=[request],
         hparams={**ed.hparams.to_dict(), "prepend_bos": bos, "editor_fingerprint": ed.model_fingerprint,
                  "edit_prompt": text},
@@ -722,3 +722,5 @@ def mend(model, fact: Fact | dict, new_object: str | None = None, *, editor: Men
               "delta_norms": {n: float(d.norm()) for n, d in deltas.items()}},
         model_fingerprint=model_fingerprint(model),
     )
+    with bos_convention(model, bos):
+        return record_outcome(model, edit)  # info: reached, p_new; warns when the edit misses
