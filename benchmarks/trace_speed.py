@@ -79,18 +79,20 @@ def bench_shape(shape: str, args) -> list[dict]:
     print(f"\n== {what}; prompt {prompt!r}; samples {args.samples}", flush=True)
     rows = []
     for precision in args.precision:
-        trace(model, prompt, engine="incremental", precision=precision, **kw)  # warm-up
-        runs = []
+        if args.warmup:
+            trace(model, prompt, engine="incremental", precision=precision, **kw)
+        runs, cpus = [], []
         for _ in range(args.repeats):
             res, wall, cpu = timed(lambda: trace(model, prompt, engine="incremental", precision=precision, **kw),
                                    args.device)
             runs.append(wall)
+            cpus.append(cpu)
         n_tokens = len(res.tokens)
         best = min(runs)
         print(f"incremental ({precision}): wall {', '.join(f'{w:.3f}' for w in runs)} s (best {best:.3f}, "
-              f"median {statistics.median(runs):.3f})", flush=True)
+              f"median {statistics.median(runs):.3f}); cpu {', '.join(f'{c:.3f}' for c in cpus)} s", flush=True)
         rows.append({"shape": shape, "engine": "incremental", "precision": precision, "seconds": best,
-                     "runs": len(runs), "extrapolated": False, "diff": 0.0})
+                     "cpu": min(cpus), "runs": len(runs), "extrapolated": False, "diff": 0.0})
         if precision != "exact":
             exact = next(r for r in rows if r["engine"] == "incremental" and r["precision"] == "exact")
             rows[-1]["diff"] = float(max(np.abs(res.scores[k] - exact_scores[k]).max() for k in KINDS))
@@ -103,17 +105,18 @@ def bench_shape(shape: str, args) -> list[dict]:
         if args.sample_cells and args.sample_cells < len(plan):
             pick = np.sort(np.random.RandomState(0).choice(len(plan), args.sample_cells, replace=False))
         print(f"cells: {len(plan)} ({n_tokens} tokens x {n_layers} layers x 3 kinds); batched/loop timed on "
-              f"{len(pick)} and extrapolated", flush=True)
+              f"{len(pick)}" + (" and extrapolated" if len(pick) < len(plan) else ""), flush=True)
         for engine in ("batched", "loop"):
             prep = prepare(model, prompt, subject=subject, samples=args.samples, engine=engine, precision=precision)
             answer = prep.resolve_answer(model, None)
             prep.engine.ensure_corrupted()
-            out, wall, _ = timed(lambda: prep.engine.run(plan.take(pick), answer), args.device)
-            total = wall * len(plan) / len(pick)
+            out, wall, cpu = timed(lambda: prep.engine.run(plan.take(pick), answer), args.device)
+            total, total_cpu = wall * len(plan) / len(pick), cpu * len(plan) / len(pick)
             diff = float(np.abs(out - flat[pick]).max())
             print(f"{engine}: {total:.3f} s for all cells ({wall:.3f} s for {len(pick)}); max |diff| vs incremental "
                   f"{diff:.2e}", flush=True)
-            rows.append({"shape": shape, "engine": engine, "precision": precision, "seconds": total, "runs": 1,
+            rows.append({"shape": shape, "engine": engine, "precision": precision, "seconds": total,
+                         "cpu": total_cpu, "runs": 1,
                          "extrapolated": len(pick) < len(plan), "diff": diff})
     del model
     return rows
@@ -126,6 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", nargs="+", choices=("exact", "fast"), default=["exact"])
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of the incremental engine (default 2)")
     ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed first run")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: min(2, cores))")
     ap.add_argument("--sample-cells", type=int, default=24,
                     help="cells the batched and loop engines are timed on (extrapolated; 0 = all)")
@@ -139,13 +143,13 @@ def main(argv=None) -> int:
     print(f"device: {device}")
     rows = [r for shape in args.shapes for r in bench_shape(shape, args)]
 
-    print(f"\n| shape | engine | precision | wall s | vs one forward per cell |   ({device})")
-    print("|---|---|---|---|---|")
+    print(f"\n| shape | engine | precision | wall s | cpu s | vs one forward per cell (wall / cpu) |   ({device})")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        loop = next(x["seconds"] for x in rows if x["shape"] == r["shape"] and x["engine"] == "loop")
+        loop = next(x for x in rows if x["shape"] == r["shape"] and x["engine"] == "loop")
         note = " (extrapolated)" if r["extrapolated"] else f" (best of {r['runs']})"
-        print(f"| {r['shape']} | {r['engine']} | {r['precision']} | {r['seconds']:.3f}{note} | "
-              f"{loop / r['seconds']:.1f}x |")
+        print(f"| {r['shape']} | {r['engine']} | {r['precision']} | {r['seconds']:.3f}{note} | {r['cpu']:.3f} | "
+              f"{loop['seconds'] / r['seconds']:.1f}x / {loop['cpu'] / r['cpu']:.1f}x |")
     return 0
 
 
