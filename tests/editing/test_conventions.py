@@ -13,6 +13,9 @@ from workbench.facts import Fact
 from workbench.loading import assets_dir, random_model
 from workbench.spans import bos_convention, default_prepend_bos
 
+# these edits take a step or two on a random model: they are about token ids, not about reaching
+pytestmark = pytest.mark.filterwarnings("ignore::workbench.editing.edit.EditNotReachedWarning")
+
 FACT = Fact(subject="Miles Davis", template="{} plays the", target_true=" trumpet", target_new=" guitar",
             paraphrases=("Miles Davis is a master of the",))
 HP = {"context_templates": ["{}"], "v_num_grad_steps": 2, "mom2_adjustment": False}
