@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install the workbench with its test tools. Idempotent: a second run
+# Create .venv and install the workbench with its test tools and the [scale] extra (Ray). Idempotent: a second run
 # only checks that everything is installed.
 #
 # torch: the project asks for a range (torch>=2.2). Where no NVIDIA GPU is visible we
@@ -23,5 +23,6 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
     "$VPY" -m pip install -q "torch==2.13.0"
   fi
 fi
-"$VPY" -m pip install -q -e ".[dev]"
+# dev: the test tools; scale: Ray, so the tests of workers=N (tests/test_scale.py) run too
+"$VPY" -m pip install -q -e ".[dev,scale]"
 "$VPY" -c "import workbench, torch, transformer_lens; print('workbench', workbench.__version__, '| torch', torch.__version__, '| transformer_lens ok')"

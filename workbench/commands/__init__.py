@@ -30,3 +30,13 @@ def nonnegative_int(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def add_scale_args(parser: argparse.ArgumentParser) -> None:
+    """``--workers`` / ``--ray``: run on Ray actors (the ``[scale]`` extra; see :mod:`workbench.scale`)."""
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="run on N Ray workers (one per GPU where the cluster has GPUs, else CPU workers); "
+                             "needs pip install 'workbench[scale]'")
+    parser.add_argument("--ray", default=None, metavar="ADDRESS", dest="ray_address",
+                        help="address of a running Ray cluster (e.g. 'auto' or HEAD_IP:6379 after `ray start "
+                             "--head`); default: a local Ray started for this run")

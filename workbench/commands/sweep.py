@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import add_model_arg, nonnegative_int
+from . import add_model_arg, add_scale_args, nonnegative_int
 from .trace import add_trace_args, parse_noise_arg
 
 
@@ -17,6 +17,7 @@ def register(sub) -> None:
     p.add_argument("--limit", type=nonnegative_int, default=None, help="only the first N facts (N >= 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_trace_args(p)
+    add_scale_args(p)
     p.set_defaults(func=run)
 
 
@@ -25,8 +26,10 @@ def run(args) -> int:
 
     from ..facts import load_facts
     from ..loading import load_model
+    from ..scale import check_workers
     from ..tracing import trace_dataset
 
+    check_workers(args.workers, args.ray_address)  # before loading anything
     model = load_model(args.model, device=args.device)
     facts = load_facts(args.facts, split=args.split)
     if args.limit is not None:
@@ -34,7 +37,7 @@ def run(args) -> int:
     res = trace_dataset(model, facts, corrupt=args.corrupt, kinds=tuple(args.kinds), out=args.out,
                         samples=args.samples, noise=parse_noise_arg(args.noise), window=args.window, seed=args.seed,
                         precision=args.precision, replace=args.replace, engine=args.engine, prepend_bos=args.prepend_bos,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, workers=args.workers, ray_address=args.ray_address)
     print(f"{res.n_facts} facts, {res.n_skipped} skipped (clean prediction wrong); corrupted: {res.corrupt}; "
           f"noise level {res.noise_level:.4g}; mean p_clean {res.p_clean:.4f}, p_corrupt {res.p_corrupt:.4f}")
     print("samples per bucket:", ", ".join(f"{k}: {v}" for k, v in res.counts.items()))

@@ -151,17 +151,25 @@ def trace_dataset(model, facts: Sequence[Fact] | str, *, corrupt: str = "subject
                   out: str | os.PathLike | None = None, samples: int = 10, noise: NoiseSpec = "s3",
                   window: int = 10, seed: int = 1, prepend_bos: bool | None = None, precision: str = "exact",
                   replace: bool = False, engine: str = "auto", max_batch: int | None = None,
-                  known: str = "first_token", progress: bool = True) -> DatasetTraceResult:
+                  known: str = "first_token", progress: bool = True, workers: int | None = None,
+                  ray_address: str | None = None) -> DatasetTraceResult:
     """Trace every fact (``corrupt`` = ``"subject"`` or ``"relation"``) and average IE per bucket.
 
     ``facts``: :class:`Fact` objects or a source for :func:`workbench.load_facts`. The
     noise rule ``"s<x>"`` is evaluated once over all the facts' subjects. Facts whose
     clean top-1 is not the expected object's first token are skipped and counted. ``out``
     makes the sweep resumable (module docstring). ``known``: ``"first_token"`` or ROME's
-    ``"strict"`` known-fact filter (module docstring). Other arguments as in :func:`trace`;
-    every fact is traced with the same dataset-level nu, recorded in the result.
+    ``"strict"`` known-fact filter (module docstring). ``workers=N`` traces on N Ray actors
+    (``ray_address``: a running cluster; :mod:`workbench.scale`): same store, same results;
+    a fact whose worker kept dying gets a record with an ``error`` that is not stored, so a
+    rerun retries it. Other arguments as in :func:`trace`; every fact is traced with the
+    same dataset-level nu, recorded in the result.
     """
     from tqdm.auto import tqdm
+
+    from ..scale import check_workers, map_facts
+
+    check_workers(workers, ray_address)
 
     if isinstance(facts, (str, os.PathLike)):
         facts = load_facts(facts)
@@ -186,23 +194,25 @@ def trace_dataset(model, facts: Sequence[Fact] | str, *, corrupt: str = "subject
         if known != "first_token":  # folders of first-token sweeps stay resumable
             key["known"] = known
         store = ResultStore.open(out, kind=STORE_KIND, key=key, id_fields=("index",), rows_name=ROWS_FILE)
-    records: list[dict] = []
+    records: dict[int, dict] = {}
     try:
-        done = sum(1 for i in range(len(facts)) if store is not None and i in store)
-        bar = tqdm(total=len(facts), initial=done, disable=not progress, desc=f"tracing ({corrupt})", unit="fact")
-        for i, fact in enumerate(facts):
-            if store is not None and i in store:
-                records.append(store.get(i))
-                continue
-            rec = _trace_fact(model, i, fact, corrupt, kinds, samples, noise_arg, window, seed, prepend_bos,
-                              precision, replace, engine, max_batch, known)
+        if store is not None:
+            records = {i: store.get(i) for i in range(len(facts)) if i in store}
+        settings = dict(corrupt=corrupt, kinds=kinds, samples=samples, noise=noise_arg, window=window, seed=seed,
+                        prepend_bos=prepend_bos, precision=precision, replace=replace, engine=engine,
+                        max_batch=max_batch, known=known)
+        todo = [(i, (i, fact)) for i, fact in enumerate(facts) if i not in records]
+        bar = tqdm(total=len(facts), initial=len(records), disable=not progress, desc=f"tracing ({corrupt})",
+                   unit="fact")
+        for i, rec in map_facts(model, _trace_item, todo, shared=settings, workers=workers, ray_address=ray_address,
+                                on_failure=_failed_record, bar=bar):
             rec["noise_level"] = nu
-            records.append(store.append(rec) if store is not None else rec)
-            bar.update(1)
+            records[i] = store.append(rec) if store is not None and not rec.get("error") else rec
         bar.close()
     finally:
         if store is not None:
             store.close()
+    records = [records[i] for i in range(len(facts))]
     result = _summarize(records, kinds, L, corrupt, nu)
     result.noise_rule = rule
     return result
@@ -213,6 +223,22 @@ def _knows_whole_object(model, fact: Fact) -> bool:
     from ..evaluation import score_objects
 
     return score_objects(model, [(fact.prompt, fact.target_true)])[0].correct
+
+
+def _trace_item(model, item: tuple[int, Fact], settings: dict) -> dict:
+    """One fact's record: the per-fact work of :func:`trace_dataset` (run here or on a worker)."""
+    index, fact = item
+    return _trace_fact(model, index, fact, **settings)
+
+
+def _failed_record(index: int, item: tuple[int, Fact], error: str) -> dict:
+    """The record of a fact whose worker kept dying: not kept, with the error (not stored)."""
+    _, fact = item
+    rec = dict.fromkeys(("answer_id", "answer", "expected_id", "p_clean", "n_tokens", "corrupted_span",
+                         "subject_span", "relation_span", "p_corrupt", "scores"))
+    rec.update(index=index, id=fact.id if isinstance(fact.id, (int, str)) else str(fact.id), prompt=fact.prompt,
+               subject=fact.subject, target=fact.target_true, kept=False, error=error)
+    return rec
 
 
 def _trace_fact(model, index: int, fact: Fact, corrupt: str, kinds: tuple, samples: int, noise, window: int,
@@ -239,6 +265,8 @@ def _summarize(records: list[dict], kinds: tuple, n_layers: int, corrupt: str, n
                                    "p_corrupt", "n_tokens")}
         for k in ("corrupted_span", "subject_span", "relation_span"):
             row[k] = tuple(rec[k]) if rec[k] is not None else None
+        if "error" in rec:  # its worker kept dying (workers=N); not stored, a rerun retries it
+            row["error"] = rec["error"]
         for kind in kinds:
             row[f"scores_{kind}"] = (np.asarray(rec["scores"][kind], dtype=np.float32)
                                      if rec["scores"] is not None else None)
