@@ -115,7 +115,7 @@ class _Worker:
         torch.set_num_threads(threads)
         self.model = load_model(spec, device=device, dtype=dtype)
         self.model.workbench_spec = given_spec  # as on the driver (cache keys, default corpus)
-        self.fingerprint = model_fingerprint(self.model)
+        self.fingerprint = self.model.workbench_fingerprint = model_fingerprint(self.model)  # weights as loaded
         self.work: Work | None = None
         self.shared: Any = None
 
@@ -217,8 +217,12 @@ class _Pool:
         self.counter = iter(range(10**9))
         self.slots: dict[str, _Slot] = {}
         first = [self.start() for _ in range(n)]
+        refs = [s.handle.ready.remote() for s in first]
+        if len(ray.wait(refs, num_returns=len(refs), timeout=60)[0]) < len(refs):
+            log.warning("workers are still starting after 60 s; Ray places them when the cluster has free "
+                        "resources (available: %s)", ray.available_resources())
         try:
-            answers = ray.get([s.handle.ready.remote() for s in first])
+            answers = ray.get(refs)
         except _fault_types(ray) as err:
             self.close()
             raise WorkerSetupError(f"a worker could not load the model {given!r}: {_first_line(err)}") from err
