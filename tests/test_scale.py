@@ -140,30 +140,6 @@ def test_actor_killed_mid_run_gives_the_complete_identical_result(ray_session, t
     _assert_same_sweep(result, tmp_path, reference)
 
 
-def test_interrupted_driver_resumes_to_the_same_result(ray_session, toy_model, sweep_facts, reference, tmp_path):
-    scale.shutdown_workers()  # the warm workers hold both CPUs of the module's Ray; the other driver needs them
-    address = ray_session.get_runtime_context().gcs_address
-    out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "workbench.cli", "sweep", "--facts", "toy-facts", "--limit", str(N_FACTS),
-           "--out", str(out), "--workers", "2", "--ray", address, "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get(
-        "PYTHONPATH", "")])}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        _when_stored(out / "facts.jsonl", 6, lambda: proc.send_signal(signal.SIGINT)).join(180)
-        output = proc.communicate(timeout=60)[0].decode()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, output  # interrupted, not finished
-    written = _store(out)[1]
-    assert 6 <= len(written) < N_FACTS
-    result = wb.trace_dataset(toy_model, sweep_facts, out=out, workers=2, progress=False)
-    resumed = _store(out)[1]
-    assert all(resumed[i] == rec for i, rec in written.items())  # kept, not recomputed
-    _assert_same_sweep(result, out, reference)
-
-
 def _die_on(model, item, shared):
     """Work that kills its own process on item ``"die"`` (a fault of the worker, not of the work)."""
     if item == "die":
@@ -203,3 +179,34 @@ def test_evaluate_on_two_workers_equals_single_process(ray_session, toy_model, t
     assert spread[("n", "edits")].tolist() == [2, 2, 2, 2, 2]
     cfg = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("single", "spread")]
     assert cfg[0] == cfg[1]
+
+
+def test_workers_that_cannot_load_the_model_fail_clearly(ray_session, tiny_model, sweep_facts):
+    """A random model's spec names no weights: the workers' load error comes back at once."""
+    with pytest.raises(scale.WorkerSetupError, match="could not load the model 'random-gpt2.*Error"):
+        wb.trace_dataset(tiny_model, sweep_facts[:2], workers=2, progress=False)
+
+
+def test_interrupted_driver_resumes_to_the_same_result(ray_session, toy_model, sweep_facts, reference, tmp_path):
+    """A `workbench sweep --workers 2` process interrupted mid-run; the rest is done here, in one process."""
+    scale.shutdown_workers()  # the warm workers hold both CPUs of the module's Ray; the other driver needs them
+    address = ray_session.get_runtime_context().gcs_address
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "workbench.cli", "sweep", "--facts", "toy-facts", "--limit", str(N_FACTS),
+           "--out", str(out), "--workers", "2", "--ray", address, "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get(
+        "PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _when_stored(out / "facts.jsonl", 6, lambda: proc.send_signal(signal.SIGINT)).join(180)
+        output = proc.communicate(timeout=60)[0].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output  # interrupted, not finished
+    written = _store(out)[1]
+    assert 6 <= len(written) < N_FACTS
+    result = wb.trace_dataset(toy_model, sweep_facts, out=out, progress=False)  # a mix: resumed in one process
+    resumed = _store(out)[1]
+    assert all(resumed[i] == rec for i, rec in written.items())  # kept, not recomputed
+    _assert_same_sweep(result, out, reference)

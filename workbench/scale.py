@@ -23,8 +23,8 @@ checking that its weights' fingerprint equals the driver's:
   every row received so far, so a rerun resumes.
 
 Actors stay warm between runs in one Ray session (a sweep of the subject side then the
-relation side loads the model once per worker); :func:`shutdown_workers` stops them, and
-they end with the driver.
+relation side loads the model once per worker) until a run needs other workers (another
+model, count or device), :func:`shutdown_workers` stops them, or the driver ends.
 
 A progress bar (tqdm) given as ``bar`` counts items over all workers and shows each
 worker's rate (items/s) as its postfix.
@@ -37,15 +37,13 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator
 
 log = logging.getLogger(__name__)
 
 EXTRA = "pip install 'workbench[scale]'"
 """The install command that brings Ray."""
 
-Item = TypeVar("Item")
-Row = TypeVar("Row")
 Work = Callable[[Any, Any, Any], Any]
 """``work(model, item, shared) -> row``: must be picklable (a module-level function or a
 :func:`functools.partial` of one) when run on workers."""
@@ -271,8 +269,7 @@ def _pool(ray, model, workers: int, device: str | None, threads: int) -> _Pool:
     pool = _POOLS.get(key)
     if pool is not None and len(pool.slots) == n:
         return pool
-    if pool is not None:
-        pool.close()
+    shutdown_workers()  # one warm pool at a time: the last one holds the resources the new one needs
     given = str(getattr(model, "workbench_spec"))
     actor_cls = ray.remote(_Worker).options(num_cpus=threads if gpus == 0 else 1, num_gpus=gpus, max_restarts=0)
     # the fingerprint's float64 sums may differ in the last bit across devices: compare on the same device type
@@ -349,8 +346,11 @@ def _map_ray(model, work: Work, items: list[tuple[int, Any]], *, shared, workers
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else ""
+    """The gist of a Ray error: the innermost ``SomeError: message`` line of its traceback text."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    named = [line for line in lines if line.split(":", 1)[0].endswith(("Error", "Exception"))]
+    text = named[-1] if named else (lines[0] if lines else type(err).__name__)
+    return text[:300]
 
 
 def _give_up(task: _Task, error: str, on_failure) -> Any:
