@@ -167,7 +167,7 @@ def test_evaluate_on_two_workers_equals_single_process(ray_session, toy_model, t
     from workbench.editing import stats
 
     facts = wb.load_facts("toy-facts")
-    kwargs = dict(methods=("rome", "memit"), loci=("subject", "relation"), n=2, progress=False, raise_errors=True)
+    kwargs = dict(methods=("rome", "memit"), n=2, progress=False, raise_errors=True)  # both requests, paired loci
     single = wb.evaluate(toy_model, facts, out=tmp_path / "single", **kwargs)
     calls = []
     real = stats.layer_stats
@@ -175,8 +175,9 @@ def test_evaluate_on_two_workers_equals_single_process(ray_session, toy_model, t
     spread = wb.evaluate(toy_model, facts, out=tmp_path / "spread", workers=2, **kwargs)
     assert sorted(calls) == [2, 3, 3]  # ROME's layer, MEMIT's two: once, on the driver
     assert spread.equals(single)
+    assert spread.attrs["long"].equals(single.attrs["long"])  # means and bootstrap intervals
     assert _without_timings(spread.attrs["details"]).equals(_without_timings(single.attrs["details"]))
-    assert spread[("n", "edits")].tolist() == [2, 2, 2, 2, 2]
+    assert spread[("n", "edits")].tolist() == [2] * 6  # unedited x 2 requests, then rome, memit x 2
     cfg = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("single", "spread")]
     assert cfg[0] == cfg[1]
 

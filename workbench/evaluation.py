@@ -383,6 +383,51 @@ def _evaluate_one(model, fact: Fact, method, request: str, locus: str | None, pr
     return row
 
 
+def _evaluate_item(model, item: tuple, settings: dict) -> dict[str, Any]:
+    """:func:`evaluate`'s per-edit work (here or on a worker): :func:`evaluate_one`, then every
+    ``check_every`` edits on this model a check that its weights are the unedited ones."""
+    from .loading import model_fingerprint
+
+    name, fn, request, locus, fact, ph, ps = item
+    row = evaluate_one(model, fact, None if fn is None else (name, fn), request, locus, ps,
+                       method_kwargs=settings["method_kwargs"].get(name), ph=ph, batch_size=settings["batch_size"],
+                       raise_errors=settings["raise_errors"], prepend_bos=settings["prepend_bos"])
+    every = settings["check_every"]
+    if fn is not None and not row["failed"] and every:
+        n = model.__dict__["_workbench_edits"] = model.__dict__.get("_workbench_edits", 0) + 1
+        reference = getattr(model, "workbench_fingerprint", None) or settings["fingerprint"]  # a worker's own
+        if n % every == 0 and model_fingerprint(model) != reference:
+            raise RuntimeError(f"weights differ from the unedited model after {n} edits (last: {name}/{request}/"
+                               f"{locus} on fact {fact.id}); an edit was not reverted")
+    return row
+
+
+def _failed_row(index: int, item: tuple, error: str) -> dict[str, Any]:
+    """The row of an edit whose worker kept dying (``workers=``): failed, with the error; not stored."""
+    name, fn, request, locus, fact, _, _ = item
+    return {"method": name, "request": request, "locus": "-" if fn is None else (locus or DEFAULT_LOCUS[request]),
+            "fact_id": fact.id, "subject": fact.subject, "relation_id": fact.relation_id,
+            "target_true": fact.target_true, "target_new": fact.target_new, "failed": True,
+            "error": f"worker: {error}", "worker_failed": True}
+
+
+def with_shared_stats(model, resolved: Sequence[tuple[str, Callable]], method_kwargs: dict[str, dict]
+                      ) -> dict[str, dict]:
+    """``method_kwargs`` plus ``stats={layer: LayerStats}`` for ROME and MEMIT (unless given):
+    their covariance statistics, computed (or read from the cache) once, here, for the workers."""
+    from .editing.stats import layer_stats
+
+    out = {k: dict(v or {}) for k, v in method_kwargs.items()}
+    for name, _ in resolved:
+        kw = out.setdefault(name, {})
+        hp = resolved_hparams(name, model, kw) if name in ("rome", "memit") and "stats" not in kw else None
+        if hp is None or (name == "rome" and not hp["mom2_adjustment"]):
+            continue
+        kw["stats"] = {int(layer): layer_stats(model, int(layer), corpus=hp["mom2_dataset"],
+                                               n_tokens=hp["mom2_n_tokens"]) for layer in hp["layers"]}
+    return out
+
+
 # --------------------------------------------------------------------------- evaluate
 
 def select_facts(facts: Sequence[Fact], n: int | None = None, seed: int = 0) -> list[Fact]:
@@ -497,7 +542,8 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | N
              out: str | os.PathLike | None = None, *, seed: int = 0, method_kwargs: dict[str, dict] | None = None,
              baseline: bool = True, bleed_subjects_per_fact: int = 5, check_every: int = 50,
              raise_errors: bool = False, progress: bool = True, batch_size: int = 64,
-             n_boot: int = 1000, prepend_bos: bool | None = None) -> pd.DataFrame:
+             n_boot: int = 1000, prepend_bos: bool | None = None, workers: int | None = None,
+             ray_address: str | None = None) -> pd.DataFrame:
     """Edit each fact with each (method, request perspective, key locus), score, revert; summarize.
 
     Args:
@@ -524,6 +570,11 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | N
             model's editing convention, :func:`workbench.editing.hparams.editing_prepend_bos`:
             none for GPT-2 XL and GPT-J, as the originals); recorded in the key, rows and
             ``df.attrs["prepend_bos"]``.
+        workers: run the edits on that many Ray actors (``ray_address``: a running cluster;
+            :mod:`workbench.scale`), each with its own model; ROME's and MEMIT's covariance
+            statistics are computed here once and shared. Same store, same results. An edit
+            whose worker kept dying gets a failed row with the ``error``, not stored (a rerun
+            retries it).
 
     Returns:
         The summary (:func:`summarize`): rows (method, request, locus), columns (family,
@@ -532,10 +583,11 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | N
     """
     from tqdm.auto import tqdm
 
-    from .loading import model_fingerprint
-
     from .editing.hparams import editing_prepend_bos
+    from .loading import model_fingerprint
+    from .scale import check_workers, map_facts
 
+    check_workers(workers, ray_address)
     chosen = select_facts(facts, n, seed)
     index = relation_index(facts)
     resolved = [resolve_method(m) for m in (methods if methods is not None else default_methods())]
@@ -559,36 +611,35 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | N
     jobs += [(name, fn, r, locus) for name, fn in resolved for r, locus in cells]
     todo = [(j, f) for j in jobs for f in chosen if store is None or (j[0], j[2], j[3], f.id) not in store]
     prepared: dict[str, tuple[Phrasings, Probes]] = {}
+    for _, fact in todo:
+        if str(fact.id) not in prepared:
+            ph = phrasings(fact)
+            prepared[str(fact.id)] = (ph, probes(fact, bleed_subjects(fact, index, bleed_subjects_per_fact, seed), ph=ph))
+    items = [(k, (name, fn, request, locus, fact, *prepared[str(fact.id)]))
+             for k, ((name, fn, request, locus), fact) in enumerate(todo)]
+    settings = {"method_kwargs": method_kwargs, "batch_size": batch_size, "raise_errors": raise_errors,
+                "prepend_bos": bos, "check_every": check_every, "fingerprint": fingerprint}
+    if workers is not None and todo:  # computed once here, shipped to every worker
+        settings["method_kwargs"] = with_shared_stats(model, resolved, method_kwargs)
     n_edits = 0
-    bar = tqdm(todo, desc="evaluate", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc="evaluate", disable=not progress, dynamic_ncols=True)
     try:
-        for (name, fn, request, locus), fact in bar:
-            bar.set_postfix_str(f"{name}/{request}/{locus}", refresh=False)
-            key = str(fact.id)
-            if key not in prepared:
-                ph = phrasings(fact)
-                others = bleed_subjects(fact, index, bleed_subjects_per_fact, seed)
-                prepared[key] = (ph, probes(fact, others, ph=ph))
-            ph, ps = prepared[key]
-            row = evaluate_one(model, fact, None if fn is None else (name, fn), request, locus, ps,
-                               method_kwargs=method_kwargs.get(name), ph=ph, batch_size=batch_size,
-                               raise_errors=raise_errors, prepend_bos=bos)
-            if fn is not None and not row["failed"]:
-                n_edits += 1
-                if check_every and n_edits % check_every == 0 and model_fingerprint(model) != fingerprint:
-                    raise RuntimeError(f"weights differ from the unedited model after {n_edits} edits "
-                                       f"(last: {name}/{request}/{locus} on fact {fact.id}); an edit was not reverted")
-            rows.append(store.append(row) if store is not None else row)
+        for _, row in map_facts(model, _evaluate_item, items, shared=settings, workers=workers,
+                                ray_address=ray_address, on_failure=_failed_row, bar=bar):
+            if workers is None:
+                bar.set_postfix_str(f"{row['method']}/{row['request']}/{row['locus']}", refresh=False)
+            n_edits += row["method"] != BASELINE and not row["failed"]
+            rows.append(store.append(row) if store is not None and not row.get("worker_failed") else row)
     finally:
         bar.close()
         if store is not None:
             store.close()
-    if check_every and n_edits and model_fingerprint(model) != fingerprint:
+    if workers is None and check_every and n_edits and model_fingerprint(model) != fingerprint:
         raise RuntimeError("weights differ from the unedited model after the evaluation; an edit was not reverted")
-    wanted = {(j[0], j[2], j[3]) for j in jobs}
-    ids = {str(f.id) for f in chosen}
-    details = pd.DataFrame([r for r in rows if (r["method"], r["request"], r["locus"]) in wanted
-                            and str(r["fact_id"]) in ids])
+    order = {(j[0], j[2], j[3], str(f.id)): k for k, (j, f) in enumerate((j, f) for j in jobs for f in chosen)}
+    ident = lambda r: (r["method"], r["request"], r["locus"], str(r["fact_id"]))  # noqa: E731
+    # dataset order, whatever order the rows finished in (workers): means and bootstrap depend on it
+    details = pd.DataFrame(sorted((r for r in rows if ident(r) in order), key=lambda r: order[ident(r)]))
     summary = summarize(details, order=[(j[0], j[2], j[3]) for j in jobs], n_boot=n_boot, seed=seed)
     if out is not None:
         summary.attrs["long"].to_csv(Path(out) / "summary.csv", index=False)

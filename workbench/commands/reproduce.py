@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 
-from . import add_bos_arg, add_model_arg, nonnegative_int
+from . import add_bos_arg, add_model_arg, add_scale_args, nonnegative_int
 
 
 def _split(text: str) -> list[str]:
@@ -55,6 +55,7 @@ def register(sub) -> None:
                         "datasets name (default: the bundled world for toy-facts, else wikitext, which needs the hub)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_bos_arg(p)
+    add_scale_args(p)
     p.set_defaults(func=run)
 
 
@@ -62,8 +63,10 @@ def run(args) -> int:
     from ..evaluation import evaluate, paper_table, to_markdown, write_tables
     from ..facts import load_facts
     from ..loading import load_model
+    from ..scale import check_workers
 
     start = time.perf_counter()
+    check_workers(args.workers, args.ray_address)  # before loading anything
     model = load_model(args.model, device=args.device)
     facts = load_facts(args.facts)
     methods = _split(args.methods) if args.methods else None
@@ -85,7 +88,8 @@ def run(args) -> int:
         kwargs["mend"] = {"editor": args.mend_editor}
     summary = evaluate(model, facts, methods=methods, requests=requests, loci=loci, n=args.n or None, out=args.out,
                        seed=args.seed, method_kwargs=kwargs, bleed_subjects_per_fact=args.bleed_subjects,
-                       raise_errors=bool(args.debug), progress=not args.no_progress, prepend_bos=args.prepend_bos)
+                       raise_errors=bool(args.debug), progress=not args.no_progress, prepend_bos=args.prepend_bos,
+                       workers=args.workers, ray_address=args.ray_address)
     written = write_tables(summary, args.out, model_name=f" ({args.model})")
     for request, title in (("relation", "Table 1: relation-based requests"), ("entity", "Table 2: entity-based requests")):
         if request in requests:
