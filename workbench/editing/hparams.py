@@ -176,16 +176,14 @@ MEMIT_GPT_J = MEMITHyperParams(layers=[3, 4, 5, 6, 7, 8], v_num_grad_steps=25, v
                                clamp_norm_factor=0.75, kl_factor=0.0625, mom2_update_weight=15_000,
                                v_loss_layer=27, mom2_n_samples=100_000, mom2_n_tokens=10_000_000, prepend_bos=False)
 
-TOY_NOTES = """Bundled model (toy-facts, 6 layers) presets, read off its own causal traces
-(trace_dataset, 60 known facts, subject corrupted with 3σ noise, 10 samples; windows 1 and 3,
-since GPT-2 XL's window of 10/48 layers is ~1 layer here). AIE of MLP restoration at the
-last subject token, window 1, layers 0..5: 0.032 0.006 0.012 0.021 0.011 0.000; window 3:
-0.031 0.032 0.029 0.036 0.027 0.011. Layer 0's MLP acts on the token embeddings (as in
-GPT-2, where ROME's layers skip it); the mid-depth peak is layer 3 in both, so ROME edits
-layer 3 (GPT-2 XL's 17 is its MLP peak likewise). MEMIT's R ends at that layer, as 13..17
-ends at 17 in GPT-2 XL, and takes the layers whose window-1 AIE is at least half of the
-peak: R = [2, 3]. λ (mom2_update_weight) = 100: the originals' 20,000 is calibrated to
-GPT-2 XL's keys and here blocks the edit entirely (50 facts: efficacy 0.00); a sweep
+TOY_NOTES = """Bundled model (toy-facts, 6 layers) presets. The layers were first read off a 60-fact trace
+(subject corrupted with 3σ noise, 10 samples, window 1: MLP AIE at the last subject token, layers 0..5,
+0.032 0.006 0.012 0.021 0.011 0.000), whose small bump at layer 3 does not survive a larger sweep: over 300
+known facts (window 3, docs/results.md) the last-subject-token MLP AIE is 0.032 0.033 0.011 0.011 0.008
+0.004, with no peak at layer 3 (the subject is carried at its middle tokens, up to 0.125 at layers 0-1).
+So layer 3 is not this model's last-subject-token site; ROME edits it because an edit there works (below)
+and because it is mid-depth, as GPT-2 XL's 17 is, and MEMIT's R = [2, 3] ends at it as 13..17 ends at 17.
+λ (mom2_update_weight) = 100: the originals' 20,000 is calibrated to GPT-2 XL's keys and here blocks the edit entirely (50 facts: efficacy 0.00); a sweep
 over 1..20,000 (10 steps, 6 templates, 50 facts) gave efficacy/unrelated-kept 0.78/0.42 (λ=10),
 0.84/0.50 (100), 0.40/0.74 (1000), 0.00/0.995 (20,000). ROME_TOY over 200 known CounterFact
 facts of the bundled world (one edit each): new object top-1 on the rewrite prompt 98.0 %,
