@@ -128,7 +128,7 @@ def test_second_open_in_another_process_is_refused_with_pid(tmp_path):
                 f"try:\n    ResultStore.open({str(tmp_path)!r}, kind='test', key={KEY!r}, id_fields=('i',))\n"
                 "except StoreLockedError as e:\n    print(e); sys.exit(3)\n")
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+                              env=_env(), timeout=60)
         assert proc.returncode == 3, proc.stderr
         assert f"pid {os.getpid()}" in proc.stdout
     with _open(tmp_path):  # released on close
@@ -144,8 +144,14 @@ SWEEP = ["--model", "toy-facts", "--device", "cpu", "--limit", "6", "--samples",
          "--no-progress"]
 
 
+def _env() -> dict:
+    """The environment of child processes: this checkout importable (after any PYTHONPATH given), one thread."""
+    path = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH"), str(ROOT)) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
 def _worker(delay: float | Path, out: Path, *extra: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = _env()
     return subprocess.Popen([sys.executable, str(WORKER), str(delay), *SWEEP, "--out", str(out), *extra],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -216,3 +222,48 @@ def test_sweep_with_other_settings_or_without_config_refuses(tmp_path):
     (out / "config.json").unlink()
     assert main(args) == 1
     assert (out / "facts.jsonl").read_text().count("\n") == 2
+
+
+# ------------------------------------------------------------------ the stores in place: sweeps and evaluations
+
+def _facts():
+    from workbench.facts import Fact
+
+    subjects = ["Varo Keltin", "Miles Davis", "Toko Yasuda", "Mira Dos"]
+    return [Fact(subject=s, template="{} was born in", target_true="Osla", target_new="Paris", relation_id="P19",
+                 id=10 + i) for i, s in enumerate(subjects)]
+
+
+def test_sweep_resume_keeps_records_after_a_damaged_line(tiny_model, tmp_path, monkeypatch):
+    """Problem 9: resume stopped at the first damaged line and truncated every intact record after it."""
+    import workbench.tracing.dataset as ds
+    from workbench.tracing import trace_dataset
+
+    kw = dict(kinds=("hidden",), samples=2, progress=False, out=tmp_path / "sw")
+    trace_dataset(tiny_model, _facts(), **kw)
+    path = tmp_path / "sw" / "facts.jsonl"
+    lines = path.read_text().splitlines()
+    lines[1] = lines[1][:30]  # a damaged record in the middle
+    path.write_text("\n".join(lines) + "\n")
+    real, calls = ds._trace_fact, []
+    monkeypatch.setattr(ds, "_trace_fact", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    with pytest.warns(RuntimeWarning, match="1 damaged line"):
+        res = trace_dataset(tiny_model, _facts(), **kw)
+    assert calls == [1] and res.n_facts == 4  # only the damaged record is recomputed
+    kept = path.read_text().splitlines()
+    assert kept[:4] == lines[:4]  # nothing after the damage was truncated
+
+
+def test_evaluation_torn_last_row_does_not_swallow_the_next(tiny_model, tmp_path):
+    """Problem 9: a half-written evaluation row got the next row appended to the same line."""
+    from workbench.evaluation import evaluate
+
+    out = tmp_path / "ev"
+    evaluate(tiny_model, _facts(), methods=(), out=out, progress=False)
+    path = out / "details.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:25])  # the last row cut short by a crash
+    with pytest.warns(RuntimeWarning, match="damaged"):
+        evaluate(tiny_model, _facts(), methods=(), out=out, progress=False)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]  # every line parses
+    assert len(rows) == len(lines)
