@@ -140,7 +140,7 @@ def test_plot_trace_panels_axes_colours_hover():
         np.testing.assert_allclose(np.asarray(trace.z, dtype=float), r.scores[k])
         assert trace.zmin == pytest.approx(r.p_corrupt)
         custom = np.asarray(trace.customdata)
-        assert custom.shape == (len(TOKENS), 4, 3)
+        assert custom.shape == (len(TOKENS), 4, 4)
         assert custom[5, 2, 0] == " Varo*"
         assert float(custom[5, 2, 2]) == pytest.approx(r.scores[k][5, 2] - r.p_corrupt)
         for word in ("token", "layer", "p_restored", "IE", "p_clean 0.8000", "p_corrupt 0.1000"):

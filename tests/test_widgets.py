@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -29,7 +31,7 @@ def test_layout_and_token_marks(inspector, tiny_model):
     from workbench.spans import relation_span, subject_span, tokenize
 
     toks = tokenize(tiny_model, PROMPT)
-    assert [inspector.widget.get_title(i) for i in range(2)] == ["Trace", "Edit"]
+    assert [inspector.tabs.get_title(i) for i in range(2)] == ["Trace", "Edit"]
     assert len(inspector.token_buttons) == len(toks)
     assert inspector.selected_positions() == list(subject_span(toks, SUBJECT).positions)
     inspector.corrupt.value = "relation"
@@ -47,7 +49,7 @@ def test_clicking_a_token_switches_to_tokens(inspector):
     kw = inspector.trace_kwargs()
     assert kw["corrupt"] == [1, 3]
     assert kw["samples"] == 2 and kw["noise"] == "s3" and kw["kinds"] == ("hidden", "mlp", "attn")
-    assert kw["window"] == 10  # ROME's default, not clamped to the (3-layer) model's depth
+    assert kw["window"] == 2  # min(10, ceil(3 / 2)) on the 3-layer model
     inspector.noise.value = "0.25"
     assert inspector.trace_kwargs()["noise"] == 0.25
 
@@ -103,9 +105,9 @@ def test_run_button_traces_and_draws(inspector, tiny_model):
 
 def test_run_with_clicked_tokens(inspector):
     need("workbench.tracing", "trace")
-    inspector.token_buttons[1].value = True  # switches to "tokens", marks stay as they were plus this one
-    for i, b in enumerate(inspector.token_buttons):
-        b.value = i in (1, 2)
+    inspector.token_buttons[1].value = True  # switches to "tokens" with only this token marked
+    assert inspector.selected_positions() == [1]
+    inspector.token_buttons[2].value = True
     inspector.kind_boxes["mlp"].value = False
     inspector.kind_boxes["attn"].value = False
     result = inspector.run_trace()
@@ -132,7 +134,7 @@ def test_edit_apply_and_undo(inspector, tiny_model):
     assert edit is not None and edit.is_applied(tiny_model)
     assert model_fingerprint(tiny_model) != before
     table = inspector.edit_table
-    assert list(table.columns.get_level_values(0).unique()) == ["before", "after"]
+    assert list(table.columns.get_level_values(0).unique()) == ["", "before", "after"]  # probe, before, after
     assert len(table) == 3 and "P(Greek)" in table["after"].columns
     assert inspector.edited_figure is not None and not inspector.undo_button.disabled
     inspector.undo_button.click()
@@ -140,3 +142,201 @@ def test_edit_apply_and_undo(inspector, tiny_model):
     assert not edit.is_applied(tiny_model)
     assert model_fingerprint(tiny_model) == before
     assert inspector.undo_button.disabled
+
+
+# --------------------------------------------------------------------------- one state model (issue problems 1, 2, 4, 8)
+
+CORPUS = ["The mother tongue of Varo Keltin is Tuvan. Miles Davis plays the trumpet."] * 40
+
+
+def _rome_hparams(steps: int = 4, **kw):
+    from workbench.editing.hparams import ROMEHyperParams
+
+    return ROMEHyperParams(layers=[1], mom2_dataset=CORPUS, mom2_n_tokens=1000, context_templates=["{}"],
+                           v_num_grad_steps=steps, **kw)
+
+
+def _facts():
+    from workbench.facts import Fact
+
+    return [Fact("Varo Keltin", "The mother tongue of {} is", "Tuvan", target_new="Greek",
+                 paraphrases=("Varo Keltin speaks",)),
+            Fact("Miles Davis", "{} plays the", "trumpet", target_new="piano", paraphrases=("Miles Davis is a",)),
+            Fact("Toko Yasuda", "The mother tongue of {} is", "Tuvan", target_new="Greek")]
+
+
+def _texts(out) -> str:
+    return " ".join(str(o.get("data", {})) for o in out.outputs)
+
+
+def test_undo_clears_edit_outputs_and_badge(inspector, tiny_model):
+    """Problem 1: after Apply then Undo the table and maps are gone (not left behind)."""
+    need("workbench.editing", "rome")
+    inspector.rome_kwargs = {"hparams": _rome_hparams()}
+    inspector.new_object.value = "Greek"
+    assert inspector.apply_edit() is not None, inspector.error
+    assert len(inspector.edit_out.outputs) == 2  # the table and the before/after maps
+    assert "edited model" in inspector.badge.value
+    assert inspector.undo_edit() is not None
+    assert inspector.edit_out.outputs == () and inspector.edit_table is None and inspector.edited_figure is None
+    assert inspector.badge.value == ""
+    assert inspector.edit_progress.value == 0 and inspector.edit_progress_label.value == ""
+
+
+def test_edit_follows_the_typed_prompt(tiny_model):
+    """Problem 2: typing another fact in the Trace tab makes the Edit tab edit that fact."""
+    need("workbench.editing", "rome")
+    ins = Inspector(tiny_model, _facts(), samples=2, rome_kwargs={"hparams": _rome_hparams()})
+    assert ins.paraphrases.value == "Varo Keltin speaks" and ins.new_object.value == "Greek"
+    ins.prompt.value = "Joren Marpen works for"
+    ins.subject.value = "Joren Marpen"
+    # the example's paraphrases and new object belong to the example: cleared
+    assert ins.fact_picker.value == -1 and ins.paraphrases.value == "" and ins.new_object.value == ""
+    assert "Joren Marpen works for" in ins.edit_target.value
+    ins.new_object.value = "Amazon"
+    ins.retrace.value = False
+    assert ins.apply_edit() is not None, ins.error
+    rows = list(ins.edit_table.index)
+    assert rows[0] == "Joren Marpen works for"
+    assert "Varo Keltin speaks" not in rows  # the old example's paraphrase
+    assert "P(Amazon)" in ins.edit_table["after"].columns
+    probes = list(ins.edit_table[("", "probe")])
+    assert probes[0] == "edit prompt" and probes.count("other subject (locality)") == 3
+
+
+def test_failed_edit_is_reported_with_p_new(inspector, tiny_model):
+    """Problem 4: an edit that does not make the new object top-1 with P >= 0.5 says so."""
+    need("workbench.editing", "rome")
+    # one tiny optimisation step: the edit cannot reach the new object
+    inspector.rome_kwargs = {"hparams": _rome_hparams(steps=1, v_lr=1e-6)}
+    inspector.new_object.value = "Blorptastic Corp"
+    inspector.retrace.value = False
+    edit = inspector.apply_edit()
+    assert edit is not None, inspector.error
+    outcome = inspector.edit_outcome
+    assert not outcome.success and outcome.p_new < 0.5
+    assert "edit failed" in inspector.edit_status.value and f"{outcome.p_new:.3f}" in inspector.edit_status.value
+    assert inspector.edit_progress.bar_style == "danger"
+    assert "applied the" not in inspector.edit_status.value
+    inspector.undo_edit()
+
+
+def test_edit_outcome_rule():
+    from workbench.widgets import EditOutcome
+
+    assert EditOutcome("p", "x", 0.6, " x", 0.6, True).success
+    assert not EditOutcome("p", "x", 0.45, " x", 0.45, True).success  # top-1 but below 0.5
+    assert not EditOutcome("p", "x", 0.0, " Paris", 0.53, False).success
+
+
+def test_trace_map_cleared_or_marked_when_inputs_change(inspector):
+    """Problem 8: old maps do not stay under new inputs, errors, or a changed model."""
+    inspector.run_trace()
+    assert inspector.figure is not None and len(inspector.trace_out.outputs) == 1
+    assert "Varo Keltin" in inspector.figure.layout.title.text  # the title names the prompt
+    inspector.samples.value = 3
+    assert "out of date" in inspector.trace_stale.value and inspector.figure is not None
+    inspector.samples.value = 2
+    assert inspector.trace_stale.value == ""
+    inspector.prompt.value = "Miles Davis plays the"
+    assert inspector.figure is None and inspector.trace_out.outputs == ()
+    inspector.subject.value = "Miles Davis"
+    inspector.run_trace()
+    assert len(inspector.trace_out.outputs) == 1
+    for box in inspector.kind_boxes.values():
+        box.value = False
+    inspector.run_trace()  # an error: the old map goes
+    assert inspector.error and inspector.figure is None and inspector.trace_out.outputs == ()
+
+
+def test_new_example_clears_the_map(tiny_model):
+    ins = Inspector(tiny_model, _facts(), samples=2)
+    ins.run_trace()
+    assert ins.figure is not None
+    ins.fact_picker.value = 1
+    assert ins.prompt.value == "Miles Davis plays the" and ins.figure is None and ins.trace_out.outputs == ()
+    assert ins.paraphrases.value == "Miles Davis is a" and ins.new_object.value == "piano"
+
+
+def test_subject_warning_before_run(inspector):
+    inspector.subject.value = "Nobody Here"
+    assert "does not occur" in inspector.status.value
+    inspector.subject.value = SUBJECT
+    assert inspector.status.value == ""
+
+
+def test_trace_after_edit_is_marked_and_stale_after_undo(inspector):
+    need("workbench.editing", "rome")
+    inspector.rome_kwargs = {"hparams": _rome_hparams()}
+    inspector.new_object.value = "Greek"
+    inspector.retrace.value = False
+    inspector.apply_edit()
+    inspector.run_trace()
+    assert "[edited model]" in inspector.figure.layout.title.text
+    assert "edited model" in inspector.status.value
+    inspector.undo_edit()
+    assert "edit was applied or undone" in inspector.trace_stale.value
+
+
+def test_progress_is_monotone_with_elapsed_time(inspector):
+    need("workbench.editing", "rome")
+    seen: list[tuple[int, int]] = []
+    inspector.edit_progress.observe(lambda ch: seen.append((inspector.edit_progress.value, inspector.edit_progress.max)),
+                                    names="value")
+    inspector.rome_kwargs = {"hparams": _rome_hparams()}
+    inspector.new_object.value = "Greek"
+    inspector.apply_edit()
+    values = [v for v, _ in seen]
+    assert values == sorted(values) and values[-1] == seen[-1][1]
+    assert len({m for _, m in seen}) == 1  # the number of steps is fixed when the run starts
+    assert re.search(r"(edited|edit failed) in \d+\.\d s", inspector.edit_progress_label.value)
+    inspector.undo_edit()
+
+
+def test_cancel_stops_a_run(inspector):
+    # cancel as soon as the first kind is traced
+    inspector.progress.observe(lambda ch: inspector.cancel() if ch["new"] == 1 else None, names="value")
+    assert inspector.run_trace() is None
+    assert "cancelled" in inspector.status.value and inspector.figure is None
+    assert not inspector.run_button.disabled and inspector.cancel_button.disabled
+
+
+def test_cancelled_edit_is_reverted(inspector, tiny_model):
+    need("workbench.editing", "rome")
+    from workbench.loading import model_fingerprint
+
+    before = model_fingerprint(tiny_model)
+    inspector.rome_kwargs = {"hparams": _rome_hparams()}
+    inspector.new_object.value = "Greek"
+    inspector.edit_progress.observe(lambda ch: inspector.cancel() if ch["new"] == 3 else None, names="value")
+    assert inspector.apply_edit() is None
+    assert model_fingerprint(tiny_model) == before and not inspector.edits and inspector.badge.value == ""
+    assert "cancelled" in inspector.edit_status.value
+
+
+def test_background_click_runs_in_a_thread(tiny_model):
+    ins = Inspector(tiny_model, prompt=PROMPT, subject=SUBJECT, samples=2, background=True)
+    ins.run_button.click()
+    ins.wait(120)
+    assert ins.error is None and ins.figure is not None
+
+
+def test_layer_dropdown_shows_method_default(inspector):
+    assert inspector.layer.label == "method default"
+    assert inspector.layer.value is not None
+    assert "rome" in [v for _, v in inspector.method.options]
+
+
+def test_method_list_is_data_driven(tiny_model, monkeypatch):
+    import workbench.evaluation as ev
+
+    monkeypatch.setitem(ev.METHODS, "mend", "workbench.editing.rome:rome")
+    ins = Inspector(tiny_model, prompt=PROMPT, subject=SUBJECT)
+    assert "mend" in [v for _, v in ins.method.options]
+
+
+def test_default_window_in_the_inspector(tiny_model):
+    from workbench.tracing import default_window
+
+    ins = Inspector(tiny_model, prompt=PROMPT, subject=SUBJECT)
+    assert ins.window.value == default_window(tiny_model.cfg.n_layers) == 2

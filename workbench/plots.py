@@ -100,97 +100,186 @@ def _colorbar_x(fig: go.Figure, col: int) -> float:
 
 # --------------------------------------------------------------------------- trace maps
 
+SCALES = ("shared", "panel", "fixed")
+"""Colour ranges of a figure's heatmap panels: one range for all panels (``"shared"``, the
+default, so equal colours mean equal numbers), each panel its own (``"panel"``), or pinned
+to 0-1 (``"fixed"``; IE then spans -1 to 1)."""
+
+MENU_PX = 34
+"""Height (px) of the strip above the panels that holds the p_restored / IE buttons."""
+
+
+def _panel_range(p: np.ndarray, ie: np.ndarray, p_clean: float, p_corrupt: float) -> dict[str, tuple[float, float]]:
+    finite_p, finite_ie = p[np.isfinite(p)], ie[np.isfinite(ie)]
+    p_hi = max(float(finite_p.max()) if finite_p.size else p_clean, p_corrupt + 1e-6)
+    ie_lo = min(0.0, float(finite_ie.min()) if finite_ie.size else 0.0)
+    ie_hi = max(float(finite_ie.max()) if finite_ie.size else 0.0, 1e-6)
+    return {"p": (p_corrupt, p_hi), "ie": (ie_lo, ie_hi)}
+
+
+def _scale_ranges(panels: list[dict[str, tuple[float, float]]], scale: Any) -> list[dict[str, tuple[float, float]]]:
+    """The (zmin, zmax) of every panel for p and IE under a ``scale`` rule (see :data:`SCALES`)."""
+    if isinstance(scale, (tuple, list)) and len(scale) == 2:
+        lo, hi = float(scale[0]), float(scale[1])
+        return [{"p": (lo, hi), "ie": (lo, hi)} for _ in panels]
+    if scale == "panel":
+        return panels
+    if scale == "fixed":
+        return [{"p": (0.0, 1.0), "ie": (-1.0, 1.0)} for _ in panels]
+    if scale == "shared":
+        return [{v: (min(r[v][0] for r in panels), max(r[v][1] for r in panels)) for v in VALUES}] * len(panels)
+    raise ValueError(f"scale must be one of {SCALES} or a (zmin, zmax) pair, not {scale!r}")
+
+
+def shared_range(results: Sequence[Any], value: str = "p") -> tuple[float, float]:
+    """One (zmin, zmax) covering every kind of several trace results, for drawing them as
+    separate figures on one colour scale (``plot_trace(r, scale=shared_range([r1, r2]))``)."""
+    panels = [_panel_range(np.asarray(r.scores[k], dtype=float), np.asarray(r.scores[k], dtype=float) - r.p_corrupt,
+                           float(r.p_clean), float(r.p_corrupt)) for r in results for k in _kinds_of(r, None)]
+    return _scale_ranges(panels, "shared")[0][value]
+
+
+def _trace_title(result: Any, tokens: Sequence[str], corrupted: Sequence[int]) -> str:
+    answer = getattr(result, "answer", "")
+    prompt = getattr(result, "prompt", "")
+    span = span_text(tokens, corrupted)
+    return (f"{_html.escape(repr(prompt), quote=False)} → {_html.escape(repr(answer), quote=False)}:"
+            f" p_clean {float(result.p_clean):.3f}, p_corrupt {float(result.p_corrupt):.3f}"
+            f"<br><sup>corrupted ({_html.escape(str(getattr(result, 'corrupt', '')), quote=False)}): "
+            f"{_html.escape(repr(span), quote=False)} — tokens marked *; {getattr(result, 'samples', '?')} samples,"
+            f" noise {float(getattr(result, 'noise_level', float('nan'))):.3g}</sup>")
+
 
 def plot_trace(result: Any, kind: str | Sequence[str] | None = None, *, value: str = "p",
-               title: str | None = None, height: int | None = None) -> go.Figure:
+               title: str | None = None, height: int | None = None, scale: Any = "shared") -> go.Figure:
     """The causal-trace map of one prompt: one heatmap panel per kind.
 
     ``result`` is a :class:`workbench.tracing.TraceResult`. ``kind`` picks one kind
     (or a list); ``None`` shows every kind the result has. The colour shows
     p_restored (``value="p"``, scale from p_corrupt up, as ROME draws it) or the
-    indirect effect (``value="ie"``); a dropdown in the figure switches between
-    the two. Hover shows token, layer, p_restored, IE, p_clean and p_corrupt.
+    indirect effect (``value="ie"``); buttons above the panels switch between the two.
+    ``scale`` (see :data:`SCALES`): the panels share one colour range by default;
+    ``"panel"`` gives each its own, ``"fixed"`` pins p to 0-1, and a ``(zmin, zmax)``
+    pair (e.g. from :func:`shared_range`) puts several figures on one scale. Hover
+    shows token, position, layer, p_restored, IE, p_clean and p_corrupt. The figure
+    has no fixed width: it fills its container.
+    """
+    return plot_traces([result], kind, value=value, title=title, height=height, scale=scale)
+
+
+def plot_traces(results: Sequence[Any] | Mapping[str, Any], kind: str | Sequence[str] | None = None, *,
+                value: str = "p", title: str | None = None, height: int | None = None,
+                scale: Any = "shared") -> go.Figure:
+    """Several traces as rows of one figure (kinds as columns) on one colour scale.
+
+    For paired maps: the subject vs the relation corrupted, two windows, a model before
+    and after an edit. ``results`` is a list (rows labelled by what was corrupted) or a
+    dict ``{row label: result}``. ``scale`` as in :func:`plot_trace` (``"shared"``: one
+    range across every panel, so a colour means the same number in each row).
     """
     if value not in VALUES:
         raise ValueError(f"value must be one of {VALUES}, not {value!r}")
-    kinds = _kinds_of(result, kind)
-    tokens = list(result.tokens)
-    corrupted = _positions(getattr(result, "corrupted_span", None))
-    labels = token_labels(tokens, corrupted)
-    p_clean, p_corrupt = float(result.p_clean), float(result.p_corrupt)
-    window = getattr(result, "window", None)
-    n_tok = len(tokens)
+    if isinstance(results, Mapping):
+        rows = [(str(k), v) for k, v in results.items()]
+    else:
+        rows = [(f"{getattr(r, 'corrupt', '')} corrupted" if len(results) > 1 else "", r) for r in results]
+    if not rows:
+        raise ValueError("plot_traces needs at least one result")
+    kinds = _kinds_of(rows[0][1], kind)
+    for _, r in rows[1:]:
+        _kinds_of(r, kinds)
+    n_rows, n_cols = len(rows), len(kinds)
 
-    fig = make_subplots(rows=1, cols=len(kinds), shared_yaxes=True, horizontal_spacing=0.09,
-                        subplot_titles=[f"{KIND_NAMES.get(k, k)}" for k in kinds])
-    z_sets: dict[str, list] = {"p": [], "ie": []}
-    ranges: dict[str, list] = {"p": [], "ie": []}
-    for col, k in enumerate(kinds, start=1):
-        p = np.asarray(result.scores[k], dtype=float)
-        if p.shape[0] != n_tok:
-            raise ValueError(f"scores[{k!r}] has {p.shape[0]} rows but the prompt has {n_tok} tokens")
-        ie = p - p_corrupt
-        layers = np.arange(p.shape[1])
-        custom = np.empty(p.shape + (3,), dtype=object)
-        custom[..., 0] = np.array(labels, dtype=object)[:, None]
-        custom[..., 1] = p
-        custom[..., 2] = ie
-        p_hi = max(float(np.nanmax(p)) if p.size else p_clean, p_corrupt + 1e-6)
-        ie_lo = min(0.0, float(np.nanmin(ie)) if ie.size else 0.0)
-        ie_hi = max(float(np.nanmax(ie)) if ie.size else 0.0, 1e-6)
-        z_sets["p"].append(p)
-        z_sets["ie"].append(ie)
-        ranges["p"].append((p_corrupt, p_hi))
-        ranges["ie"].append((ie_lo, ie_hi))
-        zmin, zmax = ranges[value][-1]
+    panels, z_sets, customs, metas = [], {"p": [], "ie": []}, [], []
+    for label, r in rows:
+        tokens = list(r.tokens)
+        corrupted = _positions(getattr(r, "corrupted_span", None))
+        labels = token_labels(tokens, corrupted)
+        p_clean, p_corrupt = float(r.p_clean), float(r.p_corrupt)
+        for k in kinds:
+            p = np.asarray(r.scores[k], dtype=float)
+            if p.shape[0] != len(tokens):
+                raise ValueError(f"scores[{k!r}] has {p.shape[0]} rows but the prompt has {len(tokens)} tokens")
+            ie = p - p_corrupt
+            custom = np.empty(p.shape + (4,), dtype=object)
+            custom[..., 0] = np.array(labels, dtype=object)[:, None]
+            custom[..., 1] = p
+            custom[..., 2] = ie
+            custom[..., 3] = np.arange(len(tokens))[:, None]
+            panels.append(_panel_range(p, ie, p_clean, p_corrupt))
+            z_sets["p"].append(p)
+            z_sets["ie"].append(ie)
+            customs.append(custom)
+            metas.append((label, r, k, labels, p_clean, p_corrupt))
+    ranges = _scale_ranges(panels, scale)
+    one_bar_per_column = scale != "panel"
+
+    def sub(label: str, k: str) -> str:
+        name = KIND_NAMES.get(k, k)
+        return f"{name} — {_html.escape(label, quote=False)}" if label else name
+
+    fig = make_subplots(rows=n_rows, cols=n_cols, shared_yaxes=True, horizontal_spacing=0.11 if n_cols > 1 else 0.0,
+                        vertical_spacing=min(0.3, 110 / max(1, 140 * n_rows)) if n_rows > 1 else 0.0,
+                        subplot_titles=[sub(label, k) for label, _ in rows for k in kinds])
+    for i, (custom, (label, r, k, labels, p_clean, p_corrupt)) in enumerate(zip(customs, metas)):
+        row, col = i // n_cols + 1, i % n_cols + 1
+        zmin, zmax = ranges[i][value]
+        xaxis = fig.layout["xaxis" if i == 0 else f"xaxis{i + 1}"]
+        yaxis = fig.layout["yaxis" if i == 0 else f"yaxis{i + 1}"]
+        show_bar = not one_bar_per_column or row == 1
+        bar_y = (0.5, 1.0) if one_bar_per_column else (float(yaxis.domain[0] + yaxis.domain[1]) / 2,
+                                                        float(yaxis.domain[1] - yaxis.domain[0]))
         fig.add_trace(
             go.Heatmap(
-                z=z_sets[value][-1], x=layers, y=np.arange(n_tok), customdata=custom,
-                colorscale=KIND_COLORSCALES.get(k, "Viridis"), zmin=zmin, zmax=zmax, name=k,
-                colorbar=dict(x=_colorbar_x(fig, col), thickness=12, len=0.9,
-                              title=dict(text="p" if value == "p" else "IE", side="top")),
+                z=z_sets[value][i], x=np.arange(z_sets[value][i].shape[1]), y=np.arange(len(labels)),
+                customdata=custom, colorscale=KIND_COLORSCALES.get(k, "Viridis"), zmin=zmin, zmax=zmax,
+                name=k if n_rows == 1 else f"{k} / {label}", showscale=show_bar,
+                colorbar=dict(x=float(xaxis.domain[1]) + 0.005, thickness=10, len=bar_y[1], y=bar_y[0],
+                              yanchor="middle", title=dict(text="p" if value == "p" else "IE", side="top")),
                 hovertemplate=(
-                    "token %{customdata[0]} (position %{y})<br>layer %{x}<br>"
+                    "token %{customdata[0]} (position %{customdata[3]})<br>layer %{x}<br>"
                     "p_restored %{customdata[1]:.4f}<br>IE %{customdata[2]:+.4f}<br>"
                     f"p_clean {p_clean:.4f}<br>p_corrupt {p_corrupt:.4f}<extra>{k}</extra>"
                 ),
                 xgap=1, ygap=1,
             ),
-            row=1, col=col,
+            row=row, col=col,
         )
-        fig.update_xaxes(title_text=_window_label(k, window), row=1, col=col, dtick=1 if p.shape[1] <= 24 else None)
-    fig.update_yaxes(tickmode="array", tickvals=list(range(n_tok)), ticktext=labels,
-                     autorange="reversed", showgrid=False)
+        fig.update_xaxes(title_text=_window_label(k, getattr(r, "window", None)) if row == n_rows else None,
+                         row=row, col=col, dtick=1 if z_sets[value][i].shape[1] <= 24 else None)
+        fig.update_yaxes(tickmode="array", tickvals=list(range(len(labels))), ticktext=labels, row=row, col=col)
+    fig.update_yaxes(autorange="reversed", showgrid=False)
     fig.update_xaxes(showgrid=False)
 
     def restyle_args(v: str) -> list:
-        return [{"z": z_sets[v], "zmin": [r[0] for r in ranges[v]], "zmax": [r[1] for r in ranges[v]],
-                 "colorbar.title.text": ["p" if v == "p" else "IE"] * len(kinds)}]
+        return [{"z": z_sets[v], "zmin": [r[v][0] for r in ranges], "zmax": [r[v][1] for r in ranges],
+                 "colorbar.title.text": ["p" if v == "p" else "IE"] * len(z_sets[v])}]
 
-    fig_height = height or max(260, 110 + 24 * n_tok)
-    plot_height = fig_height - 150  # top and bottom margins below
-    fig.update_layout(
-        updatemenus=[dict(
-            type="buttons", direction="right", x=1.0, xanchor="right", y=1.0 + 26 / plot_height,
-            yanchor="bottom", pad=dict(t=0, b=0), showactive=True, active=VALUES.index(value),
-            buttons=[dict(label="p_restored", method="restyle", args=restyle_args("p")),
-                     dict(label="IE", method="restyle", args=restyle_args("ie"))],
-        )],
-    )
-    answer = getattr(result, "answer", "")
-    corrupt = getattr(result, "corrupt", "")
-    span = span_text(tokens, corrupted)
+    n_tok = max(len(m[3]) for m in metas)
+    top, bottom = 78 + MENU_PX + 24, 56
+    row_px = max(150, 24 * n_tok)
+    gaps = (n_rows - 1) * 110
+    fig_height = height or top + bottom + n_rows * row_px + gaps
+    plot_height = fig_height - top - bottom
+    # The buttons sit in their own strip between the title and the panel titles, left
+    # aligned, so they never cover either at any width.
+    fig.update_layout(updatemenus=[dict(
+        type="buttons", direction="right", x=0.0, xanchor="left", y=1.0 + (24 + 4) / plot_height, yanchor="bottom",
+        pad=dict(t=0, b=0, l=0, r=0), showactive=True, active=VALUES.index(value), font=dict(size=11),
+        buttons=[dict(label="p_restored", method="restyle", args=restyle_args("p")),
+                 dict(label="IE", method="restyle", args=restyle_args("ie"))],
+    )])
     if title is None:
-        title = (f"Answer {_html.escape(repr(answer), quote=False)}: p_clean {p_clean:.3f}, p_corrupt {p_corrupt:.3f}"
-                 f"<br><sup>corrupted ({_html.escape(str(corrupt), quote=False)}): "
-                 f"{_html.escape(repr(span), quote=False)}"
-                 f" — tokens marked *; {getattr(result, 'samples', '?')} samples,"
-                 f" noise {float(getattr(result, 'noise_level', float('nan'))):.3g}</sup>")
+        first = rows[0][1]
+        title = _trace_title(first, list(first.tokens), _positions(getattr(first, "corrupted_span", None)))
+        if n_rows > 1 and any(getattr(r, "prompt", None) != getattr(first, "prompt", None) for _, r in rows):
+            title = "Causal traces: " + ", ".join(_html.escape(repr(getattr(r, 'prompt', '')), quote=False)
+                                                  for _, r in rows)
     fig.update_layout(
-        title=dict(text=title, x=0.0, xanchor="left"),
-        height=fig_height,
-        width=max(520, 330 * len(kinds) + 160),
-        margin=dict(l=10, r=40, t=100, b=50),
+        title=dict(text=title, x=0.0, xanchor="left", xref="paper", y=1.0, yref="container", yanchor="top",
+                   pad=dict(t=12), font=dict(size=15)),
+        height=fig_height, autosize=True,
+        margin=dict(l=10, r=50, t=top, b=bottom),
         plot_bgcolor="white",
     )
     return fig
@@ -298,9 +387,15 @@ def plot_aie(*results: Any, kind: str | Sequence[str] | None = None, window: int
                 if a is not None and b is not None]
         if bits:
             title += "<br><sup>" + "; ".join(bits) + "</sup>"
+    blank = any(df is not None and df.size and bool(df.isna().any().any()) for _, r in pairs for df in r.aie.values())
+    if blank:
+        fig.add_annotation(x=0.0, xref="paper", xanchor="left", y=0.0, yref="paper", yanchor="top", yshift=-36,
+                           showarrow=False, font=dict(size=11, color="#555"),
+                           text="Blank cells: no position of these facts falls in that bucket (e.g. one-token "
+                                "spans have no middle tokens, a span ending the prompt has no tokens after it).")
     fig.update_layout(title=dict(text=title, x=0.0, xanchor="left"),
-                      height=height or 120 + 260 * len(kinds), width=max(640, 430 * ncol + 160),
-                      margin=dict(l=10, r=60, t=100, b=50), plot_bgcolor="white")
+                      height=height or 120 + 260 * len(kinds), autosize=True,
+                      margin=dict(l=10, r=60, t=100, b=70 if blank else 50), plot_bgcolor="white")
     return fig
 
 
@@ -373,24 +468,27 @@ def plot_severed(result: Any | Sequence[Any], *, value: str = "p", title: str | 
                     error_y=dict(type="data", array=sem, visible=len(results) > 1),
                     hovertemplate=f"layer %{{x}}<br>{label} %{{y:.4f}}<extra>{text}</extra>")
     for y, text in ((p_clean, "p_clean"), (p_corrupt, "p_corrupt")):
-        fig.add_hline(y=y - offset, line_dash="dash", line_color="#555", line_width=1,
-                      annotation_text=text, annotation_position="top right")
+        # Labelled in the right margin, outside the bars, so they never overlap them.
+        fig.add_hline(y=y - offset, line_dash="dash", line_color="#555", line_width=1)
+        fig.add_annotation(x=1.0, xref="paper", xanchor="left", y=y - offset, yref="y", yanchor="middle",
+                           text=f"{text} {y - offset:.2f}", showarrow=False, font=dict(size=11, color="#555"))
     if title is None:
         first = results[0]
+        corrupts = {str(getattr(r, "corrupt", None)) for r in results if getattr(r, "corrupt", None) is not None}
+        what = f"{', '.join(sorted(corrupts))} corrupted" if corrupts else "corrupted"
         if len(results) == 1:
             tok = first.tokens[first.token] if hasattr(first, "tokens") else first.token
-            title = (f"Severed trace of {first.prompt!r} → {first.answer!r}"
-                     f"<br><sup>restoring the hidden state at token {first.token} ({tok!r}); "
-                     f"corrupted: {span_text(first.tokens, first.corrupted_span)!r}</sup>")
+            title = (f"Severed trace of {_html.escape(repr(first.prompt), quote=False)} → "
+                     f"{_html.escape(repr(first.answer), quote=False)}"
+                     f"<br><sup>restoring the hidden state at token {first.token} ({_html.escape(repr(tok), quote=False)}); "
+                     f"{what}: {_html.escape(repr(span_text(first.tokens, first.corrupted_span)), quote=False)}</sup>")
         else:
-            corrupt = getattr(first, "corrupt", None)
-            title = (f"Severed trace, mean of {len(results)} prompts"
-                     + (f" ({corrupt} corrupted)" if corrupt else "")
-                     + "<br><sup>restoring the hidden state at the last corrupted token; bars ± s.e.</sup>")
+            title = (f"Severed trace, {what}: mean of {len(results)} prompts"
+                     "<br><sup>restoring the hidden state at the last corrupted token; bars ± s.e.</sup>")
     fig.update_layout(barmode="group", title=dict(text=title, x=0.0, xanchor="left"),
                       xaxis=dict(title="layer of the restored hidden state", dtick=1 if len(layers) <= 24 else None),
-                      yaxis=dict(title=label), height=420, width=760, plot_bgcolor="white",
-                      legend=dict(orientation="h", y=-0.2), margin=dict(l=10, r=10, t=80, b=60))
+                      yaxis=dict(title=label), height=420, autosize=True, plot_bgcolor="white",
+                      legend=dict(orientation="h", y=-0.2), margin=dict(l=10, r=100, t=80, b=60))
     return fig
 
 
@@ -448,6 +546,10 @@ def edit_eval_long(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+METHOD_PALETTE: tuple[str, ...] = ("#1f77b4", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#bcbd22", "#393b79",
+                                   "#7b4173")
+"""Bar colours of editing methods: none is close to the kinds' purple, green or red."""
+
 COUNT_FAMILIES = ("n",)
 """Column families that hold counts, not rates (``("n", "edits")``, ``("n", "errors")``); not plotted."""
 
@@ -473,7 +575,7 @@ def plot_edit_eval(df: pd.DataFrame, *, measure: str | None = "acc", title: str 
     families = list(dict.fromkeys(long["family"]))
     rows = list(dict.fromkeys(zip(long["method"], long["locus"])))
     methods = [m for m in dict.fromkeys(long["method"]) if m != "unedited"]
-    palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    palette = list(METHOD_PALETTE)
     fig = make_subplots(rows=1, cols=len(families), shared_yaxes=True, subplot_titles=families,
                         horizontal_spacing=0.04)
     for col, fam in enumerate(families, start=1):
@@ -485,9 +587,11 @@ def plot_edit_eval(df: pd.DataFrame, *, measure: str | None = "acc", title: str 
                 continue
             name = f"{method} @ {locus}" if locus and locus != "-" else method
             colour = "#9e9e9e" if method == "unedited" else palette[methods.index(method) % len(palette)]
+            ys = [sel["value"].get(m, np.nan) for m in metrics]
             fig.add_bar(
-                x=metrics, y=[sel["value"].get(m, np.nan) for m in metrics], name=name, legendgroup=name,
-                showlegend=col == 1, row=1, col=col,
+                x=metrics, y=ys, name=name, legendgroup=name, showlegend=col == 1, row=1, col=col,
+                # a zero-height bar draws nothing: write its 0 so that it does not look missing
+                text=["0" if y == 0 else "" for y in ys], textposition="outside", textfont=dict(size=10),
                 marker=dict(color=colour, pattern_shape="/" if locus == "relation" else ""),
                 hovertemplate=(f"{_html.escape(name, quote=False)}<br>{_html.escape(fam, quote=False)} "
                                "%{x}: %{y:.3g}<extra></extra>"),
@@ -503,7 +607,7 @@ def plot_edit_eval(df: pd.DataFrame, *, measure: str | None = "acc", title: str 
         if measure:
             title += f" ({'teacher-forced accuracy' if measure == 'acc' else 'CounterFact score'})"
     fig.update_layout(barmode="group", title=dict(text=title, x=0.0, xanchor="left"),
-                      height=440, width=max(760, 330 * len(families)), plot_bgcolor="white",
+                      height=440, autosize=True, plot_bgcolor="white",
                       legend=dict(orientation="h", y=-0.18), margin=dict(l=10, r=10, t=80, b=80))
     return fig
 
@@ -609,7 +713,8 @@ def save_html(fig: go.Figure | AttentionHTML, path: str | Path) -> Path:
 
 
 __all__ = [
-    "KIND_COLORSCALES", "KIND_COLORS", "AttentionHTML", "plot_trace", "plot_aie", "plot_severed",
+    "KIND_COLORSCALES", "KIND_COLORS", "AttentionHTML", "plot_trace", "plot_traces", "shared_range", "SCALES",
+    "plot_aie", "plot_severed",
     "plot_edit_eval", "edit_eval_long", "plot_attention", "figure_html", "save_html",
     "external_references", "token_labels", "span_text",
 ]

@@ -156,15 +156,6 @@ def _noise_for(model: Any, facts: Sequence[Any], noise: Any) -> Any:
     return noise
 
 
-def default_window(model: Any) -> int:
-    """ROME's window of 10 layers, capped at half the model's depth (3 for the 6-layer bundled model).
-
-    A window covering every layer makes each MLP/attention cell restore the whole stack,
-    which flattens those maps along the layer axis.
-    """
-    return max(1, min(10, model.cfg.n_layers // 2))
-
-
 def build_report(model: Any, facts: Sequence[Any] | None = None, *, n_prompts: int = 4, n_sweep: int = 24,
                  samples: int = 10, kinds: Sequence[str] = KINDS, noise: str | float = "s3", window: int | None = None,
                  seed: int = 1, edit: bool = True, rome_kwargs: dict | None = None,
@@ -177,16 +168,17 @@ def build_report(model: Any, facts: Sequence[Any] | None = None, *, n_prompts: i
     makes one ROME edit and shows predictions before and after. ``facts`` defaults
     to the bundled world's. ``rome_kwargs`` go to :func:`workbench.editing.rome` (e.g.
     ``hparams=`` for a model without a preset covariance corpus); a failed edit becomes a
-    note in the report, not an error. ``window`` defaults to :func:`default_window` (ROME's 10
-    on deep models, fewer layers on shallow ones, where 10 would span the whole model). ``log`` receives one line per step (``None``:
+    note in the report, not an error. ``window`` defaults to
+    :func:`workbench.tracing.default_window` (ROME's 10, at most half the model's depth). ``log`` receives one line per step (``None``:
     silent, and no progress bars).
     """
     from .facts import load_facts
     from .loading import model_info
     from .tracing import severed_trace, trace, trace_dataset
+    from .tracing.window import resolve_window
 
     say = log or (lambda _msg: None)
-    window = default_window(model) if window is None else window
+    window = resolve_window(model, window)
     started = time.perf_counter()
     timings: dict[str, float] = {}
     facts = list(facts) if facts is not None else load_facts("toy-facts")

@@ -1,40 +1,62 @@
 """``Inspector``: an ipywidgets front end to tracing and editing, for notebooks.
 
-``Inspector(model)`` shows two tabs:
+``Inspector(model)`` shows an "edited model" badge (while any edit is applied) above two tabs:
 
 * **Trace** — type a prompt and its subject, choose what to corrupt (the subject, the
   relation, or tokens clicked in the token bar), the kinds, samples, noise and
   window, and run: the maps of :func:`workbench.plots.plot_trace` appear below, and
   the p_restored / IE toggle redraws them without re-running.
-* **Edit** — apply a ROME edit to the prompt's fact (new object, locus, layer), see the
-  top predictions before and after for the prompt and its paraphrases, re-trace the
-  edited model, and undo.
+* **Edit** — edit the fact shown in the Trace tab (its prompt and subject) with a method
+  from :data:`workbench.evaluation.METHODS` (new object, locus, layer); see the top
+  predictions before and after for the prompt, its paraphrases and a few other subjects
+  (locality), whether the edit reached the new object, the maps before and after on one
+  colour scale, and undo.
+
+The Inspector's state is one model: every output belongs to the inputs it was computed
+from. When the prompt or subject change, the Trace tab's map is cleared; when other
+settings change, or an edit is applied or undone, it is marked out of date. Undo clears
+the edit's outputs. Runs show monotone progress with the elapsed time; started from the
+buttons in a kernel they run in a background thread, so **Cancel** stops them at the next
+step (an edit cancelled after it was applied is reverted).
 
 Every control is a plain attribute (``inspector.prompt``, ``inspector.run_button``, ...)
 and every action a method (:meth:`Inspector.run_trace`, :meth:`Inspector.apply_edit`,
 :meth:`Inspector.undo_edit`), so the widget can be driven without a browser (tests,
-scripts). Results land in ``inspector.result``, ``inspector.figure``,
-``inspector.edit_table`` and ``inspector.edited_figure``; the last error, if any, in
+scripts); called from code, actions run synchronously. Results land in
+``inspector.result``, ``inspector.figure``, ``inspector.edit_table``,
+``inspector.edit_outcome`` and ``inspector.edited_figure``; the last error, if any, in
 ``inspector.error`` (and in red under the buttons).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import html
 import inspect
+import json
+import threading
+import time
 import traceback
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import ipywidgets as widgets
 import pandas as pd
 
-from .plots import KINDS, plot_trace
+from .plots import KINDS, plot_trace, plot_traces
 from .report import before_after, predictions_table
 from .spans import SpanError, resolve_span, tokenize
 
 KIND_LABELS = {"hidden": "hidden (purple)", "mlp": "MLP (green)", "attn": "attention (red)"}
+
+SUCCESS_P = 0.5
+"""An edit succeeds when the new object is the prompt's top-1 token with at least this probability."""
+
+DEFAULT_LAYER = "default"
+"""The layer dropdown's value for "the method's default layer(s)"."""
+
+N_NEIGHBOURS = 3
+"""Other subjects checked for locality after an edit."""
 
 
 def _in_kernel() -> bool:
@@ -46,16 +68,35 @@ def _in_kernel() -> bool:
     return ip is not None and getattr(ip, "kernel", None) is not None
 
 
-def _show(out: widgets.Output, *objs: Any) -> None:
-    """Replace an Output widget's content (a no-op outside a Jupyter kernel)."""
-    if not _in_kernel():
-        return
-    from IPython.display import display
+class FigureView:
+    """A Plotly figure as the Plotly mimetype with ``responsive`` on, so that it fills the
+    width of its output area and follows it when the page resizes."""
 
-    out.clear_output(wait=True)
-    with out:
-        for obj in objs:
-            display(obj)
+    def __init__(self, fig: Any) -> None:
+        self.fig = fig
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict:
+        spec = json.loads(self.fig.to_json())
+        spec["config"] = {"responsive": True, "displaylogo": False}
+        title = getattr(self.fig.layout.title, "text", None) or "figure"
+        return {"application/vnd.plotly.v1+json": spec, "text/plain": f"<Plotly figure: {title}>"}
+
+
+def _displayable(obj: Any) -> Any:
+    return FigureView(obj) if hasattr(obj, "to_plotly_json") else obj
+
+
+def _clear(out: widgets.Output) -> None:
+    """Empty an Output widget now (``clear_output(wait=True)`` would wait for the next output)."""
+    out.outputs = ()
+
+
+def _show(out: widgets.Output, *objs: Any) -> None:
+    """Replace an Output widget's content. Sets the widget's outputs directly instead of
+    capturing with ``with out:``, so it works from a background thread and without a kernel."""
+    _clear(out)
+    for obj in objs:
+        out.append_display_data(_displayable(obj))
 
 
 def _noise_value(text: str) -> str | float:
@@ -76,41 +117,135 @@ def _merge_traces(parts: Sequence[Any]) -> Any:
     for part in parts:
         scores.update(part.scores)
         kinds.extend(part.kinds)
-    first = parts[0]
-    if dataclasses.is_dataclass(first):
-        try:
-            return dataclasses.replace(first, scores=scores, kinds=tuple(kinds))
-        except (TypeError, ValueError):
-            pass
-    merged = copy.copy(first)
-    merged.scores, merged.kinds = scores, tuple(kinds)
-    return merged
+    return dataclasses.replace(parts[0], scores=scores, kinds=tuple(kinds))
+
+
+class Cancelled(Exception):
+    """Raised inside a run when its Cancel button was pressed."""
+
+
+@dataclass
+class EditOutcome:
+    """Whether an applied edit reached its new object on the edit prompt."""
+
+    prompt: str
+    new_object: str
+    p_new: float
+    top_token: str
+    top_p: float
+    top_is_new: bool
+
+    @property
+    def success(self) -> bool:
+        """The new object's first token is top-1 with P(new) >= :data:`SUCCESS_P`."""
+        return self.top_is_new and self.p_new >= SUCCESS_P
+
+
+def edit_outcome(model: Any, prompt: str, new_object: str) -> EditOutcome:
+    """P(first token of ``new_object``) and the top-1 token of ``prompt`` under the model as it is."""
+    from .predict import next_token_probs, object_token_ids
+
+    probs = next_token_probs(model, [prompt])[0]
+    new_id = object_token_ids(model, new_object)[0]
+    top_p, top_id = probs.max(0)
+    return EditOutcome(prompt=prompt, new_object=new_object, p_new=float(probs[new_id]),
+                       top_token=model.tokenizer.decode([int(top_id)]), top_p=float(top_p),
+                       top_is_new=int(top_id) == new_id)
+
+
+class Progress:
+    """A monotone progress bar with a label "step i/n: what — elapsed s" for one run.
+
+    The number of steps is fixed when the run starts, the bar only moves forward, and
+    :meth:`step` raises :class:`Cancelled` once ``cancel`` is set.
+    """
+
+    def __init__(self, bar: widgets.IntProgress, label: widgets.HTML, steps: Sequence[str],
+                 cancel: threading.Event) -> None:
+        self.bar, self.label, self.steps, self.cancel = bar, label, list(steps), cancel
+        self.started = time.perf_counter()
+        self.done = 0
+        bar.bar_style, bar.min, bar.value = "", 0, 0
+        bar.max = max(1, len(self.steps))
+        self._say(self.steps[0] if self.steps else "")
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def _say(self, what: str) -> None:
+        n = len(self.steps)
+        self.label.value = html.escape(f"{min(self.done + 1, n)}/{n} {what}… {self.elapsed():.1f} s")
+
+    def check(self) -> None:
+        if self.cancel.is_set():
+            raise Cancelled()
+
+    def step(self) -> None:
+        """Mark the current step done and announce the next (or check for a cancel)."""
+        self.check()
+        self.done += 1
+        self.bar.value = min(self.done, self.bar.max)
+        if self.done < len(self.steps):
+            self._say(self.steps[self.done])
+
+    def tick(self) -> None:
+        """Refresh the elapsed time of the current step."""
+        if self.done < len(self.steps):
+            self._say(self.steps[self.done])
+
+    def finish(self, style: str, text: str) -> None:
+        if style == "success":
+            self.bar.value = self.bar.max
+        self.bar.bar_style = style
+        self.label.value = html.escape(f"{text} in {self.elapsed():.1f} s")
+
+
+def _methods() -> dict[str, str]:
+    from .evaluation import METHODS
+
+    return dict(METHODS)
 
 
 class Inspector:
     """Interactive causal tracing and editing of one model (see the module docstring).
 
     ``facts`` (optional) fills a dropdown of example facts that set the prompt,
-    subject, paraphrases and a suggested new object. ``rome_kwargs`` are passed to
-    :func:`workbench.editing.rome` (e.g. ``hparams=`` or ``stats=`` for a model without
-    a preset corpus).
+    subject, paraphrases and a suggested new object, and supply other subjects for the
+    locality check. ``window`` defaults to :func:`workbench.tracing.default_window`.
+    ``method_kwargs`` maps a method name to keyword arguments for it (``rome_kwargs`` is
+    the same for ``"rome"``: e.g. ``hparams=`` or ``stats=`` for a model without a preset
+    corpus). ``background``: run button clicks in a thread (default: when in a kernel).
     """
 
     def __init__(self, model: Any, facts: Sequence[Any] | None = None, *, prompt: str | None = None,
                  subject: str | None = None, samples: int = 10, noise: str | float = "s3",
-                 window: int = 10, kinds: Sequence[str] = KINDS, seed: int = 1,
-                 rome_kwargs: dict | None = None) -> None:
+                 window: int | None = None, kinds: Sequence[str] = KINDS, seed: int = 1,
+                 rome_kwargs: dict | None = None, method_kwargs: dict[str, dict] | None = None,
+                 background: bool | None = None) -> None:
+        from .tracing.window import resolve_window
+
         self.lm = model
-        self.rome_kwargs = dict(rome_kwargs or {})
+        self.method_kwargs: dict[str, dict] = {k: dict(v) for k, v in (method_kwargs or {}).items()}
+        if rome_kwargs:
+            self.method_kwargs.setdefault("rome", {}).update(rome_kwargs)
         self.facts = list(facts or [])
         self.seed = seed
+        self.background = _in_kernel() if background is None else background
         self.result: Any = None
         self.figure: Any = None
         self.edits: list[Any] = []
         self.edit_table: pd.DataFrame | None = None
+        self.edit_outcome: EditOutcome | None = None
+        self.before_result: Any = None
         self.edited_result: Any = None
         self.edited_figure: Any = None
         self.error: str | None = None
+        self.error_traceback: str | None = None
+        self._traced: dict | None = None  # the inputs of the shown map
+        self._edited: dict | None = None  # the inputs of the shown edit results
+        self._cancel = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._syncing = False
         first = self.facts[0] if self.facts else None
         if prompt is None and first is not None:
             prompt, subject = first.prompt, first.subject
@@ -119,14 +254,16 @@ class Inspector:
             subject = "Danielle Darrieux"
 
         style = {"description_width": "90px"}
-        wide = widgets.Layout(width="640px")
+        wide = widgets.Layout(width="100%", max_width="640px")
+        # ---- badge
+        self.badge = widgets.HTML(layout=widgets.Layout(min_height="0px"))
         # ---- trace tab
         self.fact_picker = widgets.Dropdown(
-            options=[("(type your own)", None)] + [(f.prompt + " → " + f.target_true, i) for i, f in enumerate(self.facts)],
-            value=0 if self.facts else None, description="example", style=style, layout=wide)
+            options=[("(type your own)", -1)] + [(f.prompt + " → " + f.target_true, i) for i, f in enumerate(self.facts)],
+            value=0 if self.facts else -1, description="example", style=style, layout=wide)
         self.prompt = widgets.Text(value=prompt, description="prompt", continuous_update=False, style=style, layout=wide)
         self.subject = widgets.Text(value=subject or "", description="subject", continuous_update=False, style=style,
-                                    layout=widgets.Layout(width="400px"))
+                                    layout=widgets.Layout(width="100%", max_width="400px"))
         self.corrupt = widgets.ToggleButtons(options=["subject", "relation", "tokens"], value="subject",
                                              description="corrupt", style=style,
                                              tooltips=["noise the subject's tokens", "noise the relation's tokens",
@@ -140,31 +277,46 @@ class Inspector:
         self.noise = widgets.Text(value=str(noise), description="noise", style=style,
                                   tooltip='"s3" (3 x embedding std), a number, or "u0.5" (uniform)',
                                   layout=widgets.Layout(width="170px"))
-        self.window = widgets.BoundedIntText(value=window, min=1, max=1000, description="window",
-                                             style=style, layout=widgets.Layout(width="170px"))
+        self.window = widgets.BoundedIntText(value=resolve_window(model, window), min=1, max=1000,
+                                             description="window", style=style, layout=widgets.Layout(width="170px"),
+                                             tooltip="layers restored together by MLP/attention cells "
+                                                     "(default min(10, ceil(n_layers/2)))")
         self.value = widgets.ToggleButtons(options=[("p_restored", "p"), ("IE", "ie")], value="p",
                                            description="colour", style=style)
         self.run_button = widgets.Button(description="Run trace", button_style="primary", icon="play")
-        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="", layout=widgets.Layout(width="220px"))
+        self.cancel_button = widgets.Button(description="Cancel", icon="stop", disabled=True)
+        self.progress = widgets.IntProgress(value=0, min=0, max=1, description="", layout=widgets.Layout(width="180px"))
+        self.progress_label = widgets.HTML()
         self.status = widgets.HTML()
-        self.trace_out = widgets.Output()
+        self.trace_stale = widgets.HTML()
+        self.trace_out = widgets.Output(layout=widgets.Layout(width="100%"))
 
         # ---- edit tab
+        methods = list(_methods())
+        self.edit_target = widgets.HTML()
+        self.method = widgets.Dropdown(options=[(m.upper(), m) for m in methods],
+                                       value="rome" if "rome" in methods else methods[0], description="method",
+                                       style=style)
         self.new_object = widgets.Text(value=(first.target_new or "") if first is not None else "",
                                        description="new object", style=style)
         self.locus = widgets.ToggleButtons(options=[("subject (entity)", "subject"), ("relation", "relation")],
                                            value="subject", description="edit at", style=style)
-        self.layer = widgets.Dropdown(options=[("method default", None)] + [(str(i), i) for i in range(model.cfg.n_layers)],
-                                      value=None, description="layer", style=style)
+        self.layer = widgets.Dropdown(options=[("method default", DEFAULT_LAYER)]
+                                      + [(str(i), i) for i in range(model.cfg.n_layers)],
+                                      value=DEFAULT_LAYER, description="layer", style=style)
         self.paraphrases = widgets.Textarea(value="\n".join(first.paraphrases) if first is not None else "",
                                             description="paraphrases", placeholder="one prompt per line",
-                                            style=style, layout=widgets.Layout(width="640px", height="90px"))
-        self.retrace = widgets.Checkbox(value=True, description="re-trace the edited model", indent=False)
-        self.apply_button = widgets.Button(description="Apply ROME edit", button_style="warning", icon="pencil")
+                                            style=style, layout=widgets.Layout(width="100%", max_width="640px",
+                                                                               height="90px"))
+        self.retrace = widgets.Checkbox(value=True, description="trace before and after", indent=False)
+        self.apply_button = widgets.Button(description="Apply edit", button_style="warning", icon="pencil")
         self.undo_button = widgets.Button(description="Undo", icon="undo", disabled=True)
-        self.edit_progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="220px"))
+        self.edit_cancel_button = widgets.Button(description="Cancel", icon="stop", disabled=True)
+        self.edit_progress = widgets.IntProgress(value=0, min=0, max=1, layout=widgets.Layout(width="180px"))
+        self.edit_progress_label = widgets.HTML()
         self.edit_status = widgets.HTML()
-        self.edit_out = widgets.Output()
+        self.edit_stale = widgets.HTML()
+        self.edit_out = widgets.Output(layout=widgets.Layout(width="100%"))
 
         # ---- wiring
         self.fact_picker.observe(self._on_fact, names="value")
@@ -172,31 +324,42 @@ class Inspector:
         self.subject.observe(self._on_prompt, names="value")
         self.corrupt.observe(self._on_corrupt, names="value")
         self.value.observe(self._on_value, names="value")
-        self.run_button.on_click(lambda _: self.run_trace())
-        self.apply_button.on_click(lambda _: self.apply_edit())
+        for w in (*self.kind_boxes.values(), self.samples, self.noise, self.window):
+            w.observe(self._on_settings, names="value")
+        for w in (self.new_object, self.locus, self.layer, self.method, self.paraphrases):
+            w.observe(self._on_edit_settings, names="value")
+        self.run_button.on_click(lambda _: self._launch(self.run_trace))
+        self.apply_button.on_click(lambda _: self._launch(self.apply_edit))
         self.undo_button.on_click(lambda _: self.undo_edit())
+        self.cancel_button.on_click(lambda _: self.cancel())
+        self.edit_cancel_button.on_click(lambda _: self.cancel())
         self._rebuild_tokens()
         self._on_corrupt()
+        self._update_edit_target()
 
         trace_tab = widgets.VBox([
-            *( [self.fact_picker] if self.facts else [] ),
+            *([self.fact_picker] if self.facts else []),
             self.prompt, self.subject, self.corrupt,
             widgets.HTML("<small>tokens (click to corrupt them; marks follow the chosen span)</small>"),
             self.token_bar,
             widgets.HBox(list(self.kind_boxes.values())),
-            widgets.HBox([self.samples, self.noise, self.window]),
-            widgets.HBox([self.run_button, self.progress, self.value]),
-            self.status, self.trace_out,
+            widgets.HBox([self.samples, self.noise, self.window], layout=widgets.Layout(flex_flow="row wrap")),
+            widgets.HBox([self.run_button, self.cancel_button, self.progress, self.progress_label],
+                         layout=widgets.Layout(flex_flow="row wrap", align_items="center")),
+            self.value, self.status, self.trace_stale, self.trace_out,
         ])
         edit_tab = widgets.VBox([
-            widgets.HTML("<small>Edits the fact in the Trace tab's prompt and subject.</small>"),
-            self.new_object, self.locus, self.layer, self.paraphrases, self.retrace,
-            widgets.HBox([self.apply_button, self.undo_button, self.edit_progress]),
-            self.edit_status, self.edit_out,
+            self.edit_target, self.method, self.new_object, self.locus, self.layer, self.paraphrases, self.retrace,
+            widgets.HBox([self.apply_button, self.undo_button, self.edit_cancel_button, self.edit_progress,
+                          self.edit_progress_label],
+                         layout=widgets.Layout(flex_flow="row wrap", align_items="center")),
+            self.edit_status, self.edit_stale, self.edit_out,
         ])
-        self.widget = widgets.Tab(children=[trace_tab, edit_tab])
-        self.widget.set_title(0, "Trace")
-        self.widget.set_title(1, "Edit")
+        self.tabs = widgets.Tab(children=[trace_tab, edit_tab])
+        self.tabs.set_title(0, "Trace")
+        self.tabs.set_title(1, "Edit")
+        self.widget = widgets.VBox([self.badge, self.tabs], layout=widgets.Layout(width="100%"))
+        self.widget.add_class("workbench-inspector")
 
     # ------------------------------------------------------------------ display
     def _ipython_display_(self) -> None:
@@ -206,6 +369,65 @@ class Inspector:
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict:
         return self.widget._repr_mimebundle_(**kwargs)
+
+    @property
+    def rome_kwargs(self) -> dict:
+        """Keyword arguments for ROME (``method_kwargs["rome"]``)."""
+        return self.method_kwargs.setdefault("rome", {})
+
+    @rome_kwargs.setter
+    def rome_kwargs(self, value: dict) -> None:
+        self.method_kwargs["rome"] = dict(value)
+
+    # ------------------------------------------------------------------ running
+    @property
+    def busy(self) -> bool:
+        """Whether a background run is in progress."""
+        return self._worker is not None and self._worker.is_alive()
+
+    def _launch(self, action: Callable[[], Any]) -> None:
+        """Run a button's action: in a background thread in a kernel (so Cancel is heard), else inline."""
+        if self.busy:
+            return
+        if not self.background:
+            action()
+            return
+        self._worker = threading.Thread(target=action, name="workbench-inspector", daemon=True)
+        self._worker.start()
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until a background run (started by a button) is finished."""
+        if self._worker is not None:
+            self._worker.join(timeout)
+
+    def cancel(self) -> None:
+        """Ask the current run to stop at its next step."""
+        self._cancel.set()
+
+    def _begin(self) -> None:
+        self._cancel.clear()
+        self.error = self.error_traceback = None
+        for b in (self.run_button, self.apply_button, self.undo_button):
+            b.disabled = True
+        self.cancel_button.disabled = self.edit_cancel_button.disabled = False
+
+    def _end(self) -> None:
+        self.run_button.disabled = self.apply_button.disabled = False
+        self.undo_button.disabled = not self.edits
+        self.cancel_button.disabled = self.edit_cancel_button.disabled = True
+
+    def _ticker(self, prog: Progress) -> Callable[[], None]:
+        """Refresh ``prog``'s elapsed time every half second until the returned stop() is called."""
+        if not self.background:
+            return lambda: None
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(0.5):
+                prog.tick()
+
+        threading.Thread(target=loop, daemon=True).start()
+        return stop.set
 
     # ------------------------------------------------------------------ helpers
     def _fail(self, where: widgets.HTML, err: BaseException) -> None:
@@ -246,10 +468,7 @@ class Inspector:
         self.token_bar.children = tuple(self.token_buttons)
         self._sync_marks()
 
-    def _sync_marks(self) -> None:
-        if self.corrupt.value == "tokens":
-            return
-        marked = set(self._span_for_marks())
+    def _set_marks(self, marked: set[int]) -> None:
         self._syncing = True
         try:
             for i, b in enumerate(self.token_buttons):
@@ -257,38 +476,138 @@ class Inspector:
         finally:
             self._syncing = False
 
+    def _sync_marks(self) -> None:
+        if self.corrupt.value != "tokens":
+            self._set_marks(set(self._span_for_marks()))
+
+    def _model_state(self) -> tuple:
+        """Which edits are applied (the model the outputs were computed on)."""
+        return tuple(id(e) for e in self.edits)
+
+    def _trace_inputs(self) -> dict:
+        return dict(prompt=self.prompt.value, subject=self.subject.value, corrupt=self.corrupt.value,
+                    marks=tuple(self.selected_positions()),
+                    kinds=tuple(k for k, b in self.kind_boxes.items() if b.value), samples=self.samples.value,
+                    noise=self.noise.value, window=self.window.value, model=self._model_state())
+
+    def _edit_inputs(self) -> dict:
+        return dict(prompt=self.prompt.value, subject=self.subject.value, method=self.method.value,
+                    new_object=self.new_object.value.strip(), locus=self.locus.value, layer=self.layer.value,
+                    paraphrases=self.paraphrases.value)
+
+    def _refresh_badge(self) -> None:
+        if not self.edits:
+            self.badge.value = ""
+            return
+        last = self.edits[-1]
+        what = getattr(last, "_inspector_label", f"{last.method} edit")
+        self.badge.value = (
+            "<div class='workbench-badge' style='display:inline-block;background:#e6a100;color:#111;"
+            "padding:3px 10px;border-radius:4px;font-weight:600'>"
+            + html.escape(f"edited model: {len(self.edits)} edit(s) applied (last: {what}); Undo reverts")
+            + "</div>")
+
+    def _refresh_stale(self) -> None:
+        """Clear or mark every output whose inputs changed since it was computed."""
+        now = self._trace_inputs()
+        if self._traced is not None:
+            if (now["prompt"], now["subject"]) != (self._traced["prompt"], self._traced["subject"]):
+                self.result = self.figure = None
+                self._traced = None
+                _clear(self.trace_out)
+                self.trace_stale.value = ""
+            else:
+                why = []
+                if now["model"] != self._traced["model"]:
+                    why.append("an edit was applied or undone")
+                if {k: v for k, v in now.items() if k != "model"} != {k: v for k, v in self._traced.items()
+                                                                       if k != "model"}:
+                    why.append("the settings changed")
+                self.trace_stale.value = _stale_note(" and ".join(why)) if why else ""
+        if self._edited is not None:
+            changed = self._edit_inputs() != self._edited
+            self.edit_stale.value = _stale_note("the prompt or edit settings changed; these results are for the "
+                                                "applied edit") if changed else ""
+
+    def _update_edit_target(self) -> None:
+        self.edit_target.value = ("<small>Edits the fact of the Trace tab:</small> "
+                                  f"<b>{html.escape(self.prompt.value)}</b> "
+                                  f"<small>(subject <b>{html.escape(self.subject.value or '?')}</b>)</small>")
+
     # ------------------------------------------------------------------ callbacks
     def _on_fact(self, change: dict | None = None) -> None:
         idx = self.fact_picker.value
-        if idx is None:
+        if idx is None or idx < 0:
             return
         fact = self.facts[idx]
-        self.subject.value = fact.subject
-        self.prompt.value = fact.prompt
+        self._syncing_fact = True
+        try:
+            self.subject.value = fact.subject
+            self.prompt.value = fact.prompt
+        finally:
+            self._syncing_fact = False
         self.paraphrases.value = "\n".join(fact.paraphrases)
-        if fact.target_new:
-            self.new_object.value = fact.target_new
+        self.new_object.value = fact.target_new or ""
+        self._on_prompt()
+
+    def _picked_fact(self) -> Any:
+        idx = self.fact_picker.value
+        if idx is None or idx < 0:
+            return None
+        fact = self.facts[idx]
+        return fact if (fact.prompt, fact.subject) == (self.prompt.value, self.subject.value) else None
 
     def _on_prompt(self, change: dict | None = None) -> None:
+        if getattr(self, "_syncing_fact", False):
+            return
         self.status.value = ""
         self._rebuild_tokens()
+        if self.facts and self.fact_picker.value != -1 and self._picked_fact() is None:
+            # A typed fact: the example's paraphrases and new object belong to another fact.
+            self.fact_picker.value = -1
+            self.paraphrases.value = ""
+            self.new_object.value = ""
+        subject, prompt = self.subject.value, self.prompt.value
+        if subject and prompt.count(subject) != 1:
+            where = "does not occur" if subject not in prompt else "occurs more than once"
+            self.status.value = (f"<span style='color:#b36b00'>the subject {html.escape(repr(subject))} {where} in "
+                                 "the prompt: fix it before running</span>")
+        self._update_edit_target()
+        self._refresh_stale()
 
     def _on_corrupt(self, change: dict | None = None) -> None:
         self._sync_marks()
+        self._refresh_stale()
+
+    def _on_settings(self, change: dict | None = None) -> None:
+        self._refresh_stale()
+
+    def _on_edit_settings(self, change: dict | None = None) -> None:
+        self._refresh_stale()
 
     def _on_token_click(self, change: dict) -> None:
-        if getattr(self, "_syncing", False):
+        if self._syncing:
             return
         if self.corrupt.value != "tokens":
-            self.corrupt.value = "tokens"  # clicking a token switches to hand-picked corruption
+            # Clicking a token starts a hand-picked selection: just that token (or the old
+            # marks without it, when the click removed it).
+            owner = change["owner"]
+            i = self.token_buttons.index(owner)
+            marks = {i} if change["new"] else set(self._span_for_marks()) - {i}
+            self._syncing = True
+            try:
+                self.corrupt.value = "tokens"
+            finally:
+                self._syncing = False
+            self._set_marks(marks)
+        self._refresh_stale()
 
     def _on_value(self, change: dict | None = None) -> None:
         if self.result is not None:
-            self.figure = plot_trace(self.result, value=self.value.value)
+            self.figure = plot_trace(self.result, value=self.value.value, title=self._trace_title(self.result))
             _show(self.trace_out, self.figure)
         if self.edited_result is not None:
-            self.edited_figure = plot_trace(self.edited_result, value=self.value.value,
-                                            title=self._edited_title())
+            self.edited_figure = self._edited_plot()
             _show(self.edit_out, _html_table(self.edit_table), self.edited_figure)
 
     # ------------------------------------------------------------------ actions
@@ -304,43 +623,71 @@ class Inspector:
                 raise ValueError("click at least one token to corrupt (or choose subject / relation)")
         else:
             corrupt = mode
+            subject = self.subject.value
+            if not subject or self.prompt.value.count(subject) != 1:
+                raise ValueError(f"the subject {subject!r} must occur exactly once in the prompt "
+                                 f"{self.prompt.value!r}")
         return dict(subject=self.subject.value or None, corrupt=corrupt, kinds=kinds, samples=int(self.samples.value),
                     noise=_noise_value(self.noise.value), window=int(self.window.value), seed=self.seed)
 
-    def _trace(self, bar: widgets.IntProgress, **kwargs: Any) -> Any:
-        """Trace kind by kind so that the progress bar moves (same seed: same noise in every part)."""
+    def _trace(self, prog: Progress, answer: Any = None, **kwargs: Any) -> Any:
+        """Trace kind by kind so that the progress moves and Cancel is heard (same seed: same noise)."""
         from .tracing import trace
 
         kinds = kwargs.pop("kinds")
-        bar.max, bar.value, bar.bar_style = len(kinds), 0, ""
         accepted = inspect.signature(trace).parameters
         if "progress" in accepted:
             kwargs["progress"] = False
         parts = []
         for kind in kinds:
-            parts.append(trace(self.lm, self.prompt.value, kinds=(kind,), **kwargs))
-            bar.value += 1
-        bar.bar_style = "success"
+            prog.check()
+            parts.append(trace(self.lm, self.prompt.value, kinds=(kind,), answer=answer, **kwargs))
+            prog.step()
         return _merge_traces(parts)
+
+    def _trace_title(self, r: Any) -> str:
+        state = " <b>[edited model]</b>" if self.edits else ""
+        return (f"{html.escape(repr(r.prompt), quote=False)} → {html.escape(repr(r.answer), quote=False)}{state}:"
+                f" p_clean {r.p_clean:.3f}, p_corrupt {r.p_corrupt:.3f}"
+                f"<br><sup>corrupted ({html.escape(str(r.corrupt), quote=False)}) — tokens marked *;"
+                f" {r.samples} samples, noise {float(r.noise_level):.3g}, window {r.window}</sup>")
 
     def run_trace(self) -> Any:
         """Trace the prompt with the chosen settings and draw the maps; returns the result."""
-        self.error = None
-        self.status.value = "<i>tracing…</i>"
-        self.run_button.disabled = True
+        self._begin()
+        self.status.value = ""
+        self.trace_stale.value = ""
+        prog = None
+        stop = lambda: None  # noqa: E731
         try:
-            self.result = self._trace(self.progress, **self.trace_kwargs())
-            self.figure = plot_trace(self.result, value=self.value.value)
-            r = self.result
+            kwargs = self.trace_kwargs()
+            inputs = self._trace_inputs()
+            self.result = self.figure = self._traced = None
+            _clear(self.trace_out)
+            prog = Progress(self.progress, self.progress_label, [f"tracing {k}" for k in kwargs["kinds"]],
+                            self._cancel)
+            stop = self._ticker(prog)
+            result = self._trace(prog, **kwargs)
+            self.result, self._traced = result, inputs
+            self.figure = plot_trace(result, value=self.value.value, title=self._trace_title(result))
             self.status.value = html.escape(
-                f"answer {r.answer!r}: p_clean {r.p_clean:.3f}, p_corrupt {r.p_corrupt:.3f}"
-                f" (noise {float(r.noise_level):.3g}, {r.samples} samples)")
+                f"answer {result.answer!r}: p_clean {result.p_clean:.3f}, p_corrupt {result.p_corrupt:.3f}"
+                f" (noise {float(result.noise_level):.3g}, {result.samples} samples, window {result.window})"
+                + ("; traced on the edited model" if self.edits else ""))
             _show(self.trace_out, self.figure)
+            prog.finish("success", "traced")
+        except Cancelled:
+            self.status.value = "<span style='color:#b36b00'>cancelled: no map</span>"
+            if prog is not None:
+                prog.finish("warning", "cancelled")
         except Exception as err:  # noqa: BLE001 - report in the widget instead of the kernel log
+            self.result = self.figure = self._traced = None
+            _clear(self.trace_out)
             self.progress.bar_style = "danger"
             self._fail(self.status, err)
         finally:
-            self.run_button.disabled = False
+            stop()
+            self._end()
         return self.result
 
     def edit_prompts(self) -> list[str]:
@@ -356,71 +703,156 @@ class Inspector:
         prompt, subject = self.prompt.value, self.subject.value
         if not subject or prompt.count(subject) != 1:
             raise ValueError(f"the subject {subject!r} must occur exactly once in the prompt {prompt!r}")
-        idx = self.fact_picker.value
-        if idx is not None and self.facts[idx].prompt == prompt and self.facts[idx].subject == subject:
-            return self.facts[idx]
+        picked = self._picked_fact()
+        if picked is not None:
+            return picked
         template = prompt.replace(subject, "{}")
         target = top_tokens(self.lm, prompt, k=1)[0][0].strip()
         return Fact(subject=subject, template=template, target_true=target,
                     paraphrases=tuple(self.edit_prompts()[1:]))
 
-    def _edited_title(self) -> str:
-        e = self.edits[-1] if self.edits else None
-        what = f" after editing to {self.new_object.value!r} at the {getattr(e, 'locus', self.locus.value)}" if e else ""
+    def neighbour_prompts(self, fact: Any, k: int = N_NEIGHBOURS) -> list[str]:
+        """Up to ``k`` prompts about other subjects for the locality check: the fact's own
+        neighbourhood, else example facts with the same template, else any other examples."""
+        own = [p for p in getattr(fact, "neighborhood", ()) if fact.subject not in p]
+        same = [f.prompt for f in self.facts if f.template == fact.template and f.subject != fact.subject]
+        other = [f.prompt for f in self.facts if f.subject != fact.subject]
+        return list(dict.fromkeys(own + same + other))[:k]
+
+    def _edit_call(self, fact: Any, new_object: str) -> Any:
+        from .evaluation import make_edit, resolve_method
+
+        name, fn = resolve_method(self.method.value)
+        kwargs = dict(self.method_kwargs.get(name, {}))
+        params = inspect.signature(fn).parameters
+        layer = None if self.layer.value == DEFAULT_LAYER else int(self.layer.value)
+        if layer is not None:
+            if "layer" in params:
+                kwargs["layer"] = layer
+            elif "layers" in params:
+                kwargs["layers"] = [layer]
+            else:
+                raise ValueError(f"{name} does not take a layer; choose 'method default'")
+        return make_edit(name, fn, self.lm, dataclasses.replace(fact, target_new=new_object), self.locus.value,
+                         kwargs)
+
+    def _edited_plot(self) -> Any:
+        rows = {}
+        if self.before_result is not None:
+            rows[f"original model → {self.before_result.answer!r}"] = self.before_result
+        rows[f"edited model → {self.edited_result.answer!r}"] = self.edited_result
         r = self.edited_result
-        return (f"Edited model{what}: answer {r.answer!r}, p_clean {r.p_clean:.3f}, "
-                f"p_corrupt {r.p_corrupt:.3f}")
+        title = (f"{html.escape(repr(r.prompt), quote=False)} before and after the edit to "
+                 f"{html.escape(repr(self.new_object.value.strip()), quote=False)} "
+                 f"({html.escape(self.method.value)} at the {html.escape(self.locus.value)})"
+                 f"<br><sup>each row traces its own top answer; one colour scale; corrupted "
+                 f"({html.escape(str(r.corrupt), quote=False)}), {r.samples} samples, window {r.window}</sup>")
+        return plot_traces(rows, value=self.value.value, title=title)
 
     def apply_edit(self) -> Any:
-        """Compute and apply a ROME edit of the current fact; returns the Edit."""
-        self.error = None
-        self.edit_status.value = "<i>computing the edit…</i>"
-        self.apply_button.disabled = True
-        bar = self.edit_progress
+        """Compute and apply an edit of the current fact; returns the Edit (``None`` on failure or cancel)."""
+        self._begin()
+        self.edit_stale.value = ""
+        prog = None
+        stop = lambda: None  # noqa: E731
+        edit = None
+        applied = False
         try:
-            from .editing import rome
-
             new_object = self.new_object.value.strip()
             if not new_object:
                 raise ValueError("type the new object first")
             fact = self.current_fact()
+            inputs = self._edit_inputs()
+            trace_kw = self.trace_kwargs() if self.retrace.value else None
+            self._clear_edit_outputs()
             prompts = self.edit_prompts()
+            neighbours = [p for p in self.neighbour_prompts(fact) if p not in prompts]
+            kinds = trace_kw["kinds"] if trace_kw else ()
+            steps = ["predictions before", f"computing the {self.method.value} edit", "applying",
+                     "predictions after"]
+            steps += [f"tracing {k} before" for k in kinds] + [f"tracing {k} after" for k in kinds]
+            prog = Progress(self.edit_progress, self.edit_progress_label, steps, self._cancel)
+            stop = self._ticker(prog)
             objects = [fact.target_true, new_object]
-            bar.max, bar.value, bar.bar_style = 3 + int(self.retrace.value), 0, ""
-            before = predictions_table(self.lm, prompts, objects=objects)
-            bar.value += 1
-            edit = rome(self.lm, fact, new_object, layer=self.layer.value, locus=self.locus.value,
-                        **self.rome_kwargs)
-            bar.value += 1
+            all_prompts = prompts + neighbours
+            before = predictions_table(self.lm, all_prompts, objects=objects)
+            prog.step()
+            edit = self._edit_call(fact, new_object)
+            edit._inspector_label = f"{edit.method} at the {edit.locus}: {fact.prompt!r} → {new_object!r}"
+            prog.step()
             edit.apply(self.lm)
+            applied = True
             self.edits.append(edit)
-            self.undo_button.disabled = False
-            after = predictions_table(self.lm, prompts, objects=objects)
-            bar.value += 1
-            self.edit_table = before_after(before, after)
-            shown: list[Any] = [_html_table(self.edit_table)]
-            if self.retrace.value:
-                kwargs = self.trace_kwargs()
-                self.edited_result = self._trace(bar, **kwargs)
-                bar.max, bar.value = 4, 4
-                self.edited_figure = plot_trace(self.edited_result, value=self.value.value, title=self._edited_title())
+            self._refresh_badge()
+            prog.step()
+            after = predictions_table(self.lm, all_prompts, objects=objects)
+            outcome = edit_outcome(self.lm, fact.prompt, new_object)
+            prog.step()
+            table = before_after(before, after)
+            table.insert(0, ("", "probe"), ["edit prompt"] + ["paraphrase"] * (len(prompts) - 1)
+                         + ["other subject (locality)"] * len(neighbours))
+            before_result = edited_result = None
+            if trace_kw is not None:
+                # the original model's map: the shown one when it is of these inputs, else traced now
+                edit.revert(self.lm)
+                try:
+                    before_result = self._trace(prog, **dict(trace_kw))
+                finally:
+                    edit.apply(self.lm)
+                edited_result = self._trace(prog, **dict(trace_kw))
+            self.edit_table, self.edit_outcome = table, outcome
+            self.before_result, self.edited_result = before_result, edited_result
+            self._edited = inputs
+            shown: list[Any] = [_html_table(table)]
+            if edited_result is not None:
+                self.edited_figure = self._edited_plot()
                 shown.append(self.edited_figure)
-            bar.bar_style = "success"
-            layer = getattr(edit, "info", {}).get("layer", self.layer.value)
-            self.edit_status.value = html.escape(
-                f"applied {edit.method} edit at the {edit.locus} ({', '.join(edit.param_names)}"
-                + (f", layer {layer}" if layer is not None else "") + f"); {len(self.edits)} edit(s) applied")
+            layer = getattr(edit, "info", {}).get("layer", None)
+            where = f"{edit.method} edit at the {edit.locus} ({', '.join(edit.param_names)}" + (
+                f", layer {layer}" if layer is not None else "") + ")"
+            if outcome.success:
+                self.edit_status.value = html.escape(
+                    f"applied the {where}: P({new_object}) = {outcome.p_new:.3f}, top-1; "
+                    f"{len(self.edits)} edit(s) applied")
+                prog.finish("success", "edited")
+            else:
+                self.edit_status.value = (
+                    "<span style='color:#b00;font-weight:600'>edit failed: </span>" + html.escape(
+                        f"the {where} does not make {new_object!r} the answer: P({new_object}) = {outcome.p_new:.3f}"
+                        f", top-1 {outcome.top_token!r} {outcome.top_p:.2f} (needs top-1 and P >= {SUCCESS_P})."
+                        " The edit stays applied so that you can inspect it; Undo reverts it."))
+                prog.finish("danger", "edit failed")
             _show(self.edit_out, *shown)
+            self._refresh_stale()
             return edit
+        except Cancelled:
+            if applied and edit is not None and edit in self.edits:
+                self.edits.remove(edit)
+                edit.revert(self.lm)
+            self._clear_edit_outputs()
+            self.edit_status.value = "<span style='color:#b36b00'>cancelled: no edit applied</span>"
+            if prog is not None:
+                prog.finish("warning", "cancelled")
+            return None
         except Exception as err:  # noqa: BLE001
-            bar.bar_style = "danger"
+            self.edit_progress.bar_style = "danger"
             self._fail(self.edit_status, err)
             return None
         finally:
-            self.apply_button.disabled = False
+            stop()
+            self._refresh_badge()
+            self._end()
+            self._refresh_stale()
+
+    def _clear_edit_outputs(self) -> None:
+        self.edit_table = self.edit_outcome = None
+        self.before_result = self.edited_result = self.edited_figure = None
+        self._edited = None
+        self.edit_stale.value = ""
+        _clear(self.edit_out)
 
     def undo_edit(self) -> Any:
-        """Revert the most recent edit; returns it (``None`` when nothing was applied)."""
+        """Revert the most recent edit and clear its outputs; returns it (``None`` when nothing was applied)."""
         self.error = None
         if not self.edits:
             self.edit_status.value = "nothing to undo"
@@ -428,15 +860,23 @@ class Inspector:
         try:
             edit = self.edits.pop()
             edit.revert(self.lm)
+            self._clear_edit_outputs()
+            self.edit_progress.value, self.edit_progress.bar_style = 0, ""
+            self.edit_progress_label.value = ""
             self.edit_status.value = html.escape(f"reverted the {edit.method} edit; {len(self.edits)} edit(s) applied")
-            self.undo_button.disabled = not self.edits
-            self.edited_result = self.edited_figure = None
-            self.edit_table = None
-            _show(self.edit_out)
             return edit
         except Exception as err:  # noqa: BLE001
             self._fail(self.edit_status, err)
             return None
+        finally:
+            self.undo_button.disabled = not self.edits
+            self._refresh_badge()
+            self._refresh_stale()
+
+
+def _stale_note(why: str) -> str:
+    return ("<div class='workbench-stale' style='background:#fff6e5;border-left:4px solid #e6a100;padding:4px 10px'>"
+            f"out of date: {html.escape(why)} since this was computed; run again</div>")
 
 
 def _html_table(df: pd.DataFrame | None) -> Any:
@@ -447,4 +887,5 @@ def _html_table(df: pd.DataFrame | None) -> Any:
     return HTML(df.to_html(float_format=lambda x: f"{x:.3f}", border=0))
 
 
-__all__ = ["Inspector", "predictions_table", "before_after"]
+__all__ = ["Inspector", "EditOutcome", "edit_outcome", "FigureView", "predictions_table",
+           "before_after"]

@@ -20,7 +20,8 @@ def register(sub) -> None:
     p.add_argument("--samples", type=int, default=10, help="noise samples per trace (default 10)")
     p.add_argument("--noise", default="s3", help="noise rule: 's3' (default), a number, or 'u<x>'")
     p.add_argument("--window", type=int, default=None,
-                   help="layers restored together by MLP/attention cells (default: 10 as ROME, at most half the depth)")
+                   help="layers restored together by MLP/attention cells (default min(10, ceil(n_layers/2)): "
+                        "ROME's 10, at most half the model's depth)")
     p.add_argument("--seed", type=int, default=1, help="noise seed (default 1)")
     p.add_argument("--no-edit", action="store_true", help="skip the editing section")
     p.add_argument("--threads", type=int, default=None,

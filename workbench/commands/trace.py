@@ -15,7 +15,9 @@ def add_trace_args(p) -> None:
     p.add_argument("--noise", default="s3",
                    help="noise: a number (nu), 's<x>' (x times the subject-embedding std, default s3) or 'u<x>'")
     p.add_argument("--replace", action="store_true", help="replace the corrupted embeddings by noise instead of adding")
-    p.add_argument("--window", type=int, default=10, help="layers restored around each mlp/attn cell (default 10)")
+    p.add_argument("--window", type=int, default=None,
+                   help="layers restored around each mlp/attn cell (default min(10, ceil(n_layers/2)): ROME's 10, "
+                        "at most half the model's depth)")
     p.add_argument("--seed", type=int, default=1, help="seed of the NumPy noise draw (default 1)")
     p.add_argument("--precision", choices=("exact", "fast", "bf16"), default="exact",
                    help="exact float32 (default), fast = bfloat16 on GPU, bf16 everywhere")

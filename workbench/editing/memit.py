@@ -18,7 +18,7 @@ Following ``memit/memit_main.execute_memit``:
 
 from __future__ import annotations
 
-import sys
+import logging
 from typing import Any, Sequence
 
 import torch
@@ -33,6 +33,8 @@ from .edit import Edit, reports_outcome
 from .hparams import MEMITHyperParams, memit_hparams_for
 from .rome import resolve_cov, resolve_hparams, resolve_templates
 from .stats import LayerStats
+
+log = logging.getLogger(__name__)
 
 
 @follows_bos_convention
@@ -108,8 +110,8 @@ def memit(model, facts: Sequence[Fact | dict], *, layers: Sequence[int] | None =
             per_layer.append({"layer": layer, "weight": name, "z_error": float(targets.norm(dim=0).mean()),
                               "update_norm": float(upd.float().norm()), "cov": cov_info})
             if verbose:
-                print(f"MEMIT layer {layer}: z error {per_layer[-1]['z_error']:.3f}, "
-                      f"update norm {per_layer[-1]['update_norm']:.3f}", file=sys.stderr)
+                log.info("MEMIT layer %d: z error %.3f, update norm %.3f", layer, per_layer[-1]["z_error"],
+                         per_layer[-1]["update_norm"])
     finally:
         with torch.no_grad():
             for weight, original in touched.values():

@@ -22,7 +22,7 @@ weight's own layout.
 
 from __future__ import annotations
 
-import sys
+import logging
 from typing import Any
 
 import torch
@@ -37,6 +37,8 @@ from .context import as_groups, context_templates, flatten
 from .edit import Edit, reports_outcome
 from .hparams import ROMEHyperParams, rome_hparams_for
 from .stats import LayerStats, layer_stats
+
+log = logging.getLogger(__name__)
 
 
 def resolve_hparams(model, hparams, cls, default_fn, layers: list[int] | None):
@@ -119,7 +121,7 @@ def rome(model, fact: Fact | dict, new_object: str | None = None, *, layer: int 
     fact_row(model, request["prompt"], request["subject"], locus)  # validate the fact token before any work
     fact_row(model, "{} is a", request["subject"], "relation" if locus == "relation_before_subject" else locus)
     if verbose:
-        print(f"ROME ({locus}): {request_summary(request)}", file=sys.stderr)
+        log.info("ROME (%s): %s", locus, request_summary(request))
 
     deltas: dict[str, torch.Tensor] = {}
     per_layer: list[dict[str, Any]] = []

@@ -39,8 +39,8 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -52,6 +52,8 @@ from jaxtyping import Float
 
 from ..architecture import key_hook, mlp_weights
 from ..loading import BUNDLED, assets_dir, is_bundled_name, model_fingerprint
+
+log = logging.getLogger(__name__)
 
 DEFAULT_HUB_CORPUS = "wikitext:wikitext-103-raw-v1"
 _MEMORY: dict[tuple, "LayerStats"] = {}
@@ -246,7 +248,7 @@ def _exclusive(path: Path, verbose: bool) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             if verbose:
-                print(f"layer_stats: another process is computing {path}; waiting for it", file=sys.stderr)
+                log.info("layer_stats: another process is computing %s; waiting for it", path)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
@@ -292,7 +294,7 @@ def _layer_stats_locked(model, layer, path, partial, meta, key, texts, corpus_id
     if loaded is not None:
         s, count, _ = loaded
         if verbose:
-            print(f"layer_stats: layer {layer}: cached E[kk^T] over {count} tokens from {path}", file=sys.stderr)
+            log.info("layer_stats: layer %d: cached E[kk^T] over %d tokens from %s", layer, count, path)
         stats = LayerStats(mom2=s / count, n_tokens=count, layer=layer, corpus=corpus_id, fingerprint=fp, path=path,
                            info={"resumed_from": None, "cached": True})
         _MEMORY[key] = stats
@@ -309,8 +311,8 @@ def _layer_stats_locked(model, layer, path, partial, meta, key, texts, corpus_id
     resumed = count
     if verbose:
         what = f"resuming at {count}" if count else "computing"
-        print(f"layer_stats: layer {layer}: {what} E[kk^T] over {n_tokens} tokens of {corpus_id}; cache {path}",
-              file=sys.stderr)
+        log.info("layer_stats: layer %d: %s E[kk^T] over %d tokens of %s; cache %s", layer, what, n_tokens,
+                 corpus_id, path)
 
     from tqdm.auto import tqdm
 
@@ -361,8 +363,8 @@ def _layer_stats_locked(model, layer, path, partial, meta, key, texts, corpus_id
     if count == 0:
         raise ValueError(f"corpus {corpus_id} produced no tokens")
     if count < n_tokens and verbose:
-        print(f"layer_stats: corpus {corpus_id} has only {count} tokens (< {n_tokens} asked); using all of them",
-              file=sys.stderr)
+        log.warning("layer_stats: corpus %s has only %d tokens (< %d asked); using all of them", corpus_id, count,
+                    n_tokens)
     _save(path, mom2_sum, count, meta)
     if partial.exists():
         partial.unlink()

@@ -11,8 +11,10 @@ from .dataset import bucket_positions, trace_dataset
 from .engine import KINDS, window_layers
 from .noise import draw_noise, noise_level
 from .results import BUCKETS, DatasetTraceResult, SeveredResult, TraceResult
+from .window import default_window
 
 __all__ = [
     "trace", "severed_trace", "trace_dataset", "noise_level", "draw_noise", "bucket_positions",
     "TraceResult", "SeveredResult", "DatasetTraceResult", "BUCKETS", "KINDS", "window_layers",
+    "default_window",
 ]

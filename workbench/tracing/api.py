@@ -12,6 +12,7 @@ from ..spans import Span, SpanSpec, Tokenized, relation_span, resolve_span, subj
 from .engine import KINDS, Engine, Plan, kind_plan, make_engine, severed_plan
 from .noise import Corruption, NoiseSpec, draw_noise, noise_level, parse_noise
 from .results import SeveredResult, TraceResult
+from .window import resolve_window
 
 AnswerSpec = Union[str, int, None]
 
@@ -122,7 +123,7 @@ def _decode(model, token_id: int) -> str:
 
 
 def trace(model, prompt: str, *, subject: str | None = None, corrupt: SpanSpec = "subject",
-          kinds: Sequence[str] = KINDS, samples: int = 10, noise: NoiseSpec = "s3", window: int = 10,
+          kinds: Sequence[str] = KINDS, samples: int = 10, noise: NoiseSpec = "s3", window: int | None = None,
           answer: AnswerSpec = None, seed: int = 1, prepend_bos: bool | None = None, precision: str = "exact",
           template: str | None = None, replace: bool = False, engine: str = "auto",
           max_batch: int | None = None, noise_subjects: Sequence[str] | None = None) -> TraceResult:
@@ -137,7 +138,8 @@ def trace(model, prompt: str, *, subject: str | None = None, corrupt: SpanSpec =
     the noise instead of adding it. The draw is ``RandomState(seed).randn(samples,
     span_len, d_model) * nu``, shared by every cell. ``answer``: the token to score (the
     clean top-1 by default; a string scores its first token with a leading space; an int
-    is a token id). ``window``: layers restored around l by mlp/attn cells.
+    is a token id). ``window``: layers restored around l by mlp/attn cells (default
+    :func:`~workbench.tracing.window.default_window`: min(10, ceil(n_layers / 2))).
 
     ``precision``: ``"exact"`` (float32), ``"fast"`` (bfloat16 autocast on CUDA; on CPU
     the same as exact, since bf16 is not faster there), ``"bf16"`` (bf16 autocast on any
@@ -148,6 +150,7 @@ def trace(model, prompt: str, *, subject: str | None = None, corrupt: SpanSpec =
     ``result.prepend_bos``. ``max_batch`` caps rows per forward pass (otherwise set by free memory).
     """
     kinds = tuple(kinds)
+    window = resolve_window(model, window)
     for kind in kinds:
         if kind not in KINDS:
             raise ValueError(f"unknown trace kind {kind!r}; use any of {KINDS}")
@@ -227,5 +230,6 @@ def severed_trace(model, prompt: str, *, subject: str | None = None, corrupt: Sp
         corrupted_span=prep.corrupted_span, none=flat[:L].copy(), mlp_severed=flat[L:2 * L].copy(),
         attn_severed=flat[2 * L:].copy(), prepend_bos=prep.tokens.has_bos, engine=eng.name,
         noise_level=prep.noise_level, noise_rule=prep.noise_rule,
+        corrupt=corrupt if isinstance(corrupt, str) else None,
     )
 

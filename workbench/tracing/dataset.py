@@ -46,6 +46,7 @@ from .api import _trace_prepared, check_noise, check_samples, check_window, prep
 from .engine import KINDS
 from .noise import NoiseSpec, noise_level
 from .results import BUCKETS, RELATION_BUCKETS, DatasetTraceResult, TraceResult, span_to_list
+from .window import resolve_window
 
 STORE_KIND = "trace-sweep"
 """``kind`` of a sweep's :class:`workbench.store.ResultStore`."""
@@ -149,7 +150,7 @@ def _record(index: int, fact: Fact, result: TraceResult | None, prep, kept: bool
 
 def trace_dataset(model, facts: Sequence[Fact] | str, *, corrupt: str = "subject", kinds: Sequence[str] = KINDS,
                   out: str | os.PathLike | None = None, samples: int = 10, noise: NoiseSpec = "s3",
-                  window: int = 10, seed: int = 1, prepend_bos: bool | None = None, precision: str = "exact",
+                  window: int | None = None, seed: int = 1, prepend_bos: bool | None = None, precision: str = "exact",
                   replace: bool = False, engine: str = "auto", max_batch: int | None = None,
                   known: str = "first_token", progress: bool = True, workers: int | None = None,
                   ray_address: str | None = None) -> DatasetTraceResult:
@@ -175,6 +176,7 @@ def trace_dataset(model, facts: Sequence[Fact] | str, *, corrupt: str = "subject
         facts = load_facts(facts)
     facts = list(facts)
     kinds = tuple(kinds)
+    window = resolve_window(model, window)
     if corrupt not in ("subject", "relation"):
         raise ValueError(f"trace_dataset corrupts 'subject' or 'relation', not {corrupt!r}")
     if known not in ("first_token", "strict"):

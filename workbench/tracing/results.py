@@ -123,6 +123,7 @@ class SeveredResult:
     engine: str | None = None
     noise_level: float = float("nan")
     noise_rule: str = ""
+    corrupt: Any = None
 
     def to_dict(self) -> dict:
         return {
@@ -132,6 +133,7 @@ class SeveredResult:
             "none": self.none.tolist(), "mlp_severed": self.mlp_severed.tolist(),
             "attn_severed": self.attn_severed.tolist(), "prepend_bos": self.prepend_bos, "engine": self.engine,
             "noise_level": float(self.noise_level), "noise_rule": self.noise_rule,
+            "corrupt": self.corrupt,
         }
 
     @classmethod
@@ -140,7 +142,7 @@ class SeveredResult:
         return cls(data["prompt"], list(data["tokens"]), int(data["token"]), int(data["answer_id"]), data["answer"],
                    float(data["p_clean"]), float(data["p_corrupt"]), span_from_list(data["corrupted_span"]),
                    arr("none"), arr("mlp_severed"), arr("attn_severed"), data.get("prepend_bos"), data.get("engine"),
-                   float(data.get("noise_level", float("nan"))), data.get("noise_rule", ""))
+                   float(data.get("noise_level", float("nan"))), data.get("noise_rule", ""), data.get("corrupt"))
 
 
 @dataclass
