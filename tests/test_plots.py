@@ -16,7 +16,8 @@ import pytest
 
 from workbench import plots
 from workbench.plots import (edit_eval_long, external_references, figure_html, plot_aie, plot_attention,
-                             plot_edit_eval, plot_severed, plot_trace, save_html, span_text, token_labels)
+                             plot_edit_eval, plot_severed, plot_trace, plot_traces, save_html, shared_range,
+                             span_text, token_labels)
 from workbench.spans import Span
 
 TOKENS = ["<|endoftext|>", "The", " mother", " tongue", " of", " Varo", " Kel", "tin", " is"]
@@ -321,3 +322,110 @@ def test_plot_edit_eval_real_summary(tiny_model):
     assert names[0] == "unedited" and len(names) == 3 and all("@" in n for n in names[1:])
     assert [a.text for a in fig.layout.annotations] == ["entity", "relation", "request", "transfer", "bleed",
                                                         "locality"]
+
+
+# --------------------------------------------------------------------------- sizing, scales, tooltips (issue problems 3, 5, 8)
+
+
+def test_figures_have_no_fixed_width():
+    """Problem 3: every figure fills its container instead of a fixed pixel width."""
+    figs = [plot_trace(FakeTrace()), plot_trace(FakeTrace(), kind="mlp"), plot_aie(FakeDataset()),
+            plot_severed(FakeSevered()), plot_edit_eval(eval_frame())]
+    for fig in figs:
+        assert fig.layout.width is None
+    assert '"responsive": true' in figure_html(figs[0])
+
+
+@pytest.mark.parametrize("kind", [None, "mlp"])
+def test_buttons_sit_between_title_and_panels(kind):
+    """Problem 3: the p/IE buttons have their own strip: above the panel titles, below the title."""
+    fig = plot_trace(FakeTrace(), kind=kind)
+    menu = fig.layout.updatemenus[0]
+    plot_h = fig.layout.height - fig.layout.margin.t - fig.layout.margin.b
+    bottom_px = (menu.y - 1.0) * plot_h  # px above the top of the panels
+    assert menu.yanchor == "bottom" and menu.xanchor == "left" and menu.x == 0.0
+    assert bottom_px >= 22  # clear of the panel titles (one line of text)
+    # the title is anchored to the top of the figure; the strip ends below its two lines
+    assert fig.layout.title.yref == "container" and fig.layout.title.yanchor == "top"
+    assert fig.layout.margin.t - bottom_px - plots.MENU_PX >= 50
+
+
+def test_hover_shows_the_position_number():
+    """Problem 5: the tooltip's position is the token index, not the token text."""
+    fig = plot_trace(FakeTrace())
+    for trace in fig.data:
+        assert "(position %{customdata[3]})" in trace.hovertemplate and "%{y}" not in trace.hovertemplate
+        custom = np.asarray(trace.customdata)
+        assert [int(v) for v in custom[:, 0, 3]] == list(range(len(TOKENS)))
+
+
+def test_panels_share_one_colour_scale_by_default():
+    """Problem 8: one colour range across panels (a colour means one number); per panel on request; 0-1 pinned."""
+    r = FakeTrace()
+    r.scores["attn"] = r.scores["attn"] * 0.05  # a weak kind
+    shared = plot_trace(r)
+    assert len({(t.zmin, t.zmax) for t in shared.data}) == 1
+    top = max(float(v.max()) for v in r.scores.values())
+    assert shared.data[0].zmax == pytest.approx(top)
+    per_panel = plot_trace(r, scale="panel")
+    assert len({t.zmax for t in per_panel.data}) == 3
+    fixed = plot_trace(r, scale="fixed")
+    assert {(t.zmin, t.zmax) for t in fixed.data} == {(0.0, 1.0)}
+    ie_menu = fixed.layout.updatemenus[0].buttons[1].args[0]
+    assert set(ie_menu["zmin"]) == {-1.0} and set(ie_menu["zmax"]) == {1.0}
+    with pytest.raises(ValueError, match="scale"):
+        plot_trace(r, scale="loud")
+
+
+def test_paired_maps_share_a_scale():
+    """Problem 8: subject vs relation / window 1 vs 3 / before vs after on one colour scale."""
+    a, b = FakeTrace(), FakeTrace(corrupt="relation", corrupted_span=Span((1, 2, 3, 4, 8)))
+    b.scores = {k: v * 0.2 for k, v in b.scores.items()}
+    fig = plot_traces([a, b])
+    assert len(fig.data) == 6 and len({(t.zmin, t.zmax) for t in fig.data}) == 1
+    titles = [ann.text for ann in fig.layout.annotations]
+    assert "MLP — subject corrupted" in titles and "MLP — relation corrupted" in titles
+    assert sum(t.showscale is not False for t in fig.data) == 3  # one colour bar per kind
+    lo, hi = shared_range([a, b])
+    one = plot_trace(b, scale=(lo, hi))
+    assert {(t.zmin, t.zmax) for t in one.data} == {(lo, hi)}
+    labelled = plot_traces({"window 1": a, "window 3": b}, kind="mlp")
+    assert [ann.text for ann in labelled.layout.annotations][:2] == ["MLP — window 1", "MLP — window 3"]
+
+
+def test_window_is_stated_on_the_axis():
+    fig = plot_trace(FakeTrace(window=3))
+    assert fig.layout.xaxis2.title.text == "center of 3 restored MLP layers"
+
+
+def test_severed_titles_name_the_perspective_and_labels_avoid_bars():
+    """Problem 8: two averaged severed plots get different titles; p_clean/p_corrupt labels sit outside."""
+    subj = FakeSevered()
+    subj.corrupt = "subject"
+    rel = FakeSevered()
+    rel.corrupt = "relation"
+    t1 = plot_severed([subj, subj]).layout.title.text
+    t2 = plot_severed([rel, rel]).layout.title.text
+    assert t1 != t2 and "subject corrupted" in t1 and "relation corrupted" in t2
+    labels = [a for a in plot_severed(subj).layout.annotations if a.text.startswith("p_")]
+    assert len(labels) == 2 and all(a.x == 1.0 and a.xref == "paper" and a.xanchor == "left" for a in labels)
+
+
+def test_blank_buckets_are_explained():
+    d = FakeDataset()
+    d.aie["mlp"].iloc[1, :] = np.nan
+    texts = [a.text for a in plot_aie(d).layout.annotations]
+    assert any(t.startswith("Blank cells") for t in texts)
+    assert not any(t.startswith("Blank cells") for t in (a.text for a in plot_aie(FakeDataset()).layout.annotations))
+
+
+def test_edit_eval_colours_and_zero_bars():
+    """Problem 8: method colours are not the kinds' green/red/purple; a zero bar is labelled 0."""
+    df = eval_frame()
+    fig = plot_edit_eval(df)
+    colours = {t.marker.color for t in fig.data}
+    assert not colours & set(plots.KIND_COLORS.values())
+    assert not colours & {"#2ca02c", "#d62728", "#9467bd"}
+    zero = [t for t in fig.data if any(v == 0 for v in t.y)]
+    for t in zero:
+        assert [txt for v, txt in zip(t.y, t.text) if v == 0] == ["0"] * sum(v == 0 for v in t.y)

@@ -41,8 +41,8 @@ def test_report_tiny_model(tiny_model, tmp_path):
     for heading in ("1. Causal traces of single prompts", "2. Averaged indirect effects", "3. Severed traces",
                     "4. One edit, before and after"):
         assert heading in html
-    # 2 prompts x 2 perspectives + averaged maps + 2 severed + 1 re-trace after the edit
-    assert html.count("Plotly.newPlot(") == 2 * 2 + 1 + 2 + 1
+    # 2 prompts (both perspectives in one figure) + averaged maps + 2 severed + before/after the edit
+    assert html.count("Plotly.newPlot(") == 2 + 1 + 2 + 1
     assert "Varo Keltin" in html and "Greek" in html and "before" in html and "after" in html
     assert any("report built" in line for line in lines)
     path = write_report(html, tmp_path / "sub" / "r.html")
@@ -50,6 +50,17 @@ def test_report_tiny_model(tiny_model, tmp_path):
     with pytest.raises(RuntimeError, match="external"):
         write_report(html.replace("</head>", "<script src='https://cdn.plot.ly/plotly.js'></script></head>"),
                      tmp_path / "bad.html")
+
+
+def test_report_text_matches_the_layout(tiny_model):
+    """Problem 7: the text describes where the perspectives are (rows of one figure, not left/right)."""
+    pytest.importorskip("workbench.tracing")
+    html = build_report(tiny_model, FACTS[:1], n_prompts=1, n_sweep=1, samples=2, edit=False, log=None)
+    assert "Left of each pair" not in html
+    assert "top row has the <b>subject</b>" in html
+    # the figure really has a subject row above a relation row
+    assert html.index("subject corrupted") < html.index("relation corrupted")
+    assert '"responsive": true' in html
 
 
 def test_report_without_edit(tiny_model):

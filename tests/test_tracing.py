@@ -443,3 +443,25 @@ def test_numpy_integer_range_corrupts_the_range(peaky):
     a = trace(peaky, PROMPT, corrupt=(np.int64(4), np.int64(6)), kinds=("hidden",), samples=2, noise=0.5)
     b = trace(peaky, PROMPT, corrupt=(4, 6), kinds=("hidden",), samples=2, noise=0.5)
     assert a.corrupted_span.positions == (4, 5) and a.p_corrupt == b.p_corrupt
+
+
+# --------------------------------------------------------------------------- default window
+
+
+def test_default_window_rule():
+    from workbench.tracing import default_window
+
+    assert [default_window(n) for n in (1, 2, 3, 6, 12, 20, 21, 48)] == [1, 1, 2, 3, 6, 10, 10, 10]
+    with pytest.raises(ValueError):
+        default_window(0)
+
+
+def test_trace_and_cli_use_the_default_window(tiny_model):
+    """Problem 6: a window of 10 on a shallow model flattens the maps; the default is half the depth."""
+    from workbench.cli import build_parser
+    from workbench.tracing import trace
+
+    r = trace(tiny_model, "The mother tongue of Varo Keltin is", subject="Varo Keltin", kinds=("mlp",), samples=1)
+    assert r.window == 2  # 3 layers
+    assert build_parser().parse_args(["trace", "-p", "x"]).window is None
+    assert build_parser().parse_args(["sweep", "--out", "o"]).window is None

@@ -218,8 +218,13 @@ def plot_traces(results: Sequence[Any] | Mapping[str, Any], kind: str | Sequence
         name = KIND_NAMES.get(k, k)
         return f"{name} — {_html.escape(label, quote=False)}" if label else name
 
+    n_tok = max(len(m[3]) for m in metas)
+    top, bottom, gap = 60 + MENU_PX + 26, 56, 64  # px: title + button strip + panel titles; axis titles; between rows
+    row_px = max(150, 22 * n_tok)
+    fig_height = height or top + bottom + n_rows * row_px + (n_rows - 1) * gap
+    plot_height = fig_height - top - bottom
     fig = make_subplots(rows=n_rows, cols=n_cols, shared_yaxes=True, horizontal_spacing=0.11 if n_cols > 1 else 0.0,
-                        vertical_spacing=min(0.3, 110 / max(1, 140 * n_rows)) if n_rows > 1 else 0.0,
+                        vertical_spacing=min(0.5, gap / plot_height) if n_rows > 1 else 0.0,
                         subplot_titles=[sub(label, k) for label, _ in rows for k in kinds])
     for i, (custom, (label, r, k, labels, p_clean, p_corrupt)) in enumerate(zip(customs, metas)):
         row, col = i // n_cols + 1, i % n_cols + 1
@@ -255,12 +260,6 @@ def plot_traces(results: Sequence[Any] | Mapping[str, Any], kind: str | Sequence
         return [{"z": z_sets[v], "zmin": [r[v][0] for r in ranges], "zmax": [r[v][1] for r in ranges],
                  "colorbar.title.text": ["p" if v == "p" else "IE"] * len(z_sets[v])}]
 
-    n_tok = max(len(m[3]) for m in metas)
-    top, bottom = 78 + MENU_PX + 24, 56
-    row_px = max(150, 24 * n_tok)
-    gaps = (n_rows - 1) * 110
-    fig_height = height or top + bottom + n_rows * row_px + gaps
-    plot_height = fig_height - top - bottom
     # The buttons sit in their own strip between the title and the panel titles, left
     # aligned, so they never cover either at any width.
     fig.update_layout(updatemenus=[dict(
@@ -698,9 +697,10 @@ def external_references(html: str) -> list[str]:
 def figure_html(fig: go.Figure, *, full_html: bool = False) -> str:
     """A figure as HTML: a fragment that expects Plotly already loaded, or (``full_html``)
     a complete page with Plotly's JavaScript embedded."""
+    config = {"responsive": True, "displaylogo": False}  # fill the container, follow its resizes
     if full_html:
-        return fig.to_html(full_html=True, include_plotlyjs=True, include_mathjax=False)
-    return fig.to_html(full_html=False, include_plotlyjs=False, include_mathjax=False)
+        return fig.to_html(full_html=True, include_plotlyjs=True, include_mathjax=False, config=config)
+    return fig.to_html(full_html=False, include_plotlyjs=False, include_mathjax=False, config=config)
 
 
 def save_html(fig: go.Figure | AttentionHTML, path: str | Path) -> Path:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
-from .plots import KINDS, _mean, external_references, figure_html, plot_aie, plot_severed, plot_trace
+from .plots import KINDS, _mean, external_references, figure_html, plot_aie, plot_severed, plot_traces
 
 CSS = """
 body { font-family: -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; margin: 0; color: #222;
@@ -30,6 +30,8 @@ h3 { margin-bottom: 0.3em; }
 .note { background: #f4f4f8; border-left: 4px solid #6a51a3; padding: 8px 14px; margin: 12px 0; }
 .warn { background: #fff6e5; border-left: 4px solid #e6a100; padding: 8px 14px; margin: 12px 0; }
 .pair { display: flex; flex-wrap: wrap; gap: 8px; align-items: flex-start; }
+.pair > .fig { flex: 1 1 560px; min-width: 0; }
+.fig { width: 100%; }
 table.data { border-collapse: collapse; font-size: 0.9em; margin: 8px 0 16px; }
 table.data th, table.data td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
 table.data th { background: #f0f0f0; }
@@ -207,17 +209,18 @@ def build_report(model: Any, facts: Sequence[Any] | None = None, *, n_prompts: i
     t0 = time.perf_counter()
     sec = Section("maps", "1. Causal traces of single prompts")
     sec.add("<p>Each map restores one clean state into a corrupted run and colours the probability of the "
-            "answer. Corrupted tokens are marked <code>*</code>. Left of each pair: the <b>subject</b> is "
-            "corrupted (ROME's setting); right: the <b>relation</b> is corrupted. Use the buttons in a figure to "
-            "switch between p_restored and the indirect effect (IE = p_restored − p_corrupt); hover for values.</p>")
+            "answer. Corrupted tokens are marked <code>*</code>. In each figure the top row has the <b>subject</b> "
+            "corrupted (ROME's setting) and the bottom row the <b>relation</b>; both rows share one colour scale. "
+            "Use the buttons above a figure to switch between p_restored and the indirect effect "
+            "(IE = p_restored − p_corrupt); hover for values.</p>")
     traces = []
     for i, f in enumerate(shown, start=1):
         answer = f.target_true if known else None
         sec.add(f"<h3>{i}. {_esc(f.prompt)} → {_esc(f.target_true if known else '(top prediction)')}</h3>")
-        for corrupt in ("subject", "relation"):
-            r = trace(model, f.prompt, subject=f.subject, corrupt=corrupt, answer=answer, **common)
-            traces.append(r)
-            sec.add(_fig(plot_trace(r)))
+        pair = {f"{corrupt} corrupted": trace(model, f.prompt, subject=f.subject, corrupt=corrupt, answer=answer,
+                                              **common) for corrupt in ("subject", "relation")}
+        traces.extend(pair.values())
+        sec.add(_fig(plot_traces(pair)))
         say(f"  traced {i}/{len(shown)}: {f.prompt!r}")
     timings["per-prompt traces"] = time.perf_counter() - t0
     sections.append(sec)
@@ -226,8 +229,8 @@ def build_report(model: Any, facts: Sequence[Any] | None = None, *, n_prompts: i
     t0 = time.perf_counter()
     sec = Section("aie", "2. Averaged indirect effects (paper RQ1)")
     sec.add("<p>The mean IE over facts the model knows, by position bucket (ROME's buckets around the "
-            "corrupted span), with the subject corrupted (left) and the relation corrupted (right). Each row "
-            "shares one colour scale, so the two perspectives compare directly.</p>")
+            "corrupted span), with the subject corrupted (left column) and the relation corrupted (right column). "
+            "Each row shares one colour scale, so the two perspectives compare directly.</p>")
     sweeps = {}
     for corrupt in ("subject", "relation"):
         sweeps[corrupt] = trace_dataset(model, sweep, corrupt=corrupt, progress=log is not None, **common)
@@ -347,6 +350,7 @@ def _edit_section(model: Any, sec: Section, facts: Sequence[Any], common: dict, 
     prompts = list(kind_of)
     objects = [fact.target_true, new]
     before = predictions_table(model, prompts, objects=objects)
+    original = trace(model, fact.prompt, subject=fact.subject, corrupt="subject", **common)
     with edit_obj.applied(model):
         after = predictions_table(model, prompts, objects=objects)
         retraced = trace(model, fact.prompt, subject=fact.subject, corrupt="subject", answer=new, **common)
@@ -356,8 +360,9 @@ def _edit_section(model: Any, sec: Section, facts: Sequence[Any], common: dict, 
             f"keyed at the subject's last token ({_esc(', '.join(edit_obj.param_names))}). Top predictions and the "
             "probabilities of the old and new object, before and after:</p>")
     sec.add(table_html(table))
-    sec.add("<p>The trace of the edited model (subject corrupted, answer = the new object):</p>")
-    sec.add(_fig(plot_trace(retraced)))
+    sec.add("<p>The trace before the edit (top row, answer = the old object) and after it (bottom row, answer = "
+            "the new object), subject corrupted, on one colour scale:</p>")
+    sec.add(_fig(plot_traces({f"before → {original.answer!r}": original, f"after → {retraced.answer!r}": retraced})))
     say(f"  edited {fact.prompt!r}: {fact.target_true!r} -> {new!r}")
 
 

@@ -289,7 +289,7 @@ class Inspector:
         self.progress_label = widgets.HTML()
         self.status = widgets.HTML()
         self.trace_stale = widgets.HTML()
-        self.trace_out = widgets.Output(layout=widgets.Layout(width="100%"))
+        self.trace_out = widgets.Output()
 
         # ---- edit tab
         methods = list(_methods())
@@ -316,7 +316,7 @@ class Inspector:
         self.edit_progress_label = widgets.HTML()
         self.edit_status = widgets.HTML()
         self.edit_stale = widgets.HTML()
-        self.edit_out = widgets.Output(layout=widgets.Layout(width="100%"))
+        self.edit_out = widgets.Output()
 
         # ---- wiring
         self.fact_picker.observe(self._on_fact, names="value")
@@ -358,7 +358,7 @@ class Inspector:
         self.tabs = widgets.Tab(children=[trace_tab, edit_tab])
         self.tabs.set_title(0, "Trace")
         self.tabs.set_title(1, "Edit")
-        self.widget = widgets.VBox([self.badge, self.tabs], layout=widgets.Layout(width="100%"))
+        self.widget = widgets.VBox([self.badge, self.tabs])
         self.widget.add_class("workbench-inspector")
 
     # ------------------------------------------------------------------ display

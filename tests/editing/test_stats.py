@@ -63,3 +63,18 @@ def test_resume_after_interrupt(tiny_model, tmp_path, monkeypatch):
     assert resumed.n_tokens == 700
     assert torch.allclose(resumed.mom2, fresh.mom2, rtol=1e-12, atol=1e-14)
     assert not list((tmp_path / "resumed").rglob("*.partial.safetensors"))
+
+
+def test_messages_go_through_logging_not_stderr(tiny_model, tmp_path, capfd, caplog):
+    """Informational lines are log records (a notebook shows no red stderr), at INFO level."""
+    import logging
+
+    clear_memory_cache()
+    with caplog.at_level(logging.INFO, logger="workbench"):
+        layer_stats(tiny_model, 2, corpus=TEXTS, n_tokens=200, cache_dir=tmp_path, progress=False)
+        clear_memory_cache()
+        layer_stats(tiny_model, 2, corpus=TEXTS, n_tokens=200, cache_dir=tmp_path, progress=False)
+    messages = [r.getMessage() for r in caplog.records if r.name == "workbench.editing.stats"]
+    assert any("computing" in m for m in messages) and any("cached" in m for m in messages)
+    assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "workbench.editing.stats")
+    assert "layer_stats" not in capfd.readouterr().err
