@@ -40,12 +40,13 @@ def test_layout_and_token_marks(inspector, tiny_model):
 
 
 def test_clicking_a_token_switches_to_tokens(inspector):
-    inspector.token_buttons[2].value = not inspector.token_buttons[2].value
+    inspector.click_token(2)
     assert inspector.corrupt.value == "tokens"
-    for b in inspector.token_buttons:
-        b.value = False
-    inspector.token_buttons[1].value = True
-    inspector.token_buttons[3].value = True
+    assert inspector.selected_positions() == [2]  # only the clicked token: the subject's marks go
+    assert inspector.token_buttons[2].button_style == "warning" and inspector.token_buttons[5].button_style == ""
+    inspector.click_token(2)
+    inspector.click_token(1)
+    inspector.click_token(3)
     kw = inspector.trace_kwargs()
     assert kw["corrupt"] == [1, 3]
     assert kw["samples"] == 2 and kw["noise"] == "s3" and kw["kinds"] == ("hidden", "mlp", "attn")
@@ -105,9 +106,9 @@ def test_run_button_traces_and_draws(inspector, tiny_model):
 
 def test_run_with_clicked_tokens(inspector):
     need("workbench.tracing", "trace")
-    inspector.token_buttons[1].value = True  # switches to "tokens" with only this token marked
+    inspector.click_token(1)  # switches to "tokens" with only this token marked
     assert inspector.selected_positions() == [1]
-    inspector.token_buttons[2].value = True
+    inspector.click_token(2)
     inspector.kind_boxes["mlp"].value = False
     inspector.kind_boxes["attn"].value = False
     result = inspector.run_trace()

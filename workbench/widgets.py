@@ -31,6 +31,7 @@ scripts); called from code, actions run synchronously. Results land in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html
 import inspect
 import json
@@ -269,7 +270,8 @@ class Inspector:
                                              tooltips=["noise the subject's tokens", "noise the relation's tokens",
                                                        "noise the tokens clicked below"])
         self.token_bar = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
-        self.token_buttons: list[widgets.ToggleButton] = []
+        self.token_buttons: list[widgets.Button] = []
+        self._marks: set[int] = set()
         self.kind_boxes = {k: widgets.Checkbox(value=k in kinds, description=KIND_LABELS[k], indent=False,
                                                layout=widgets.Layout(width="150px")) for k in KINDS}
         self.samples = widgets.BoundedIntText(value=samples, min=1, max=1000, description="samples", style=style,
@@ -439,8 +441,12 @@ class Inspector:
         return tokenize(self.lm, self.prompt.value)
 
     def selected_positions(self) -> list[int]:
-        """Positions of the clicked token buttons."""
-        return [i for i, b in enumerate(self.token_buttons) if b.value]
+        """Positions of the marked (to be corrupted) tokens."""
+        return sorted(self._marks)
+
+    def click_token(self, position: int) -> None:
+        """Toggle one token's mark, as a click on its button does."""
+        self.token_buttons[position].click()
 
     def _span_for_marks(self):
         toks = self._tokens()
@@ -459,22 +465,24 @@ class Inspector:
         except Exception as err:  # noqa: BLE001 - show any tokenizer problem in the widget
             self._fail(self.status, err)
             return
+        for old in self.token_buttons:  # the previous prompt's buttons
+            old.close()
+        # Plain buttons: only a click (a message the frontend sends on a real click) changes
+        # the marks, which live here and are shown by the buttons' style.
         self.token_buttons = []
+        self._marks = set()
         for i, tok in enumerate(toks.str_tokens):
-            b = widgets.ToggleButton(value=False, description=tok.replace(" ", "␣") or "∅", tooltip=f"position {i}",
-                                     layout=widgets.Layout(width="auto"))
-            b.observe(self._on_token_click, names="value")
+            b = widgets.Button(description=tok.replace(" ", "␣") or "∅", tooltip=f"position {i}",
+                               layout=widgets.Layout(width="auto"))
+            b.on_click(functools.partial(self._on_token_click, i))
             self.token_buttons.append(b)
         self.token_bar.children = tuple(self.token_buttons)
         self._sync_marks()
 
     def _set_marks(self, marked: set[int]) -> None:
-        self._syncing = True
-        try:
-            for i, b in enumerate(self.token_buttons):
-                b.value = i in marked
-        finally:
-            self._syncing = False
+        self._marks = {i for i in marked if 0 <= i < len(self.token_buttons)}
+        for i, b in enumerate(self.token_buttons):
+            b.button_style = "warning" if i in self._marks else ""
 
     def _sync_marks(self) -> None:
         if self.corrupt.value != "tokens":
@@ -576,6 +584,8 @@ class Inspector:
         self._refresh_stale()
 
     def _on_corrupt(self, change: dict | None = None) -> None:
+        if self._syncing:
+            return
         self._sync_marks()
         self._refresh_stale()
 
@@ -585,21 +595,21 @@ class Inspector:
     def _on_edit_settings(self, change: dict | None = None) -> None:
         self._refresh_stale()
 
-    def _on_token_click(self, change: dict) -> None:
-        if self._syncing:
-            return
+    def _on_token_click(self, position: int, button: widgets.Button) -> None:
+        if button not in self.token_buttons:
+            return  # a late click on a button of an earlier prompt
         if self.corrupt.value != "tokens":
-            # Clicking a token starts a hand-picked selection: just that token (or the old
-            # marks without it, when the click removed it).
-            owner = change["owner"]
-            i = self.token_buttons.index(owner)
-            marks = {i} if change["new"] else set(self._span_for_marks()) - {i}
+            # Clicking a token starts a hand-picked selection: just that token (or the
+            # span's marks without it, when it was marked).
+            marks = {position} if position not in self._marks else self._marks - {position}
             self._syncing = True
             try:
                 self.corrupt.value = "tokens"
             finally:
                 self._syncing = False
-            self._set_marks(marks)
+        else:
+            marks = self._marks ^ {position}
+        self._set_marks(marks)
         self._refresh_stale()
 
     def _on_value(self, change: dict | None = None) -> None:

@@ -128,6 +128,20 @@ def _no_horizontal_scroll(locator) -> dict:
     }""")
 
 
+def _wait_done(page, finished: str, shot) -> None:
+    """Wait until the Inspector's progress label says the run finished, or its status shows an error
+    (then fail at once with that error and a screenshot)."""
+    page.wait_for_function(
+        """re => { const t = Array.from(document.querySelectorAll('.workbench-inspector .widget-html'));
+                   return t.some(e => new RegExp(re).test(e.textContent)) ||
+                          !!document.querySelector(".workbench-inspector span[style*='color:#b00']:not(:empty)"); }""",
+        arg=finished, timeout=RUN_TIMEOUT_MS)
+    error = page.locator(".workbench-inspector span[style*='color:#b00']")
+    if error.count() and "edit failed" not in error.first.text_content():
+        page.screenshot(path=str(shot))
+        raise AssertionError(f"the Inspector shows an error: {error.first.text_content()}")
+
+
 def test_inspector_in_jupyterlab(lab, page, shots):
     fact = _fact()
     errors: list[str] = []
@@ -158,6 +172,7 @@ def test_inspector_in_jupyterlab(lab, page, shots):
     _field(inspector, "subject").fill(fact.subject)
     _field(inspector, "subject").press("Enter")
     inspector.get_by_role("button", name="Run trace").click()
+    _wait_done(page, "traced in", shots / "inspector_trace_failed.png")
     title = inspector.locator(".js-plotly-plot .gtitle", has_text=fact.prompt)
     title.wait_for(timeout=RUN_TIMEOUT_MS)
     plot = inspector.locator(".js-plotly-plot").first
@@ -174,8 +189,9 @@ def test_inspector_in_jupyterlab(lab, page, shots):
     _field(inspector, "new object").fill(fact.target_new)
     _field(inspector, "new object").press("Enter")
     inspector.get_by_role("button", name="Apply edit").click()
+    _wait_done(page, "edited in|edit failed in", shots / "inspector_edit_failed.png")
     badge = page.locator(".workbench-badge")
-    badge.wait_for(timeout=RUN_TIMEOUT_MS)
+    badge.wait_for(timeout=10_000)
     table = inspector.locator(".widget-output table", has_text=fact.prompt)
     table.wait_for(timeout=RUN_TIMEOUT_MS)
     after = inspector.locator(".js-plotly-plot .gtitle", has_text="before and after")
