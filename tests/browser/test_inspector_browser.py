@@ -162,9 +162,12 @@ def test_inspector_in_jupyterlab(lab, page, shots):
             continue
     inspector = page.locator(".workbench-inspector")
     inspector.wait_for(timeout=RUN_TIMEOUT_MS)
-    news = page.get_by_role("button", name="No")  # JupyterLab's "get notified about news?" toast
+    # JupyterLab's "get notified about news?" toast (exact name: "No" is also inside the token "␣Bruno")
+    news = page.locator(".Toastify").get_by_role("button", name="No", exact=True)
     if news.count():
         news.first.click()
+    assert page.locator(".workbench-inspector .widget-toggle-buttons button.mod-active").first.text_content() \
+        == "subject"
 
     # ---- trace a typed prompt
     _field(inspector, "prompt").fill(fact.prompt)
