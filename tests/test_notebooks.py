@@ -4,15 +4,15 @@ Execution uses nbclient with the current interpreter's ``python3`` kernel (the s
 ``pytest --nbmake notebooks/``). It needs the bundled model; without it the execution
 tests skip.
 
-Headless runs and lost replies. On a heavily loaded machine a cell's ``execute_reply`` can
-fail to reach the client although the kernel finished the cell: the kernel publishes
-``status: idle`` for the request on IOPub (which it does only after handing the reply to
-its shell channel), then sits idle; the client, waiting for the reply with no timeout
-(``jupyter nbconvert --execute``'s default), waits forever with no CPU used on either side.
-:class:`ReplyTolerantClient` treats the kernel's idle status for the cell as the end of the
-cell when the reply is still missing ``REPLY_GRACE`` seconds later (the outputs, errors
-included, have all arrived on IOPub by then), and every cell has a timeout, so a headless
-run finishes or fails, never hangs.
+Headless runs and lost replies. While a client waits for a cell's ``execute_reply`` on the
+shell socket, nbclient answers Output-widget captures (``with out:``) by sending ``comm_msg``
+to the kernel on that same socket; on a heavily loaded machine a reply that arrived during
+such a send was never read (the kernel had sent it and published ``status: idle``), and with
+no cell timeout (``jupyter nbconvert --execute``'s default) both processes idled forever.
+The Inspector no longer captures (see ``test_outputs_are_set_not_captured``), every cell here
+has a timeout, and :func:`reply_tolerant_client` ends a cell on the kernel's idle status for
+it when the reply is still missing ``REPLY_GRACE`` seconds later (by then every output, errors
+included, has arrived on IOPub), so a headless run finishes or fails, never hangs.
 """
 
 from __future__ import annotations

@@ -341,3 +341,25 @@ def test_default_window_in_the_inspector(tiny_model):
 
     ins = Inspector(tiny_model, prompt=PROMPT, subject=SUBJECT)
     assert ins.window.value == default_window(tiny_model.cfg.n_layers) == 2
+
+
+def test_outputs_are_set_not_captured(inspector):
+    """Problem 9: outputs are written into the Output widgets' state, never captured with ``with out:``.
+
+    Capturing routes the kernel's output messages through the Output widget's ``msg_id``; a
+    headless client (nbclient, nbconvert, nbmake) then sends the captured outputs back to the
+    kernel as ``comm_msg`` on the shell channel while it waits on that channel for the cell's
+    ``execute_reply``, which under load lost the reply and hung the run.
+    """
+    need("workbench.editing", "rome")
+    captured: list = []
+    for out in (inspector.trace_out, inspector.edit_out):
+        out.observe(lambda ch: captured.append(ch["new"]), names="msg_id")
+    inspector.run_trace()
+    inspector.rome_kwargs = {"hparams": _rome_hparams()}
+    inspector.new_object.value = "Greek"
+    inspector.apply_edit()
+    assert len(inspector.trace_out.outputs) == 1 and len(inspector.edit_out.outputs) == 2
+    inspector.value.value = "ie"
+    inspector.undo_edit()
+    assert captured == []
