@@ -388,13 +388,13 @@ def plot_aie(*results: Any, kind: str | Sequence[str] | None = None, window: int
             title += "<br><sup>" + "; ".join(bits) + "</sup>"
     blank = any(df is not None and df.size and bool(df.isna().any().any()) for _, r in pairs for df in r.aie.values())
     if blank:
-        fig.add_annotation(x=0.0, xref="paper", xanchor="left", y=0.0, yref="paper", yanchor="top", yshift=-36,
+        fig.add_annotation(x=0.0, xref="paper", xanchor="left", y=0.0, yref="paper", yanchor="top", yshift=-62,
                            showarrow=False, font=dict(size=11, color="#555"),
                            text="Blank cells: no position of these facts falls in that bucket (e.g. one-token "
                                 "spans have no middle tokens, a span ending the prompt has no tokens after it).")
     fig.update_layout(title=dict(text=title, x=0.0, xanchor="left"),
                       height=height or 120 + 260 * len(kinds), autosize=True,
-                      margin=dict(l=10, r=60, t=100, b=70 if blank else 50), plot_bgcolor="white")
+                      margin=dict(l=10, r=60, t=100, b=90 if blank else 50), plot_bgcolor="white")
     return fig
 
 

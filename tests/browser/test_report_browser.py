@@ -58,6 +58,8 @@ def test_report_draws_offline(page, report_file, shots):
         assert fig["width"] <= fig["parent"] + 1, fig  # sized to its container
     assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
     page.screenshot(path=str(shots / "report_1400.png"), full_page=False)
+    for section in ("aie", "severed", "edit"):
+        page.locator(f"#{section}").screenshot(path=str(shots / f"report_{section}.png"))
     page.set_viewport_size({"width": 900, "height": 1000})
     page.wait_for_timeout(500)  # Plotly's resize handler is debounced
     assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
