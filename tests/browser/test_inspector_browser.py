@@ -4,7 +4,6 @@ token and config folders, and shuts it (and its kernel) down afterwards."""
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import socket
