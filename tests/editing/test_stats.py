@@ -65,11 +65,13 @@ def test_resume_after_interrupt(tiny_model, tmp_path, monkeypatch):
     assert not list((tmp_path / "resumed").rglob("*.partial.safetensors"))
 
 
-def test_messages_go_through_logging_not_stderr(tiny_model, tmp_path, capfd, caplog):
+def test_messages_go_through_logging_not_stderr(tiny_model, tmp_path, capfd, caplog, monkeypatch):
     """Informational lines are log records (a notebook shows no red stderr), at INFO level."""
     import logging
 
     clear_memory_cache()
+    # without the CLI's stderr handler (a CLI test may have added it): nothing may reach stderr directly
+    monkeypatch.setattr(logging.getLogger("workbench"), "handlers", [])
     with caplog.at_level(logging.INFO, logger="workbench"):
         layer_stats(tiny_model, 2, corpus=TEXTS, n_tokens=200, cache_dir=tmp_path, progress=False)
         clear_memory_cache()
