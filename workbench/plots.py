@@ -590,7 +590,8 @@ def plot_edit_eval(df: pd.DataFrame, *, measure: str | None = "acc", title: str 
             fig.add_bar(
                 x=metrics, y=ys, name=name, legendgroup=name, showlegend=col == 1, row=1, col=col,
                 # a zero-height bar draws nothing: write its 0 so that it does not look missing
-                text=["0" if y == 0 else "" for y in ys], textposition="outside", textfont=dict(size=10),
+                text=["0" if np.isscalar(y) and y == 0 else "" for y in ys], textposition="outside",
+                textfont=dict(size=10),
                 marker=dict(color=colour, pattern_shape="/" if locus == "relation" else ""),
                 hovertemplate=(f"{_html.escape(name, quote=False)}<br>{_html.escape(fam, quote=False)} "
                                "%{x}: %{y:.3g}<extra></extra>"),
