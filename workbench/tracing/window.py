@@ -18,11 +18,7 @@ def default_window(n_layers: int) -> int:
     return min(10, math.ceil(n_layers / 2))
 
 
-def resolve_window(model: Any, window: int | None) -> int:
-    """``window`` itself, or :func:`default_window` of the model's depth when it is ``None``."""
-    if window is None:
-        return default_window(int(model.cfg.n_layers))
-    window = int(window)
-    if window < 1:
-        raise ValueError(f"window must be >= 1, not {window}")
-    return window
+def resolve_window(model: Any, window: int | None) -> Any:
+    """``window`` itself (validated by the tracing entry points), or :func:`default_window` of the
+    model's depth when it is ``None``."""
+    return default_window(int(model.cfg.n_layers)) if window is None else window
