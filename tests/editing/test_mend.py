@@ -304,6 +304,24 @@ def test_reproduce_takes_a_mend_editor(shipped, tmp_path):
     assert len(edited) == 2 and all(r["error"] is None for r in edited)
 
 
+def test_inspector_offers_mend_and_undoes_it(toy_model, shipped):
+    from workbench.loading import model_fingerprint
+    from workbench.widgets import Inspector
+
+    ins = Inspector(toy_model, prompt="The birthplace of Bruno Wenvi is", subject="Bruno Wenvi", samples=2,
+                    background=False)
+    assert ("MEND", "mend") in ins.method.options
+    before = model_fingerprint(toy_model)
+    assert wb.top_tokens(toy_model, "The birthplace of Bruno Wenvi is", k=1)[0][0] != " Tokyo"
+    ins.method.value = "mend"
+    ins.new_object.value = "Tokyo"
+    ins.retrace.value = False
+    edit = ins.apply_edit()
+    assert ins.error is None, ins.error
+    assert edit.method == "mend" and edit.is_applied(toy_model) and edit.info["reached"]
+    assert ins.undo_edit() is not None and model_fingerprint(toy_model) == before
+
+
 def test_cli_lists_train_mend():
     from workbench.cli import build_parser
 
