@@ -189,24 +189,26 @@ def test_workers_that_cannot_load_the_model_fail_clearly(ray_session, tiny_model
 
 
 def test_interrupted_driver_resumes_to_the_same_result(ray_session, toy_model, sweep_facts, reference, tmp_path):
-    """A `workbench sweep --workers 2` process interrupted mid-run; the rest is done here, in one process."""
+    """A `workbench sweep --workers 1 --ray ADDRESS` process interrupted mid-run; the rest is done here, in one process."""
     scale.shutdown_workers()  # the warm workers hold both CPUs of the module's Ray; the other driver needs them
     address = ray_session.get_runtime_context().gcs_address
     out = tmp_path / "sweep"
+    # One worker, interrupted after its second row: on an idle machine two workers can finish the
+    # remaining facts before the signal lands, and the point here is the driver's interruption.
     cmd = [sys.executable, "-m", "workbench.cli", "sweep", "--facts", "toy-facts", "--limit", str(N_FACTS),
-           "--out", str(out), "--workers", "2", "--ray", address, "--no-progress"]
+           "--out", str(out), "--workers", "1", "--ray", address, "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get(
         "PYTHONPATH", "")])}
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        _when_stored(out / "facts.jsonl", 6, lambda: proc.send_signal(signal.SIGINT)).join(180)
+        _when_stored(out / "facts.jsonl", 2, lambda: proc.send_signal(signal.SIGINT), timeout=300).join(310)
         output = proc.communicate(timeout=60)[0].decode()
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, output  # interrupted, not finished
     written = _store(out)[1]
-    assert 6 <= len(written) < N_FACTS
+    assert 2 <= len(written) < N_FACTS
     result = wb.trace_dataset(toy_model, sweep_facts, out=out, progress=False)  # a mix: resumed in one process
     resumed = _store(out)[1]
     assert all(resumed[i] == rec for i, rec in written.items())  # kept, not recomputed

@@ -304,7 +304,8 @@ def _map_ray(model, work: Work, items: list[tuple[int, Any]], *, shared, workers
                     task = pending.popleft()
                     yield task.index, _give_up(task, "no live worker left", on_failure)
                 break
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+            # a bounded wait keeps the driver responsive to Ctrl-C between results
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=1.0)
             for ref in ready:
                 slot, task = inflight.pop(ref)
                 slot.inflight -= 1
