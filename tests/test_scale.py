@@ -199,7 +199,10 @@ def test_interrupted_driver_resumes_to_the_same_result(ray_session, toy_model, s
            "--out", str(out), "--workers", "1", "--ray", address, "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get(
         "PYTHONPATH", "")])}
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # A child inherits an ignored SIGINT (and Python then installs no KeyboardInterrupt handler) when
+    # something earlier in this test process ignored it; the driver must see Ctrl-C as a user's would.
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         _when_stored(out / "facts.jsonl", 2, lambda: proc.send_signal(signal.SIGINT), timeout=300).join(310)
         output = proc.communicate(timeout=60)[0].decode()
