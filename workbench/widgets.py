@@ -142,8 +142,12 @@ class EditOutcome:
         return self.top_is_new and self.p_new >= SUCCESS_P
 
 
-def edit_outcome(model: Any, prompt: str, new_object: str) -> EditOutcome:
-    """P(first token of ``new_object``) and the top-1 token of ``prompt`` under the model as it is."""
+def prompt_outcome(model: Any, prompt: str, new_object: str) -> EditOutcome:
+    """P(first token of ``new_object``) and the top-1 token of ``prompt`` under the model as it is.
+
+    The Inspector's own success rule (top-1 and P >= :data:`SUCCESS_P`), on the model as shown; an edit's
+    recorded outcome (:func:`workbench.editing.edit_outcome`) is the teacher-forced all-tokens check.
+    """
     from .predict import next_token_probs, object_token_ids
 
     probs = next_token_probs(model, [prompt])[0]
@@ -796,7 +800,7 @@ class Inspector:
             self._refresh_badge()
             prog.step()
             after = predictions_table(self.lm, all_prompts, objects=objects)
-            outcome = edit_outcome(self.lm, fact.prompt, new_object)
+            outcome = prompt_outcome(self.lm, fact.prompt, new_object)
             prog.step()
             table = before_after(before, after)
             table.insert(0, ("", "probe"), ["edit prompt"] + ["paraphrase"] * (len(prompts) - 1)
@@ -897,5 +901,5 @@ def _html_table(df: pd.DataFrame | None) -> Any:
     return HTML(df.to_html(float_format=lambda x: f"{x:.3f}", border=0))
 
 
-__all__ = ["Inspector", "EditOutcome", "edit_outcome", "FigureView", "predictions_table",
+__all__ = ["Inspector", "EditOutcome", "prompt_outcome", "FigureView", "predictions_table",
            "before_after"]
