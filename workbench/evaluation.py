@@ -64,7 +64,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .facts import Fact
+from .facts import Fact, facts_hash
 from .perspective import (DEFAULT_LOCUS, PERSPECTIVES, Phrasings, Probes, bleed_subjects, phrasings, probes,
                           relation_index, relation_templates, request_fact)
 from .predict import object_token_ids
@@ -521,7 +521,6 @@ def evaluation_key(model, facts: Sequence[Fact], resolved: Sequence[tuple[str, C
     kwargs only: change its name when its code changes).
     """
     from .loading import model_fingerprint
-    from .store import content_hash
 
     methods = {}
     for name, fn in resolved:
@@ -532,7 +531,7 @@ def evaluation_key(model, facts: Sequence[Fact], resolved: Sequence[tuple[str, C
                          "hparams": resolved_hparams(name, model, kwargs) if target else None}
     return {"model_spec": getattr(model, "workbench_spec", None),
             "model_fingerprint": fingerprint or model_fingerprint(model),
-            "facts_hash": content_hash(f.to_dict() for f in facts), "n_facts": len(facts), "seed": seed,
+            "facts_hash": facts_hash(facts), "n_facts": len(facts), "seed": seed,
             "probe_bank": probe_bank_version(), "bleed_subjects_per_fact": bleed_subjects_per_fact,
             "methods": methods}
 

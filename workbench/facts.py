@@ -244,6 +244,13 @@ def check_fit(model, facts: Sequence[Fact], prepend_bos: bool | None = None, sou
                               f"(n_ctx = {n_ctx} tokens): {shown}; remove them or shorten their templates")
 
 
+def facts_hash(facts: Iterable[Fact]) -> str:
+    """Content hash of facts, every field and their order: what a resumable run's rows depend on."""
+    from .store import content_hash
+
+    return content_hash(f.to_dict() for f in facts)
+
+
 def load_facts(source: str | os.PathLike | Iterable[dict] = BUNDLED, *, split: str = "counterfact") -> list[Fact]:
     """Load facts from ``"toy-facts"``, a CounterFact/known_1000 JSON file, or records.
 

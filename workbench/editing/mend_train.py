@@ -34,7 +34,6 @@ state of an uninterrupted run. ``out/editor.safetensors`` is the best editor and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -46,7 +45,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..facts import Fact
+from ..facts import Fact, facts_hash
 from .common import _pad_id
 from .mend import (MendEditor, MendHyperParams, collect_factors, edit_rows, logits_of,
                    mend_hparams_for, target_correct, target_nll)
@@ -238,13 +237,6 @@ class MendTrainResult:
     report: dict
 
 
-def _facts_digest(facts: Sequence[Fact]) -> str:
-    h = hashlib.sha256()
-    for f in facts:
-        h.update(json.dumps(f.to_dict(), sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
-
-
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -311,7 +303,7 @@ def _train(model, facts, hp: MendHyperParams, out: Path, val_facts, val_fraction
     editor = MendEditor.for_model(model, hp)
     hp = editor.hparams  # inner_params resolved
     signature = {"hparams": hp.to_dict(), "model_fingerprint": fingerprint,
-                 "train_facts": _facts_digest(train_facts), "val_facts": _facts_digest(val_list)}
+                 "train_facts": facts_hash(train_facts), "val_facts": facts_hash(val_list)}
     modules = editor.check_model(model, fingerprint=False)
     net_params = [p for n, p in editor.named_parameters() if n != "alphas"]
     opt = torch.optim.Adam(net_params, lr=hp.lr)

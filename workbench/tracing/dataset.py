@@ -38,10 +38,10 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from ..facts import Fact, check_fit, load_facts
+from ..facts import Fact, check_fit, facts_hash, load_facts
 from ..loading import model_fingerprint
 from ..predict import object_token_ids
-from ..store import ResultStore, content_hash
+from ..store import ResultStore
 from .api import _trace_prepared, check_noise, check_samples, check_window, prepare
 from .engine import KINDS
 from .noise import NoiseSpec, noise_level
@@ -115,18 +115,13 @@ def aggregate(records: Iterable[dict], kinds: Sequence[str], n_layers: int, buck
     return aie, pd.Series(counts, index=index, name="count")
 
 
-def _facts_hash(facts: Sequence[Fact]) -> str:
-    """Content hash of the facts, every field and their order (what a sweep's rows depend on)."""
-    return content_hash(f.to_dict() for f in facts)
-
-
 def sweep_key(model, facts: Sequence[Fact], *, corrupt: str, kinds: Sequence[str], samples: int, noise: NoiseSpec,
               nu: float, window: int, seed: int, prepend_bos: bool | None, precision: str,
               replace: bool) -> dict:
     """Everything that determines a sweep's per-fact record: the store key of ``trace_dataset(out=...)``."""
     return {
         "model_spec": getattr(model, "workbench_spec", None), "model_fingerprint": model_fingerprint(model),
-        "facts_hash": _facts_hash(facts), "n_facts": len(facts), "corrupt": corrupt, "kinds": list(kinds),
+        "facts_hash": facts_hash(facts), "n_facts": len(facts), "corrupt": corrupt, "kinds": list(kinds),
         "samples": samples, "noise": noise if isinstance(noise, str) else float(noise), "noise_level": nu,
         "window": window, "seed": seed, "prepend_bos": prepend_bos, "precision": precision, "replace": replace,
     }
