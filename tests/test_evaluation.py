@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from workbench.editing import Edit
-from workbench.evaluation import (BASELINE, METHODS, METRICS, VARIANTS, bootstrap_ci, cells_for, cube_table,
-                                  default_methods, evaluate, evaluate_one, paper_table, register_method, score_fact,
+from workbench.evaluation import (BASELINE, METHOD_LABELS, METHODS, METRICS, VARIANTS, bootstrap_ci, cells_for,
+                                  cube_table, default_methods, evaluate, evaluate_one, paper_table, register_method, score_fact,
                                   score_objects, score_probes, select_facts, summarize, to_markdown, write_tables)
 from workbench.facts import Fact, load_facts
 from workbench.loading import hf_parameter, model_fingerprint
@@ -252,14 +252,14 @@ def test_evaluate_one_is_pure_and_reverts(tiny_model):
         {k: v for k, v in b.items() if k not in ("seconds", "edit_s")}
 
 
-def test_registry_and_paper_order():
+def test_registry_and_paper_order(monkeypatch):
     assert default_methods()[:2] == ("ft", "kn") and default_methods().index("rome") < default_methods().index("memit")
-    try:
-        register_method("mend", _fake, label="MEND")
-        order = default_methods()
-        assert order.index("kn") < order.index("mend") < order.index("rome")
-    finally:
-        METHODS.pop("mend", None)
+    # the real "mend" entry (and its label) come back after the test, for the tests that run after it
+    monkeypatch.setitem(METHODS, "mend", METHODS.get("mend"))
+    monkeypatch.setitem(METHOD_LABELS, "mend", METHOD_LABELS.get("mend"))
+    register_method("mend", _fake, label="MEND")
+    order = default_methods()
+    assert order.index("kn") < order.index("mend") < order.index("rome")
 
 
 # ------------------------------------------------------------------ intervals and tables
