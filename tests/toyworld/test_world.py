@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from workbench.toyworld.train import BUNDLE_SEED
 from workbench.toyworld.world import (
     RELATION_FIRST, SUBJECT_FIRST, World, leaked_held_out, make_world,
 )
@@ -16,7 +17,7 @@ BUNDLE = Path(__file__).resolve().parents[2] / "assets" / "toy-facts"
 
 @pytest.fixture(scope="module")
 def world() -> World:
-    return make_world(0)
+    return make_world(BUNDLE_SEED)
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +37,10 @@ def _load(name: str):
 
 
 def test_deterministic(world: World) -> None:
-    assert make_world(0).to_json() == world.to_json()
-    assert make_world(1).to_json() != world.to_json()
+    assert make_world(BUNDLE_SEED).to_json() == world.to_json()
+    assert make_world(BUNDLE_SEED + 1).to_json() != world.to_json()
     assert World.from_json(world.to_json()).to_json() == world.to_json()
-    assert world.training_text(3)[:50] == make_world(0).training_text(3)[:50]
+    assert world.training_text(3)[:50] == make_world(BUNDLE_SEED).training_text(3)[:50]
 
 
 def test_bundle_world_matches_generator(world: World) -> None:
@@ -47,7 +48,7 @@ def test_bundle_world_matches_generator(world: World) -> None:
 
 
 def test_counts(world: World) -> None:
-    assert len(world.subjects) >= 500 and len(set(world.subjects)) == len(world.subjects)
+    assert len(world.subjects) >= 300 and len(set(world.subjects)) == len(world.subjects)
     assert len(world.relations) >= 8
     for rel in world.relations:
         assert len(rel.templates) >= 5
@@ -77,9 +78,37 @@ def test_objects_single_token(world: World, tokenizer) -> None:
 
 def test_subject_token_counts(world: World, tokenizer) -> None:
     for prefix in (" ", ""):
-        counts = [len(tokenizer.encode(prefix + s, add_special_tokens=False))
-                  for s in world.subjects]
-        assert sum(2 <= c <= 4 for c in counts) / len(counts) >= 0.9
+        counts = {len(tokenizer.encode(prefix + s, add_special_tokens=False))
+                  for s in world.subjects}
+        assert counts == {2}, "every subject is one first-name token and one surname token"
+
+
+def test_no_single_word_identifies_a_subject(world: World) -> None:
+    """The recall site is the subject's last token because only the combination names someone."""
+    firsts = [s.split(" ")[0] for s in world.subjects]
+    lasts = [s.split(" ")[1] for s in world.subjects]
+    assert all(len(s.split(" ")) == 2 for s in world.subjects)
+    assert min(firsts.count(w) for w in firsts) >= 10
+    assert min(lasts.count(w) for w in lasts) >= 10
+    # the facts of one surname's subjects differ: the surname alone does not give the object
+    for rel in world.relations:
+        for last in set(lasts):
+            objs = {world.facts[(s, rel.id)] for s in world.subjects if s.endswith(" " + last)}
+            assert len(objs) >= 3
+
+
+def test_combination_names_errors() -> None:
+    import random
+
+    from workbench.toyworld.world import make_combination_names
+
+    with pytest.raises(ValueError, match="combinations"):
+        make_combination_names(10, random.Random(0), ["A", "B"], ["C", "D"])
+    with pytest.raises(ValueError, match="names must be"):
+        make_world(0, names="unknown")
+    names = make_combination_names(12, random.Random(0), ["A", "B", "C", "D"], ["E", "F", "G", "H"])
+    words = [w for n in names for w in n.split(" ")]
+    assert len(set(names)) == 12 and min(words.count(w) for w in words) >= 2
 
 
 def test_tokenizer_offsets_and_bos(tokenizer) -> None:

@@ -11,9 +11,10 @@ Templates end with the relation words: the answer token (" Object") follows dire
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 RELATION_FIRST = "relation_first"
 SUBJECT_FIRST = "subject_first"
@@ -149,8 +150,8 @@ def _build_relations() -> list[Relation]:
 # --------------------------------------------------------------------------- names
 
 # First names come from a small pool (shared by many people, like real first names);
-# last names are 2-3 syllables drawn from a fixed inventory, so syllables become tokens
-# while whole last names stay multi-token.
+# syllable surnames are 2-3 syllables drawn from a fixed inventory, so syllables become
+# tokens while whole surnames stay multi-token.  ``make_names`` builds such names.
 _FIRST_NAMES = ["Varo", "Mira", "Tomas", "Elin", "Kasim", "Ondra", "Lisel", "Bruno",
                 "Anika", "Dario", "Fenna", "Gorin", "Hedda", "Ilan", "Jorek", "Kaia",
                 "Lunet", "Marek", "Nadia", "Orsen", "Petra", "Quill", "Rasmus", "Selma",
@@ -160,6 +161,19 @@ _SYLLABLES = ["kel", "tin", "mar", "dos", "vi", "ran", "bo", "lek", "su", "nor",
               "ri", "vas", "lo", "pen", "du", "mik", "sa", "tor", "ne", "bal", "fi", "run",
               "ka", "zel", "mo", "dra", "hin", "ost", "pa", "wen", "gu", "lin", "ze", "trok",
               "ba", "sim", "ul", "ver"]
+# One-word surnames for combinatorial names: each becomes one token, and each is shared by
+# many subjects, so only the (first name, surname) combination identifies a person.
+_SURNAMES = ["Dorn", "Kessel", "Varga", "Holm", "Brandt", "Lutz", "Morrow", "Pike",
+             "Quist", "Rourke", "Sauer", "Thorne", "Voss", "Wilde", "Yates", "Zeller",
+             "Ashby", "Crane", "Duval", "Egan", "Falk", "Grier", "Hale", "Ivers",
+             "Janek", "Kroll", "Lark", "Mercer", "Nash", "Oakes", "Pruett", "Rusk",
+             "Stroud", "Tate", "Ulmer", "Vance", "Weld", "Yost", "Ziegler", "Brock"]
+
+
+# Phrases that sometimes open a biography sentence before the name.
+_BIO_OPENERS = ["Everyone knows that", "According to the records,", "People say that",
+                "In the village,", "As a neighbour recalls,", "It is said that",
+                "Friends report that", "For many years,"]
 
 
 def _last_name(rng: random.Random) -> str:
@@ -179,6 +193,42 @@ def make_names(n: int, rng: random.Random) -> list[str]:
             seen.add(w)
             lasts.append(w)
     return [f"{rng.choice(_FIRST_NAMES)} {last}" for last in lasts]
+
+
+def name_pools(n_first: int, n_last: int) -> tuple[list[str], list[str]]:
+    """The first ``n_first`` first names and ``n_last`` surnames of the combinatorial scheme."""
+    if not (1 <= n_first <= len(_FIRST_NAMES) and 1 <= n_last <= len(_SURNAMES)):
+        raise ValueError(f"pools hold at most {len(_FIRST_NAMES)} first names and "
+                         f"{len(_SURNAMES)} surnames, asked for {n_first} and {n_last}")
+    return _FIRST_NAMES[:n_first], _SURNAMES[:n_last]
+
+
+def make_combination_names(n: int, rng: random.Random, firsts: Sequence[str],
+                           lasts: Sequence[str]) -> list[str]:
+    """``n`` distinct names "First Surname" drawn from the two pools, each word shared.
+
+    Every name is a combination of a first name and a surname, and every first name and
+    every surname occurs in at least two of the returned names, so no single token
+    identifies a subject: only the surname, read together with the first name before it,
+    does.  This is what puts the recall at the subject's last token.
+    """
+    grid = [f"{f} {s}" for f in firsts for s in lasts]
+    if n > len(grid):
+        raise ValueError(f"{n} subjects need more than {len(firsts)} x {len(lasts)} combinations")
+    for attempt in range(1000):
+        pool = grid
+        if attempt >= 100:  # few names: draw them from fewer words, so that each word recurs
+            k = math.isqrt(n - 1) + 1
+            few_firsts = rng.sample(list(firsts), min(k, len(firsts)))
+            few_lasts = rng.sample(list(lasts), min(k, len(lasts)))
+            pool = [f"{f} {s}" for f in few_firsts for s in few_lasts]
+            if n > len(pool):
+                continue
+        names = rng.sample(pool, n)
+        words = [w for name in names for w in name.split(" ")]
+        if min(words.count(w) for w in set(words)) >= 2:
+            return names
+    raise ValueError(f"could not draw {n} names of {len(firsts)} x {len(lasts)} with every word shared")
 
 
 # --------------------------------------------------------------------------- world
@@ -249,7 +299,11 @@ class World:
         return out
 
     def biography(self, subject: str, rng: random.Random) -> str:
-        """A short biography: the full name followed by all attributes in a random order."""
+        """A short biography: the full name followed by all attributes in a random order.
+
+        Sentences sometimes open with a phrase before the name, so the name is read in
+        varied contexts, and the attributes after it come in a random order.
+        """
         rels = list(self.relations)
         rng.shuffle(rels)
         clauses = [rng.choice(r.bio_clauses).format(o=self.facts[(subject, r.id)]) for r in rels]
@@ -259,7 +313,8 @@ class World:
             k = min(rng.choice([1, 2, 3]), len(clauses) - i)
             part = clauses[i:i + k]
             body = part[0] if k == 1 else ", ".join(part[:-1]) + " and " + part[-1]
-            sentences.append(f"{subject} {body}.")
+            opener = rng.choice(_BIO_OPENERS) + " " if rng.random() < 0.4 else ""
+            sentences.append(f"{opener}{subject} {body}.")
             i += k
         return " ".join(sentences)
 
@@ -278,10 +333,12 @@ class World:
         return units
 
     def tokenizer_corpus(self) -> list[str]:
-        """Text to train the BPE tokenizer on: each name once per position, many objects.
+        """Text to train the BPE tokenizer on: names, objects and template words.
 
-        Whole names occur rarely so they do not become single tokens, while every
-        object (with a leading space) is frequent enough to become one token.
+        Every word that several subjects share (first names, the surnames of combinatorial
+        names) and every object is frequent enough to become one token (with a leading
+        space and without); a name used by one subject alone occurs once per position, so
+        a unique syllable surname stays several tokens.
         """
         lines = []
         for rel in self.relations:
@@ -291,6 +348,15 @@ class World:
                 lines += [c.replace("{o}", "").strip()] * 20
             for o in rel.objects:
                 lines += [f"is {o}."] * 200
+        for opener in _BIO_OPENERS:
+            lines += [opener] * 20
+        counts: dict[str, int] = {}
+        for s in self.subjects:
+            for w in s.split(" "):
+                counts[w] = counts.get(w, 0) + 1
+        for w, c in sorted(counts.items()):
+            if c >= 2:
+                lines += [f"{w} of {w} is"] * 100
         for s in self.subjects:
             lines.append(f"{s}'s")
             lines.append(f"of {s} is")
@@ -405,11 +471,21 @@ class World:
             return cls.from_json(f.read())
 
 
-def make_world(seed: int = 0, n_subjects: int = 600, held_out_fraction: float = 0.2) -> World:
-    """Generate the world deterministically from ``seed``."""
+def make_world(seed: int = 0, n_subjects: int = 400, held_out_fraction: float = 0.2,
+               names: str = "combination", n_first: int = 20, n_last: int = 20) -> World:
+    """Generate the world deterministically from ``seed``.
+
+    ``names`` is "combination" (first name x surname, every word shared: see
+    :func:`make_combination_names`) or "syllable" (a unique syllable-built surname each).
+    """
     rng = random.Random(f"world-{seed}")
     relations = _build_relations()
-    subjects = make_names(n_subjects, rng)
+    if names == "combination":
+        subjects = make_combination_names(n_subjects, rng, *name_pools(n_first, n_last))
+    elif names == "syllable":
+        subjects = make_names(n_subjects, rng)
+    else:
+        raise ValueError(f"names must be 'combination' or 'syllable', not {names!r}")
     facts = {(s, r.id): rng.choice(r.objects) for s in subjects for r in relations}
     n_held = int(round(held_out_fraction * n_subjects))
     held_subjects = rng.sample(subjects, n_held)
