@@ -189,7 +189,7 @@ def test_severed_nothing_severed_equals_hidden(peaky):
         assert sev.token == t
         assert np.abs(sev.none - hidden.scores["hidden"][t]).max() < TOL
         assert sev.p_corrupt == pytest.approx(hidden.p_corrupt, abs=TOL)
-        assert np.abs(sev.mlp_severed - sev.none).max() > 1e-4  # severing does something
+        assert np.abs(sev.mlp_severed - sev.none).max() > 10 * TOL  # severing does something
         if engine == "incremental":
             inc = sev
         else:

@@ -102,7 +102,7 @@ def test_memit_context_templates_are_memits(tiny_model, plain_tokenizer):
     for word, template in zip(MEMIT_SEED_WORDS, groups[1]):
         assert template.startswith(word) and template.endswith(". {}")
         n_tokens = len(plain_tokenizer(template[: -len(". {}")])["input_ids"])
-        assert 8 <= n_tokens <= 12  # 10 tokens sampled; decoding and re-encoding may merge or split a few
+        assert 6 <= n_tokens <= 16  # 10 tokens sampled; decoding and re-encoding random tokens may merge or split some
     with_bos = context_templates(tiny_model, [[10, 5]], scheme="memit", prepend_bos=True)
     assert [t.split(" ")[0][: len(w)] for t, w in zip(with_bos[1], MEMIT_SEED_WORDS)] == list(MEMIT_SEED_WORDS)
     rome_groups = context_templates(tiny_model, [[5, 2]])

@@ -30,8 +30,9 @@ Presets (:data:`FT_PRESETS`; the one used is ``hparams["preset"]`` of the edit):
 
 * ``"ft-toy"`` (the bundled model's, chosen on it): ROME's layer for the model
   (``rome_hparams_for(model).layers[0]``), weight only, Adam lr 1e-2, at most 25 steps, L-inf
-  bound 1e-2 per entry (the bundled model's ``W_out`` entries have std ~0.07), early stop at
-  loss 0.01 (a 20-fact sweep of the bound: 5e-3 reached 60% reliability, 2e-2 cost locality);
+  bound 1e-2 per entry (the bundled model's layer-0 ``W_out`` entries have std ~0.10), early stop
+  at loss 0.01 (the bound was chosen by a 20-fact sweep on an earlier bundled model: 5e-3 reached
+  60% reliability, 2e-2 cost locality; its reliability on this one is in docs/results.md);
 * ``"ft-gpt2-xl"`` (:data:`FT_GPT2_XL`): ROME's constrained FT-L for GPT-2 XL: weight *and*
   bias of ``c_proj`` at layer 0, lr = bound = 5e-4, 25 steps. (The original's loss scores
   every target token at the prompt's last position; here the target is teacher-forced,
