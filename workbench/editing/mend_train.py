@@ -18,7 +18,7 @@ Data. A training edit is a :class:`~workbench.facts.Fact` with ``target_new``: i
 edit prompt, a random one of its ``paraphrases`` the equivalent prompt, a random one of its
 ``neighborhood`` prompts the unrelated prompt (CounterFact: paraphrase and neighborhood prompts).
 For the bundled world, :func:`toy_training_facts` generates **new subjects** that are not in the
-world (neither their full names nor their last names occur in it), so no evaluated fact, subject
+world (names of three of its words, while its subjects have two), so no evaluated fact, subject
 or prompt is ever a training edit: their edit prompt is one of the relation's six phrasings
 (either kind), the equivalent prompts are the other five, and the unrelated prompts are other
 training subjects' prompts. ``val_fraction`` of the training facts' subjects are held out of the
@@ -58,26 +58,23 @@ TOY_TRAIN = "toy-train"
 def toy_training_facts(world=None, n_subjects: int = 300, seed: int = 0, n_unrelated: int = 6) -> list[Fact]:
     """Training edits about ``n_subjects`` new subjects of the bundled world, one per relation.
 
-    The subjects are generated like the world's (a first name from the world's pool and a
-    syllable-built last name) and none of them, nor any of their last names, is in ``world``.
-    Each (subject, relation) gives one :class:`Fact`: a random phrasing as the edit prompt, the
-    relation's other phrasings as ``paraphrases``, a random "true" and a different new object,
-    and ``n_unrelated`` prompts of other training subjects (any relation) as ``neighborhood``.
+    The subjects are new names made of the world's own words, a first name and two different
+    surnames (``"Mira Wilde Thorne"``): every token is one the model was trained on, so the
+    editor learns from gradients like those of the world's subjects, yet no training subject is
+    a subject of the world (those have one surname). Each (subject, relation) gives one
+    :class:`Fact`: a random phrasing as the edit prompt, the relation's other phrasings as
+    ``paraphrases``, a random "true" and a different new object, and ``n_unrelated`` prompts
+    of other training subjects (any relation) as ``neighborhood``.
     """
     from ..loading import bundled_path
-    from ..toyworld.world import World, make_names
+    from ..toyworld.world import World
 
     world = world or World.load(str(bundled_path() / "world.json"))
-    taken = set(world.subjects) | {s.split(" ", 1)[-1] for s in world.subjects}
+    firsts = sorted({s.split(" ")[0] for s in world.subjects})
+    lasts = sorted({s.split(" ")[-1] for s in world.subjects})
+    names = [f"{f} {a} {b}" for f in firsts for a in lasts for b in lasts if a != b]
     rng = random.Random(f"mend-subjects-{world.seed}-{seed}")
-    subjects: list[str] = []
-    while len(subjects) < n_subjects:
-        for name in make_names(2 * n_subjects, rng):
-            if name not in taken and name.split(" ", 1)[-1] not in taken:
-                taken |= {name, name.split(" ", 1)[-1]}
-                subjects.append(name)
-                if len(subjects) == n_subjects:
-                    break
+    subjects = rng.sample(names, n_subjects)
     prompts = [(s, rel.templates[i].fill(s)) for s in subjects for rel in world.relations
                for i in range(len(rel.templates))]
     facts = []
