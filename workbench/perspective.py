@@ -3,8 +3,8 @@
 The paper's RQ2 edits a fact "from the entity's side" and "from the relation's side". The
 workbench reads that as the *phrasing of the edit request*:
 
-* **entity-based** request: the fact phrased subject-first (``"Bruno Wenvi was born in"``);
-* **relation-based** request: the fact phrased relation-first (``"The birthplace of Bruno Wenvi is"``).
+* **entity-based** request: the fact phrased subject-first (``"Mira Wilde was born in"``);
+* **relation-based** request: the fact phrased relation-first (``"The birthplace of Mira Wilde is"``).
 
 A prompt is *subject-first* when it begins with the subject, once CounterFact's prepended
 noise sentence (``"An album was recorded ... never released. Danielle Darrieux spoke the
