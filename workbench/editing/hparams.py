@@ -187,7 +187,8 @@ ROME efficacy over 50 known facts by layer (20 / 60 steps of the value optimisat
 starts at NLL ~14), so the originals' 20 steps at lr 0.5 often stop short of it, and the presets take 60.
 λ (mom2_update_weight) = 100: the originals' 20,000 is calibrated to GPT-2 XL's keys and blocked every
 edit on the previous bundled model (50 facts: efficacy 0.00; λ = 10 / 100 / 1000 gave 0.78 / 0.84 / 0.40
-there). ROME_TOY over 200 known CounterFact facts: see docs/results.md."""
+there). ROME_TOY over 200 known CounterFact facts (benchmarks/edit_efficacy.py -n 200): the new object is
+the top-1 on the rewrite prompt for 98.5 %, on the paraphrases for 87.2 %, neighbourhood answers kept 94.5 %."""
 
 ROME_TOY = ROMEHyperParams(layers=[0], v_num_grad_steps=60, mom2_n_tokens=200_000)
 MEMIT_TOY = MEMITHyperParams(layers=[0, 1], v_num_grad_steps=60, mom2_update_weight=100.0, mom2_n_tokens=200_000)
