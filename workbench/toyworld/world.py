@@ -11,7 +11,6 @@ Templates end with the relation words: the answer token (" Object") follows dire
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
@@ -215,16 +214,8 @@ def make_combination_names(n: int, rng: random.Random, firsts: Sequence[str],
     grid = [f"{f} {s}" for f in firsts for s in lasts]
     if n > len(grid):
         raise ValueError(f"{n} subjects need more than {len(firsts)} x {len(lasts)} combinations")
-    for attempt in range(1000):
-        pool = grid
-        if attempt >= 100:  # few names: draw them from fewer words, so that each word recurs
-            k = math.isqrt(n - 1) + 1
-            few_firsts = rng.sample(list(firsts), min(k, len(firsts)))
-            few_lasts = rng.sample(list(lasts), min(k, len(lasts)))
-            pool = [f"{f} {s}" for f in few_firsts for s in few_lasts]
-            if n > len(pool):
-                continue
-        names = rng.sample(pool, n)
+    for _ in range(1000):
+        names = rng.sample(grid, n)
         words = [w for name in names for w in name.split(" ")]
         if min(words.count(w) for w in set(words)) >= 2:
             return names
