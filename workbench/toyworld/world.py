@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -216,8 +217,7 @@ def make_combination_names(n: int, rng: random.Random, firsts: Sequence[str],
         raise ValueError(f"{n} subjects need more than {len(firsts)} x {len(lasts)} combinations")
     for _ in range(1000):
         names = rng.sample(grid, n)
-        words = [w for name in names for w in name.split(" ")]
-        if min(words.count(w) for w in set(words)) >= 2:
+        if min(Counter(w for name in names for w in name.split(" ")).values()) >= 2:
             return names
     raise ValueError(f"could not draw {n} names of {len(firsts)} x {len(lasts)} with every word shared")
 
@@ -341,10 +341,7 @@ class World:
                 lines += [f"is {o}."] * 200
         for opener in _BIO_OPENERS:
             lines += [opener] * 20
-        counts: dict[str, int] = {}
-        for s in self.subjects:
-            for w in s.split(" "):
-                counts[w] = counts.get(w, 0) + 1
+        counts = Counter(w for s in self.subjects for w in s.split(" "))
         for w, c in sorted(counts.items()):
             if c >= 2:
                 lines += [f"{w} of {w} is"] * 100
