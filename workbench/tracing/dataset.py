@@ -217,7 +217,7 @@ def trace_dataset(model, facts: Sequence[Fact] | str, *, corrupt: str = "subject
 
 def _knows_whole_object(model, fact: Fact) -> bool:
     """ROME's strict filter: the greedy continuation of the prompt is the whole expected object."""
-    from ..evaluation import score_objects
+    from ..predict import score_objects
 
     return score_objects(model, [(fact.prompt, fact.target_true)])[0].correct
 
