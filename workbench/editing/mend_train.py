@@ -47,8 +47,9 @@ import torch
 
 from ..facts import Fact, facts_hash
 from .common import _pad_id
-from .mend import (MendEditor, MendHyperParams, collect_factors, edit_rows, logits_of,
-                   mend_hparams_for, target_correct, target_nll)
+from .mend import collect_factors, edit_rows, logits_of, target_correct, target_nll
+from .mend_hparams import MendHyperParams, mend_hparams_for
+from .mend_net import MendEditor
 
 TOY_TRAIN = "toy-train"
 """``facts`` value meaning: generated training subjects of the bundled world (:func:`toy_training_facts`)."""
