@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
-from ..facts import Fact, facts_hash
+from ..facts import Fact, check_unique_ids, facts_hash
 from ..perspective import (DEFAULT_LOCUS, PERSPECTIVES, Phrasings, Probes, bleed_subjects, phrasings, probes,
                            relation_index, request_fact)
 from .methods import (BASELINE, METHODS, _takes, default_methods, make_edit, preset_name, resolve_method,
@@ -242,6 +242,7 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | N
 
     check_workers(workers, ray_address)
     chosen = select_facts(facts, n, seed)
+    check_unique_ids(chosen, "facts")  # rows (and the prompts each row is scored on) are looked up by fact id
     index = relation_index(facts)
     resolved = [resolve_method(m) for m in (methods if methods is not None else default_methods())]
     method_kwargs = method_kwargs or {}
