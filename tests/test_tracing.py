@@ -407,10 +407,10 @@ def test_trace_dataset_relation_buckets_and_strict_filter(peaky, monkeypatch):
     assert list(res.aie["hidden"].index) == list(RELATION_BUCKETS)
     assert res.noise_rule == f"s3 over {len(facts)} subjects"
     assert res.counts["subject"] > 0 and res.counts["last token"] == len(facts) - res.n_skipped
-    import workbench.evaluation as ev
+    import workbench.predict as pr
 
     calls = []
-    monkeypatch.setattr(ev, "score_objects", lambda m, pairs: calls.append(pairs) or [ev.ObjectScore(0.0, False)])
+    monkeypatch.setattr(pr, "score_objects", lambda m, pairs: calls.append(pairs) or [pr.ObjectScore(0.0, False)])
     strict = trace_dataset(peaky, facts, kinds=("hidden",), samples=2, progress=False, known="strict")
     assert strict.n_skipped == len(facts) and len(calls) == len(facts) - res.n_skipped
     with pytest.raises(ValueError):

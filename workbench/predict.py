@@ -7,6 +7,7 @@ token, so one forward pass serves a whole batch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -62,3 +63,58 @@ def predicts(model, prompts: Sequence[str], objects: Sequence[str], prepend_bos:
     probs = next_token_probs(model, prompts, prepend_bos)
     first = torch.tensor([object_token_ids(model, o)[0] for o in objects], device=probs.device)
     return (probs.argmax(-1) == first).tolist()
+
+
+@dataclass(frozen=True)
+class ObjectScore:
+    """One (prompt, object) pair under teacher forcing."""
+
+    mean_logprob: float
+    correct: bool  # argmax is the object's token at every object position
+    token_acc: float = 0.0  # fraction of object positions whose argmax is the object's token
+
+
+@torch.no_grad()
+def score_objects(model, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> list[ObjectScore]:
+    """Teacher-forced scores of ``(prompt, object)`` pairs, batched (right-padded).
+
+    Each row is the prompt's tokens (BOS as the model prepends it) followed by the object's
+    tokens but the last; pairs whose rows coincide (single-token objects of one prompt)
+    share a row, so all probes of a fact usually take one forward pass.
+    """
+    prompt_ids = {p: list(tokenize(model, p).ids) for p, _ in pairs}
+    obj_ids = {o: object_token_ids(model, o) for _, o in pairs}
+    rows: dict[tuple[int, ...], int] = {}
+    where = []
+    for p, o in pairs:
+        row = tuple(prompt_ids[p] + obj_ids[o][:-1])
+        rows.setdefault(row, len(rows))
+        where.append(rows[row])
+    row_list = list(rows)
+    logp_of: dict[int, torch.Tensor] = {}
+    start_of: dict[int, int] = {}
+    for (p, o), r in zip(pairs, where):
+        start_of[r] = min(start_of.get(r, 10**9), len(prompt_ids[p]) - 1)
+    pad = model.tokenizer.pad_token_id
+    pad = pad if pad is not None else (model.tokenizer.eos_token_id or 0)
+    device = model.cfg.device
+    for b in range(0, len(row_list), batch_size):
+        chunk = row_list[b : b + batch_size]
+        width = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        for i, r in enumerate(chunk):
+            ids[i, : len(r)] = torch.tensor(r)
+        logits = model(ids.to(device), return_type="logits")
+        for i, r in enumerate(chunk):
+            k = b + i
+            logp_of[k] = torch.log_softmax(logits[i, start_of[k] : len(r)].float(), dim=-1).cpu()
+    out = []
+    for (p, o), r in zip(pairs, where):
+        obj = obj_ids[o]
+        first = len(prompt_ids[p]) - 1 - start_of[r]
+        lp = logp_of[r][first : first + len(obj)]
+        target = torch.tensor(obj)
+        token_lp = lp[torch.arange(len(obj)), target]
+        hits = lp.argmax(-1) == target
+        out.append(ObjectScore(float(token_lp.mean()), bool(hits.all()), float(hits.float().mean())))
+    return out

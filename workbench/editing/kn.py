@@ -268,7 +268,7 @@ def kn(model, fact: Fact, new_object: str | None = None, *, locus: str = "subjec
     lam = hp.lam
     tried: list[float] = []
     if lam == "auto":
-        from ..evaluation import score_objects
+        from ..predict import score_objects
 
         lam = None
         for candidate in hp.lam_grid:

@@ -1,32 +1,4 @@
-"""``Inspector``: an ipywidgets front end to tracing and editing, for notebooks.
-
-``Inspector(model)`` shows an "edited model" badge (while any edit is applied) above two tabs:
-
-* **Trace** — type a prompt and its subject, choose what to corrupt (the subject, the
-  relation, or tokens clicked in the token bar), the kinds, samples, noise and
-  window, and run: the maps of :func:`workbench.plots.plot_trace` appear below, and
-  the p_restored / IE toggle redraws them without re-running.
-* **Edit** — edit the fact shown in the Trace tab (its prompt and subject) with a method
-  from :data:`workbench.evaluation.METHODS` (new object, locus, layer); see the top
-  predictions before and after for the prompt, its paraphrases and a few other subjects
-  (locality), whether the edit reached the new object, the maps before and after on one
-  colour scale, and undo.
-
-The Inspector's state is one model: every output belongs to the inputs it was computed
-from. When the prompt or subject change, the Trace tab's map is cleared; when other
-settings change, or an edit is applied or undone, it is marked out of date. Undo clears
-the edit's outputs. Runs show monotone progress with the elapsed time; started from the
-buttons in a kernel they run in a background thread, so **Cancel** stops them at the next
-step (an edit cancelled after it was applied is reverted).
-
-Every control is a plain attribute (``inspector.prompt``, ``inspector.run_button``, ...)
-and every action a method (:meth:`Inspector.run_trace`, :meth:`Inspector.apply_edit`,
-:meth:`Inspector.undo_edit`), so the widget can be driven without a browser (tests,
-scripts); called from code, actions run synchronously. Results land in
-``inspector.result``, ``inspector.figure``, ``inspector.edit_table``,
-``inspector.edit_outcome`` and ``inspector.edited_figure``; the last error, if any, in
-``inspector.error`` (and in red under the buttons).
-"""
+"""The :class:`Inspector` widget (see :mod:`workbench.widgets`)."""
 
 from __future__ import annotations
 
@@ -34,24 +6,21 @@ import dataclasses
 import functools
 import html
 import inspect
-import json
 import threading
-import time
 import traceback
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import ipywidgets as widgets
 import pandas as pd
 
-from .plots import KINDS, plot_trace, plot_traces
-from .report import before_after, predictions_table
-from .spans import SpanError, resolve_span, tokenize
+from ..plots import KINDS, plot_trace, plot_traces
+from ..report import before_after, predictions_table
+from ..spans import SpanError, resolve_span, tokenize
+from .display import _clear, _html_table, _show, _stale_note
+from .progress import Cancelled, Progress, _in_kernel
+from .state import SUCCESS_P, EditOutcome, _merge_traces, _noise_value, prompt_outcome
 
 KIND_LABELS = {"hidden": "hidden (purple)", "mlp": "MLP (green)", "attn": "attention (red)"}
-
-SUCCESS_P = 0.5
-"""An edit succeeds when the new object is the prompt's top-1 token with at least this probability."""
 
 DEFAULT_LAYER = "default"
 """The layer dropdown's value for "the method's default layer(s)"."""
@@ -60,153 +29,8 @@ N_NEIGHBOURS = 3
 """Other subjects checked for locality after an edit."""
 
 
-def _in_kernel() -> bool:
-    try:
-        from IPython import get_ipython
-    except ImportError:  # pragma: no cover
-        return False
-    ip = get_ipython()
-    return ip is not None and getattr(ip, "kernel", None) is not None
-
-
-class FigureView:
-    """A Plotly figure as the Plotly mimetype with ``responsive`` on, so that it fills the
-    width of its output area and follows it when the page resizes."""
-
-    def __init__(self, fig: Any) -> None:
-        self.fig = fig
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> dict:
-        spec = json.loads(self.fig.to_json())
-        spec["config"] = {"responsive": True, "displaylogo": False}
-        title = getattr(self.fig.layout.title, "text", None) or "figure"
-        return {"application/vnd.plotly.v1+json": spec, "text/plain": f"<Plotly figure: {title}>"}
-
-
-def _displayable(obj: Any) -> Any:
-    return FigureView(obj) if hasattr(obj, "to_plotly_json") else obj
-
-
-def _clear(out: widgets.Output) -> None:
-    """Empty an Output widget now (``clear_output(wait=True)`` would wait for the next output)."""
-    out.outputs = ()
-
-
-def _show(out: widgets.Output, *objs: Any) -> None:
-    """Replace an Output widget's content. Sets the widget's outputs directly instead of
-    capturing with ``with out:``, so it works from a background thread and without a kernel."""
-    _clear(out)
-    for obj in objs:
-        out.append_display_data(_displayable(obj))
-
-
-def _noise_value(text: str) -> str | float:
-    """The noise field: ``"s3"``, ``"u0.5"``, ... stay strings; plain numbers become floats."""
-    text = text.strip()
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def _merge_traces(parts: Sequence[Any]) -> Any:
-    """One TraceResult holding the scores of per-kind traces of the same prompt and noise."""
-    if len(parts) == 1:
-        return parts[0]
-    scores: dict = {}
-    kinds: list = []
-    for part in parts:
-        scores.update(part.scores)
-        kinds.extend(part.kinds)
-    return dataclasses.replace(parts[0], scores=scores, kinds=tuple(kinds))
-
-
-class Cancelled(Exception):
-    """Raised inside a run when its Cancel button was pressed."""
-
-
-@dataclass
-class EditOutcome:
-    """Whether an applied edit reached its new object on the edit prompt."""
-
-    prompt: str
-    new_object: str
-    p_new: float
-    top_token: str
-    top_p: float
-    top_is_new: bool
-
-    @property
-    def success(self) -> bool:
-        """The new object's first token is top-1 with P(new) >= :data:`SUCCESS_P`."""
-        return self.top_is_new and self.p_new >= SUCCESS_P
-
-
-def prompt_outcome(model: Any, prompt: str, new_object: str) -> EditOutcome:
-    """P(first token of ``new_object``) and the top-1 token of ``prompt`` under the model as it is.
-
-    The Inspector's own success rule (top-1 and P >= :data:`SUCCESS_P`), on the model as shown; an edit's
-    recorded outcome (:func:`workbench.editing.edit_outcome`) is the teacher-forced all-tokens check.
-    """
-    from .predict import next_token_probs, object_token_ids
-
-    probs = next_token_probs(model, [prompt])[0]
-    new_id = object_token_ids(model, new_object)[0]
-    top_p, top_id = probs.max(0)
-    return EditOutcome(prompt=prompt, new_object=new_object, p_new=float(probs[new_id]),
-                       top_token=model.tokenizer.decode([int(top_id)]), top_p=float(top_p),
-                       top_is_new=int(top_id) == new_id)
-
-
-class Progress:
-    """A monotone progress bar with a label "step i/n: what — elapsed s" for one run.
-
-    The number of steps is fixed when the run starts, the bar only moves forward, and
-    :meth:`step` raises :class:`Cancelled` once ``cancel`` is set.
-    """
-
-    def __init__(self, bar: widgets.IntProgress, label: widgets.HTML, steps: Sequence[str],
-                 cancel: threading.Event) -> None:
-        self.bar, self.label, self.steps, self.cancel = bar, label, list(steps), cancel
-        self.started = time.perf_counter()
-        self.done = 0
-        bar.bar_style, bar.min, bar.value = "", 0, 0
-        bar.max = max(1, len(self.steps))
-        self._say(self.steps[0] if self.steps else "")
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-    def _say(self, what: str) -> None:
-        n = len(self.steps)
-        self.label.value = html.escape(f"{min(self.done + 1, n)}/{n} {what}… {self.elapsed():.1f} s")
-
-    def check(self) -> None:
-        if self.cancel.is_set():
-            raise Cancelled()
-
-    def step(self) -> None:
-        """Mark the current step done and announce the next (or check for a cancel)."""
-        self.check()
-        self.done += 1
-        self.bar.value = min(self.done, self.bar.max)
-        if self.done < len(self.steps):
-            self._say(self.steps[self.done])
-
-    def tick(self) -> None:
-        """Refresh the elapsed time of the current step."""
-        if self.done < len(self.steps):
-            self._say(self.steps[self.done])
-
-    def finish(self, style: str, text: str) -> None:
-        if style == "success":
-            self.bar.value = self.bar.max
-        self.bar.bar_style = style
-        self.label.value = html.escape(f"{text} in {self.elapsed():.1f} s")
-
-
 def _methods() -> dict[str, str]:
-    from .evaluation import METHODS
+    from ..evaluation import METHODS
 
     return dict(METHODS)
 
@@ -227,7 +51,7 @@ class Inspector:
                  window: int | None = None, kinds: Sequence[str] = KINDS, seed: int = 1,
                  rome_kwargs: dict | None = None, method_kwargs: dict[str, dict] | None = None,
                  background: bool | None = None) -> None:
-        from .tracing.window import resolve_window
+        from ..tracing.window import resolve_window
 
         self.lm = model
         self.method_kwargs: dict[str, dict] = {k: dict(v) for k, v in (method_kwargs or {}).items()}
@@ -646,7 +470,7 @@ class Inspector:
 
     def _trace(self, prog: Progress, answer: Any = None, **kwargs: Any) -> Any:
         """Trace kind by kind so that the progress moves and Cancel is heard (same seed: same noise)."""
-        from .tracing import trace
+        from ..tracing import trace
 
         kinds = kwargs.pop("kinds")
         accepted = inspect.signature(trace).parameters
@@ -711,8 +535,8 @@ class Inspector:
 
     def current_fact(self) -> Any:
         """The fact of the Trace tab's prompt and subject (true object = current top-1 prediction)."""
-        from .facts import Fact
-        from .predict import top_tokens
+        from ..facts import Fact
+        from ..predict import top_tokens
 
         prompt, subject = self.prompt.value, self.subject.value
         if not subject or prompt.count(subject) != 1:
@@ -734,7 +558,7 @@ class Inspector:
         return list(dict.fromkeys(own + same + other))[:k]
 
     def _edit_call(self, fact: Any, new_object: str) -> Any:
-        from .evaluation import make_edit, resolve_method
+        from ..evaluation import make_edit, resolve_method
 
         name, fn = resolve_method(self.method.value)
         kwargs = dict(self.method_kwargs.get(name, {}))
@@ -887,19 +711,3 @@ class Inspector:
             self._refresh_badge()
             self._refresh_stale()
 
-
-def _stale_note(why: str) -> str:
-    return ("<div class='workbench-stale' style='background:#fff6e5;border-left:4px solid #e6a100;padding:4px 10px'>"
-            f"out of date: {html.escape(why)} since this was computed; run again</div>")
-
-
-def _html_table(df: pd.DataFrame | None) -> Any:
-    from IPython.display import HTML
-
-    if df is None:
-        return HTML("")
-    return HTML(df.to_html(float_format=lambda x: f"{x:.3f}", border=0))
-
-
-__all__ = ["Inspector", "EditOutcome", "prompt_outcome", "FigureView", "predictions_table",
-           "before_after"]
