@@ -344,3 +344,18 @@ def test_bundled_methods_raise_request_reliability(toy_model):
         assert df.loc[("kn", request, locus), ("request", "reliability_acc")] >= 30, request
     details = df.attrs["details"]
     assert set(details["preset"]) >= {"ft-toy", "kn-original", "rome:toy-facts", "memit:toy-facts"}
+
+
+def test_evaluation_key_holds_the_corpus_by_content(tiny_model, tmp_path):
+    """Issue 21: the key recorded the path of --corpus, so replacing the file in place reused old rows."""
+    from workbench.evaluation.run import evaluation_key, resolve_method
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Varo Keltin was born in Osla.\n")
+    kwargs = {m: {"hparams": {"mom2_dataset": str(corpus)}} for m in ("rome", "memit")}
+    resolved = [resolve_method(m) for m in ("rome", "memit")]
+    before = evaluation_key(tiny_model, FACTS, resolved, kwargs, seed=0)
+    corpus.write_text("Mira Dos speaks German.\n")
+    after = evaluation_key(tiny_model, FACTS, resolved, kwargs, seed=0)
+    assert before["methods"]["rome"]["corpus"] != after["methods"]["rome"]["corpus"]
+    assert before["methods"]["memit"]["corpus"] != after["methods"]["memit"]["corpus"]
