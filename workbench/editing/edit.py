@@ -345,7 +345,7 @@ class Edit:
                    requests=meta.get("requests", []), hparams=meta.get("hparams", {}), info=meta.get("info", {}),
                    model_fingerprint=meta.get("model_fingerprint"))  # a fresh id: a separate object
 
-    def save_model(self, model, out_dir: str | os.PathLike) -> Path:
+    def save_model(self, model, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write ``model`` with this edit applied as a Hugging Face folder (``loading.save_hf``).
 
         The edit is applied for the duration of the save if it is not applied already; the
@@ -354,9 +354,9 @@ class Edit:
         from ..loading import save_hf
 
         if self.is_applied(model):
-            return save_hf(model, out_dir)
+            return save_hf(model, out_dir, overwrite=overwrite)
         with self.applied(model):
-            return save_hf(model, out_dir)
+            return save_hf(model, out_dir, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------- outcome
