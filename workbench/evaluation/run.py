@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
-from ..facts import Fact, facts_hash
+from ..facts import Fact, check_unique_ids, facts_hash
 from ..perspective import (DEFAULT_LOCUS, PERSPECTIVES, Phrasings, Probes, bleed_subjects, other_relations,
                            phrasings, probes, relation_index, request_fact, subject_index)
 from .methods import (BASELINE, METHODS, _takes, default_methods, make_edit, preset_name, resolve_method,
@@ -246,14 +246,14 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | N
         measure_variant) in percent; ``attrs["details"]`` the per-edit rows, ``attrs["long"]``
         every cell's mean, interval and ``n``.
     """
-    from tqdm.auto import tqdm
-
     from ..editing.hparams import editing_prepend_bos
     from ..loading import model_fingerprint
+    from ..progress import progress_bar
     from ..scale import check_workers, map_facts
 
     check_workers(workers, ray_address)
     chosen = select_facts(facts, n, seed)
+    check_unique_ids(chosen, "facts")  # rows (and the prompts each row is scored on) are looked up by fact id
     index, by_subject = relation_index(facts), subject_index(facts)
     resolved = [resolve_method(m) for m in (methods if methods is not None else default_methods())]
     method_kwargs = method_kwargs or {}
@@ -290,7 +290,7 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | N
     if workers is not None and todo:  # computed once here, shipped to every worker
         settings["method_kwargs"] = with_shared_stats(model, resolved, method_kwargs)
     n_edits = 0
-    bar = tqdm(total=len(todo), desc="evaluate", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(todo), desc="evaluate", enabled=progress, dynamic_ncols=True)
     try:
         for _, row in map_facts(model, _evaluate_item, items, shared=settings, workers=workers,
                                 ray_address=ray_address, on_failure=_failed_row, bar=bar):
