@@ -405,3 +405,18 @@ def test_bundled_bleed_adjusted_transfer_separates_subject_and_relation_keys(toy
     # the model knows the subject's other facts; the edit does not make them answer o*
     assert df.loc[(BASELINE, "entity", "-"), ("other_relations", "locality_acc")] == 100.0
     assert ent[("other_relations", "bleed_acc")] <= 10
+
+
+def test_evaluation_key_holds_the_corpus_by_content(tiny_model, tmp_path):
+    """Issue 21: the key recorded the path of --corpus, so replacing the file in place reused old rows."""
+    from workbench.evaluation.run import evaluation_key, resolve_method
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Varo Keltin was born in Osla.\n")
+    kwargs = {m: {"hparams": {"mom2_dataset": str(corpus)}} for m in ("rome", "memit")}
+    resolved = [resolve_method(m) for m in ("rome", "memit")]
+    before = evaluation_key(tiny_model, FACTS, resolved, kwargs, seed=0)
+    corpus.write_text("Mira Dos speaks German.\n")
+    after = evaluation_key(tiny_model, FACTS, resolved, kwargs, seed=0)
+    assert before["methods"]["rome"]["corpus"] != after["methods"]["rome"]["corpus"]
+    assert before["methods"]["memit"]["corpus"] != after["methods"]["memit"]["corpus"]

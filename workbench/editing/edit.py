@@ -222,6 +222,9 @@ class Edit:
                     f"weights have {current} (another model, or the same one with "
                     f"{applied if applied else 'other'} edit(s) applied); recompute the edit on this model, or pass "
                     f"force=True to apply it anyway")
+        from ..loading import remember_fingerprint, restore_fingerprint
+
+        remember_fingerprint(model, self.id)  # revert restores these exact weights: keep their fingerprint
         originals: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             try:
@@ -233,6 +236,7 @@ class Edit:
             except BaseException:
                 for name, orig in originals.items():
                     params[name].copy_(orig)
+                restore_fingerprint(model, self.id, originals)
                 if state and state[-1][0] == self.id:
                     state.pop()
                 raise
@@ -259,6 +263,9 @@ class Edit:
                                   "revert restores the pre-edit values anyway", RuntimeWarning, stacklevel=2)
                 params[name].copy_(orig)
         del state[index]
+        from ..loading import restore_fingerprint
+
+        restore_fingerprint(model, self.id, originals)  # the pre-apply fingerprint, if nothing else changed
         return self
 
     @contextlib.contextmanager

@@ -179,7 +179,8 @@ def evaluation_key(model, facts: Sequence[Fact], resolved: Sequence[tuple[str, C
     The facts hash covers every fact (all fields; bleed subjects come from the whole dataset),
     so a larger ``n`` reuses the rows of a smaller one; each method contributes its kwargs and
     resolved hyperparameters with the preset name (a custom callable is known by its name and
-    kwargs only: change its name when its code changes).
+    kwargs only: change its name when its code changes); ROME's and MEMIT's covariance corpus
+    enters by content (:func:`workbench.editing.stats.corpus_id`), not by path.
     """
     from ..loading import model_fingerprint
 
@@ -187,9 +188,15 @@ def evaluation_key(model, facts: Sequence[Fact], resolved: Sequence[tuple[str, C
     for name, fn in resolved:
         kwargs = method_kwargs.get(name) or {}
         target = METHODS.get(name)
+        hparams = resolved_hparams(name, model, kwargs) if target else None
         methods[name] = {"function": target if isinstance(target, str) else "custom callable",
                          "kwargs": {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in kwargs.items()},
-                         "hparams": resolved_hparams(name, model, kwargs) if target else None}
+                         "hparams": hparams}
+        if isinstance(hparams, dict) and "mom2_dataset" in hparams and hparams.get("mom2_adjustment", True):
+            from ..editing.stats import corpus_id
+
+            # by content: a corpus file replaced in place must not reuse rows computed with the old text
+            methods[name]["corpus"] = corpus_id(model, hparams["mom2_dataset"])
     return {"model_spec": getattr(model, "workbench_spec", None),
             "model_fingerprint": fingerprint or model_fingerprint(model),
             "facts_hash": facts_hash(facts), "n_facts": len(facts), "seed": seed,
