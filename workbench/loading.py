@@ -74,10 +74,21 @@ def is_bundled_name(spec: str | os.PathLike, *, note: bool = True) -> bool:
 
 
 def assets_dir() -> Path:
-    """Folder holding the bundled assets (``WORKBENCH_ASSETS`` overrides it)."""
+    """Folder holding the bundled model and MEND editor; every lookup of bundled files goes through it.
+
+    In order: the ``WORKBENCH_ASSETS`` environment variable; ``workbench/assets`` inside an
+    installed package (a wheel or ``pip install .`` copies the repository's ``assets/`` there),
+    found with :mod:`importlib.resources`; else the ``assets/`` folder at the top of the
+    source checkout (editable installs, running from a clone).
+    """
     env = os.environ.get("WORKBENCH_ASSETS")
     if env:
         return Path(env)
+    from importlib.resources import files
+
+    packaged = files("workbench") / "assets"
+    if packaged.is_dir():
+        return Path(str(packaged))
     return Path(__file__).resolve().parent.parent / "assets"
 
 
@@ -86,8 +97,9 @@ def bundled_path(name: str = BUNDLED) -> Path:
     path = assets_dir() / name
     if not (path / "config.json").exists():
         raise ModelLoadError(
-            f"The bundled model folder {path} is missing or incomplete. "
-            "Rebuild it with `workbench train-toy --out assets/toy-facts`."
+            f"The bundled model folder {path} is missing or incomplete. Reinstall workbench (its wheel carries "
+            "the folder), set WORKBENCH_ASSETS to a folder that holds toy-facts/, or, in a source checkout, "
+            "rebuild it with `workbench train-toy --out assets/toy-facts`."
         )
     return path
 
