@@ -30,7 +30,7 @@ from .common import (EditError, activations_at, check_locus, compute_keys, compu
                      follows_bos_convention, normalize_request)
 from .context import flatten
 from .edit import Edit, reports_outcome
-from .hparams import MEMITHyperParams, memit_hparams_for
+from .hparams import HyperParameterError, MEMITHyperParams, memit_hparams_for
 from .rome import resolve_cov, resolve_hparams, resolve_templates
 from .stats import LayerStats
 
@@ -55,7 +55,11 @@ def memit(model, facts: Sequence[Fact | dict], *, layers: Sequence[int] | None =
     if not facts:
         raise EditError("memit needs at least one fact")
     requests = [normalize_request(f) for f in facts]
-    hp = resolve_hparams(model, hparams, MEMITHyperParams, memit_hparams_for, list(layers) if layers else None)
+    if layers is not None and len(list(layers)) == 0:
+        raise HyperParameterError("memit(layers=[]) names no layer to edit; give at least one layer index, or "
+                                  "leave layers out for the preset's")
+    hp = resolve_hparams(model, hparams, MEMITHyperParams, memit_hparams_for,
+                         list(layers) if layers is not None else None)
     hp.prepend_bos = prepend_bos
     if isinstance(stats, (LayerStats, torch.Tensor)):
         if len(hp.layers) != 1:

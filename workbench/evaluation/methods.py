@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import warnings
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from ..facts import Fact
 
@@ -103,6 +103,29 @@ def _params(fn: Callable) -> set[str]:
         return set()
 
 
+def method_presets(name: str) -> dict[str, Any] | None:
+    """The preset registry of a built-in method (``{preset name: hyperparameters}``), or ``None`` if it has none."""
+    if name == "ft":
+        from ..editing.ft import FT_PRESETS
+
+        return FT_PRESETS
+    if name == "kn":
+        from ..editing.kn import KN_PRESETS
+
+        return KN_PRESETS
+    return None
+
+
+def check_method_kwargs(method_kwargs: dict[str, dict] | None) -> None:
+    """Refuse a ``preset`` a method does not have before any edit runs (otherwise every edit of the method
+    fails); the message lists the presets there are."""
+    for name, kwargs in (method_kwargs or {}).items():
+        preset = (kwargs or {}).get("preset")
+        presets = method_presets(name)
+        if preset is not None and presets is not None and preset not in presets:
+            raise ValueError(f"{name.upper()} has no preset {preset!r}; choose from {', '.join(sorted(presets))}")
+
+
 def preset_name(name: str, model, kwargs: dict | None) -> str:
     """The hyperparameter preset a method runs with: its preset name, or ``"custom"`` when
     ``kwargs`` override hyperparameters."""
@@ -143,7 +166,7 @@ def resolved_hparams(name: str, model, kwargs: dict | None = None) -> dict | Non
                 layers = [kw["layer"]] if kw.get("layer") is not None else None
                 hp = resolve_hparams(model, kw.get("hparams"), ROMEHyperParams, rome_hparams_for, layers)
             else:
-                layers = list(kw["layers"]) if kw.get("layers") else None
+                layers = list(kw["layers"]) if kw.get("layers") is not None else None
                 hp = resolve_hparams(model, kw.get("hparams"), MEMITHyperParams, memit_hparams_for, layers)
             return {**hp.to_dict(), "preset": preset_name(name, model, kwargs)}
         if name in ("ft", "kn"):
