@@ -107,7 +107,7 @@ class Inspector:
         self.noise = widgets.Text(value=str(noise), description="noise", style=style,
                                   tooltip='"s3" (3 x embedding std), a number, or "u0.5" (uniform)',
                                   layout=widgets.Layout(width="170px"))
-        self.window = widgets.BoundedIntText(value=resolve_window(model, window), min=1, max=1000,
+        self.window = widgets.BoundedIntText(value=resolve_window(model, window), min=1, max=int(model.cfg.n_layers),
                                              description="window", style=style, layout=widgets.Layout(width="170px"),
                                              tooltip="layers restored together by MLP/attention cells "
                                                      "(default min(10, ceil(n_layers/2)))")
