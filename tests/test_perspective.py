@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from workbench.facts import Fact, load_facts
-from workbench.perspective import (DEFAULT_LOCUS, bleed_subjects, phrasing, phrasings, probes, relation_index,
-                                   relation_templates, request_fact, strip_noise, template_bank)
+from workbench.perspective import (DEFAULT_LOCUS, bleed_subjects, other_relation_probes, other_relations, phrasing,
+                                   phrasings, probes, relation_index, relation_templates, request_fact, strip_noise,
+                                   subject_index, template_bank)
 
 CF_IDS = ("P17 P19 P20 P27 P30 P36 P37 P39 P101 P103 P106 P108 P127 P131 P136 P138 P140 P159 P176 P178 P190 "
           "P264 P276 P407 P413 P449 P463 P495 P530 P740 P937 P1303 P1412").split()
@@ -78,3 +79,41 @@ def test_bleed_subjects_and_probes():
     p = probes(facts[0], others)
     assert len(p.bleed) == 4 and {k for *_, k in p.bleed} == {"entity", "relation"}
     assert ("Cy Dor speaks", "German", "entity") in p.bleed
+
+
+def test_matched_controls_put_each_bleed_subject_into_every_family_prompt():
+    f = Fact(subject="Ann Kel", template="The mother tongue of {} is", target_true="French", target_new="Greek",
+             relation_id="P103", entity_prompts=("Ann Kel's mother tongue is", "Ann Kel speaks"),
+             relation_prompts=("The mother tongue of Ann Kel is", "The native language of Ann Kel is"))
+    p = probes(f, [("Cy Dor", "German"), ("Ed Sul", "Dutch")])
+    assert len(p.controls) == 2 * 4
+    assert ("entity", 1, "Cy Dor speaks", "German") in p.controls
+    assert ("relation", 1, "The native language of Ed Sul is", "Dutch") in p.controls
+    # position 0 of each family is the request phrasing: the same prompts as bleed
+    assert {(c[2], c[3], c[0]) for c in p.controls if c[1] == 0} == set(p.bleed)
+    assert probes(f).controls == ()
+
+
+def test_other_relations_of_the_subject():
+    facts = load_facts("toy-facts")
+    fact = facts[0]
+    index = subject_index(facts)
+    others = other_relations(fact, index)
+    rels = {f.relation_id for f in others}
+    # every other relation of the bundled world's subject, none of its own relation, all about this subject
+    assert len(others) == 7 and fact.relation_id not in rels and {f.subject for f in others} == {fact.subject}
+    assert all(f.target_true != fact.target_new for f in others)
+    two = other_relations(fact, index, k=2, seed=3)
+    assert len(two) == 2 and two == other_relations(fact, index, k=2, seed=3) and set(two) <= set(others)
+    probes_ = other_relation_probes(others)
+    assert len(probes_) == 14 and {k for *_, k in probes_} == {"entity", "relation"}
+    for prompt, obj, rid, kind in probes_:
+        other = next(f for f in others if f.relation_id == rid)
+        assert obj == other.target_true and fact.subject in prompt and phrasing(prompt, fact.subject) == kind
+    p = probes(fact, relations=others)
+    assert p.relations == probes_ and p.bleed == ()
+    # an other-relation fact whose true object is o* is no probe of a change
+    same = Fact(subject=fact.subject, template="{} likes", target_true=fact.target_new, relation_id="PX", id=999)
+    assert same not in other_relations(fact, subject_index([*facts, same]))
+    # a CounterFact-style subject with one fact has no other relations
+    assert other_relations(fact, subject_index([fact])) == []

@@ -21,8 +21,15 @@ prompt is the request of that perspective (the rewrite prompt when it has that k
 first clean phrasing of the kind); the rest are its generality prompts.
 
 Probe families (:func:`probes`): the entity-phrased and relation-phrased families, **bleed**
-(other subjects of the same relation in both request phrasings, scored for o*) and
-**locality** (the fact's neighbourhood prompts with their own answers).
+(other subjects of the same relation in both request phrasings, scored for o*), **controls**
+(every prompt of both families with each bleed subject in the subject's place: the matched
+controls of bleed-adjusted transfer), **other relations** (the subject's facts of other
+relations, :func:`other_relations`, in both request phrasings: scored for o* and for their own
+objects) and **locality** (the fact's neighbourhood prompts with their own answers).
+
+Bleed looks along the relation (other subjects, same words) and the other-relation probes
+along the subject (same subject, other relations): an edit is knowledge of *this* fact only
+where both stay put.
 """
 
 from __future__ import annotations
@@ -187,6 +194,10 @@ class Probes:
     ``entity``/``relation``: the two phrasing families (first = that perspective's request).
     ``bleed``: ``(prompt, that subject's true object, phrasing kind)`` of other subjects of the relation.
     ``locality``: neighbourhood prompts and their expected answers.
+    ``controls``: ``(family, position, prompt, that subject's true object)``: the family's prompt
+    at ``position`` with a bleed subject in the subject's place (every prompt x bleed subject).
+    ``relations``: ``(prompt, its true object, relation id, phrasing kind)`` of the subject's
+    other relations (:func:`other_relation_probes`).
     """
 
     entity: tuple[str, ...]
@@ -194,6 +205,8 @@ class Probes:
     bleed: tuple[tuple[str, str, str], ...]
     locality: tuple[str, ...]
     locality_targets: tuple[str, ...]
+    controls: tuple[tuple[str, int, str, str], ...] = ()
+    relations: tuple[tuple[str, str, str, str], ...] = ()
 
     def family(self, name: str) -> tuple[str, ...]:
         return getattr(self, name)
@@ -217,9 +230,47 @@ def bleed_subjects(fact: Fact, index: dict[str, list[tuple[str, str]]], k: int =
     return rng.sample(pool, min(k, len(pool)))
 
 
+def subject_index(facts: Iterable[Fact]) -> dict[str, list[Fact]]:
+    """``{subject: [its facts, one per relation id (the first listed)]}`` over a dataset."""
+    index: dict[str, dict[str, Fact]] = {}
+    for f in facts:
+        index.setdefault(f.subject, {}).setdefault(f.relation_id, f)
+    return {s: list(v.values()) for s, v in index.items()}
+
+
+def other_relations(fact: Fact, index: dict[str, list[Fact]], k: int | None = None, seed: int = 0) -> list[Fact]:
+    """The subject's facts of *other* relations (``index`` from :func:`subject_index`) whose true
+    object is not o* (a probe already answering o* shows nothing); up to ``k``, seeded per fact
+    (``None``: all, in dataset order). A CounterFact subject usually has none."""
+    new = (fact.target_new or "").strip()
+    pool = [f for f in index.get(fact.subject, ()) if f.relation_id != fact.relation_id
+            and f.target_true.strip() != new]
+    if k is None or k >= len(pool):
+        return pool
+    rng = random.Random(f"{seed}:{fact.id}:{fact.subject}:relations")
+    keep = sorted(rng.sample(range(len(pool)), k))
+    return [pool[i] for i in keep]
+
+
+def other_relation_probes(others: Sequence[Fact], bank: str | os.PathLike | None = None
+                          ) -> tuple[tuple[str, str, str, str], ...]:
+    """``(prompt, its true object, relation id, phrasing kind)`` for each fact of ``others`` in both
+    request phrasings (each perspective's request of that fact, :func:`phrasings`; a kind the fact
+    lacks is skipped)."""
+    out = []
+    for f in others:
+        ph = phrasings(f, bank)
+        for kind in PERSPECTIVES:
+            template = ph.template(kind)
+            if template is not None:
+                out.append((template.format(f.subject), f.target_true, f.relation_id, kind))
+    return tuple(out)
+
+
 def probes(fact: Fact, others: Sequence[tuple[str, str]] = (), bank: str | os.PathLike | None = None,
-           ph: Phrasings | None = None) -> Probes:
-    """The probe families of ``fact``; ``others`` = ``(subject, true object)`` pairs for bleed."""
+           ph: Phrasings | None = None, relations: Sequence[Fact] = ()) -> Probes:
+    """The probe families of ``fact``; ``others`` = ``(subject, true object)`` pairs for bleed and
+    the matched controls; ``relations`` = the subject's facts of other relations (:func:`other_relations`)."""
     ph = ph or phrasings(fact, bank)
     bleed = []
     for subject, obj in others:
@@ -227,8 +278,16 @@ def probes(fact: Fact, others: Sequence[tuple[str, str]] = (), bank: str | os.Pa
             template = ph.template(kind)
             if template is not None:
                 bleed.append((template.format(subject), obj, kind))
+    controls = []
+    for kind in PERSPECTIVES:
+        for pos, prompt in enumerate(ph.family(kind)):
+            template = _template(prompt, fact.subject)
+            if template is None:
+                continue
+            controls += [(kind, pos, template.format(subject), obj) for subject, obj in others]
     targets = tuple(fact.neighborhood_targets) or (fact.target_true,) * len(fact.neighborhood)
     if len(targets) != len(fact.neighborhood):
         raise ValueError(f"fact {fact.id}: {len(fact.neighborhood)} neighbourhood prompts but "
                          f"{len(targets)} neighbourhood targets")
-    return Probes(ph.entity, ph.relation, tuple(bleed), tuple(fact.neighborhood), targets)
+    return Probes(ph.entity, ph.relation, tuple(bleed), tuple(fact.neighborhood), targets, tuple(controls),
+                  other_relation_probes(relations, bank))

@@ -51,11 +51,85 @@ def test_saved_edit_with_a_flipped_bit_is_refused(tiny_model, tmp_path):
     data = bytearray(path.read_bytes())
     data[-7] ^= 0x40  # inside the last delta's float bytes (the header comes first)
     path.write_bytes(bytes(data))
-    with pytest.raises(EditIntegrityError, match=f"{NAME} does not match its recorded SHA-256"):
+    with pytest.raises(EditIntegrityError, match=f"{path} .edit file. does not match its recorded SHA-256"):
         Edit.load(path)
     path.write_bytes(bytes(data[: len(data) // 2]))
     with pytest.raises(EditIntegrityError, match=f"{path} is not a readable edit file"):  # problem 11
         Edit.load(path)
+
+
+def _header_edit(path, change):
+    """Rewrite a saved edit's JSON metadata with ``change(meta)``, keeping the file valid safetensors."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+        tensors = {n: f.get_tensor(n) for n in f.keys()}
+    meta = json.loads(header["workbench_edit"])
+    change(meta)
+    save_file(tensors, str(path), metadata={"workbench_edit": json.dumps(meta)})
+
+
+def test_saved_edit_metadata_is_inside_the_checksum(tiny_model, tmp_path):
+    """Issue 21: renaming `model_fingerprint` disabled the fingerprint check, and damaging `checksums` together
+    with a data byte applied a wrong delta with only an "older workbench" warning."""
+    path = _edit(tiny_model).save(tmp_path / "e.safetensors")
+    _header_edit(path, lambda m: m.update(model_fingerprintX=m.pop("model_fingerprint")))
+    with pytest.raises(EditIntegrityError, match=f"{path} .edit file. does not match its recorded SHA-256"):
+        Edit.load(path)
+    path = _edit(tiny_model).save(tmp_path / "e2.safetensors")
+    _header_edit(path, lambda m: m.update(hparams={"lr": 1.0}))
+    with pytest.raises(EditIntegrityError, match="does not match"):
+        Edit.load(path)
+    # a file from before whole-record checksums (per-delta checksums only): a clear error, not a warning
+    path = _edit(tiny_model).save(tmp_path / "e3.safetensors")
+    _header_edit(path, lambda m: m.pop("checksum"))
+    with pytest.raises(EditIntegrityError, match="no checksum .*older workbench.*recompute the edit"):
+        Edit.load(path)
+    # damaging the checksums together with a data byte
+    path = _edit(tiny_model).save(tmp_path / "e4.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x40
+    path.write_bytes(bytes(data))
+    _header_edit(path, lambda m: m.pop("checksums"))
+    with pytest.raises(EditIntegrityError, match="does not match"):
+        Edit.load(path)
+
+
+def test_compose_refuses_edits_of_two_models(tiny_model):
+    """Issue 21: `Edit.compose` of edits computed on two models applied anywhere."""
+    other = random_model(n_layers=3, d_model=64, n_heads=4, seed=5, device="cpu")
+    with pytest.raises(EditFingerprintError, match="cannot compose edits computed on different weights"):
+        Edit.compose([_edit(tiny_model), _edit(other)])
+    both = _edit(tiny_model) + _edit(tiny_model, 0.2)
+    assert both.model_fingerprint == model_fingerprint(tiny_model)
+    with both.applied(tiny_model):
+        pass
+
+
+def test_save_to_a_bad_path_is_a_clear_error(tiny_model, tmp_path, monkeypatch):
+    """Issue 21: `edit --save` to a full disk, a read-only path or a directory raised SafetensorError."""
+    import errno
+    import os
+
+    from workbench.integrity import WriteError
+
+    edit = _edit(tiny_model)
+    with pytest.raises(WriteError, match=f"cannot write the edit file {tmp_path}: it is a folder"):
+        edit.save(tmp_path)
+    real = os.write
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(WriteError, match="the disk is full"):
+        edit.save(tmp_path / "e.safetensors")
+    monkeypatch.setattr(os, "write", real)
+    assert list(tmp_path.iterdir()) == []  # no partial file left
 
 
 def test_failure_after_the_weights_changed_leaves_nothing_behind(tiny_model, monkeypatch):

@@ -52,7 +52,7 @@ def run(args) -> int:
 
     import torch
 
-    from ..editing.mend import MEND_PRESETS, MendHyperParams, mend_hparams_for
+    from ..editing.mend_hparams import MEND_PRESETS, MendHyperParams, mend_hparams_for
     from ..editing.mend_train import TOY_TRAIN, train_mend
     from ..facts import load_facts
     from ..loading import BUNDLED, load_model

@@ -16,8 +16,9 @@ from .hparams import HyperParameterError
 from .hparams import (MEMIT_GPT2_XL, MEMIT_GPT_J, MEMIT_PRESETS, MEMIT_TOY, ROME_GPT2_XL, ROME_GPT_J, ROME_PRESETS,
                       ROME_TOY, MEMITHyperParams, ROMEHyperParams, memit_hparams_for, rome_hparams_for)
 from .memit import memit
-from .mend import (MEND_GPT2_XL, MEND_GPT_J, MEND_PRESETS, MEND_TOY, MendEditor, MendHyperParams,
-                   MendModelMismatch, mend, mend_hparams_for)
+from .mend import mend
+from .mend_hparams import MEND_GPT2_XL, MEND_GPT_J, MEND_PRESETS, MEND_TOY, MendHyperParams, mend_hparams_for
+from .mend_net import MendEditor, MendModelMismatch
 from .mend_train import MendTrainResult, toy_training_facts, train_mend
 from .presets import (UnknownModelError, UnknownModelWarning, register_presets, resolve, set_strict_presets,
                       strict_presets)

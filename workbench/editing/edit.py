@@ -26,8 +26,9 @@ checksums, the bookkeeping), the parameters are restored before the error propag
 
 Provenance and integrity: an edit records the fingerprint of the weights it was computed
 on, and :meth:`Edit.apply` refuses a model with other weights (another model of the same
-shape, or one with other edits applied) unless ``force=True``. Saved edits carry a
-SHA-256 of every delta, checked by :meth:`Edit.load`. Methods decorated with
+shape, or one with other edits applied) unless ``force=True``; :meth:`Edit.compose`
+refuses edits computed on different weights. Saved edits carry one SHA-256 over the whole
+record, metadata included (:mod:`workbench.integrity`), checked by :meth:`Edit.load`. Methods decorated with
 :func:`reports_outcome` record in ``edit.info`` whether the edit reached its new object
 (``reached``, ``p_new``, ``top1``) and warn (:class:`EditNotReachedWarning`) when not.
 """
@@ -36,7 +37,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -47,6 +47,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+
+from ..integrity import IntegrityError, tensor_digest
 
 _STATE_ATTR = "_workbench_applied_edits"
 _META_KEY = "workbench_edit"
@@ -63,20 +65,16 @@ class EditFingerprintError(EditStateError):
     """An edit is applied to weights other than those it was computed on (override: ``force=True``)."""
 
 
-class EditIntegrityError(ValueError):
-    """A saved edit file is unreadable or its deltas do not match their recorded checksums."""
+class EditIntegrityError(IntegrityError):
+    """A saved edit file is unreadable, not an edit, or does not match its recorded SHA-256."""
 
 
 class EditNotReachedWarning(UserWarning):
     """An edit was computed but the edited model does not predict the new object."""
 
 
-def delta_checksum(t: torch.Tensor) -> str:
-    """SHA-256 of a delta's dtype, shape and bytes (what :meth:`Edit.save` records and :meth:`Edit.load` checks)."""
-    t = t.detach().to("cpu").contiguous()
-    digest = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
-    digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
+delta_checksum = tensor_digest
+"""SHA-256 of a delta's dtype, shape and bytes (recorded per delta by :meth:`Edit.save`)."""
 
 
 def _hf(model):
@@ -224,6 +222,9 @@ class Edit:
                     f"weights have {current} (another model, or the same one with "
                     f"{applied if applied else 'other'} edit(s) applied); recompute the edit on this model, or pass "
                     f"force=True to apply it anyway")
+        from ..loading import remember_fingerprint, restore_fingerprint
+
+        remember_fingerprint(model, self.id)  # revert restores these exact weights: keep their fingerprint
         originals: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             try:
@@ -235,6 +236,7 @@ class Edit:
             except BaseException:
                 for name, orig in originals.items():
                     params[name].copy_(orig)
+                restore_fingerprint(model, self.id, originals)
                 if state and state[-1][0] == self.id:
                     state.pop()
                 raise
@@ -261,6 +263,9 @@ class Edit:
                                   "revert restores the pre-edit values anyway", RuntimeWarning, stacklevel=2)
                 params[name].copy_(orig)
         del state[index]
+        from ..loading import restore_fingerprint
+
+        restore_fingerprint(model, self.id, originals)  # the pre-apply fingerprint, if nothing else changed
         return self
 
     @contextlib.contextmanager
@@ -281,80 +286,66 @@ class Edit:
         """One edit whose deltas are the sums of the given edits' deltas (same-named parameters add)."""
         if not edits:
             raise ValueError("compose needs at least one edit")
+        fps = {e.model_fingerprint for e in edits}
+        if len(fps) > 1:
+            listed = ", ".join(f"{e.method} edit {e.id}: {e.model_fingerprint}" for e in edits)
+            raise EditFingerprintError(
+                f"cannot compose edits computed on different weights ({listed}); an edit is only meaningful "
+                f"on the weights it was computed on: compute every edit on the same model")
         deltas: dict[str, torch.Tensor] = {}
         for e in edits:
             for name, d in e.deltas.items():
                 deltas[name] = deltas[name] + d.to(deltas[name]) if name in deltas else d.clone()
-        fps = {e.model_fingerprint for e in edits}
         return Edit(deltas=deltas, method="compose", locus="+".join(sorted({e.locus for e in edits})),
                     requests=[r for e in edits for r in e.requests],
                     hparams={"parts": [{"method": e.method, "hparams": e.hparams} for e in edits]},
                     info={"parts": [e.id for e in edits]},
-                    model_fingerprint=fps.pop() if len(fps) == 1 else None)
+                    model_fingerprint=fps.pop())
 
     # ----------------------------------------------------------------- persistence
     def metadata(self) -> dict:
         """Everything but the deltas, JSON-ready."""
         return _jsonable({"id": self.id, "method": self.method, "locus": self.locus, "requests": self.requests,
                           "hparams": self.hparams, "info": self.info, "model_fingerprint": self.model_fingerprint,
-                          "format": 2})
+                          "format": 3})
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the deltas as safetensors, the metadata as JSON in the safetensors header."""
-        from safetensors.torch import save_file
+        """Write the deltas as safetensors, the metadata as JSON in the safetensors header, atomically.
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        The whole record (metadata and deltas) is sealed with one SHA-256
+        (:mod:`workbench.integrity`); :meth:`load` checks it. A path that cannot be written
+        (full disk, read-only folder, a folder in the way) raises
+        :class:`workbench.integrity.WriteError` naming it, and leaves no partial file.
+        """
+        from ..integrity import write_safetensors
+
         tensors = {n: d.detach().to("cpu").contiguous() for n, d in self.deltas.items()}
         meta = {**self.metadata(), "checksums": {n: delta_checksum(t) for n, t in tensors.items()}}
-        save_file(tensors, str(path), metadata={_META_KEY: json.dumps(meta)})
-        return path
+        return write_safetensors(path, tensors, meta, header_key=_META_KEY, what="edit file")
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Edit":
-        """Read an edit written by :meth:`save`, verifying every delta against its recorded SHA-256.
+        """Read an edit written by :meth:`save`, verifying the whole record against its SHA-256.
 
-        Raises :class:`EditIntegrityError` (naming the file, and the delta) when the file is
-        unreadable, not an edit, or damaged. Files from before checksums load with a warning.
+        Raises :class:`EditIntegrityError` (naming the file) when the file is unreadable, not
+        an edit, damaged (a delta or any metadata field changed), or written by a workbench
+        from before whole-record checksums (it cannot be verified: recompute and save it again).
         """
-        from safetensors import safe_open
+        from ..integrity import read_safetensors
 
-        deltas = {}
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                header = f.metadata() or {}
-                for name in f.keys():
-                    deltas[name] = f.get_tensor(name)
-        except FileNotFoundError:
-            raise
-        except Exception as err:  # noqa: BLE001 - safetensors' own error types; the path is what matters
-            raise EditIntegrityError(f"{path} is not a readable edit file ({type(err).__name__}: {err}); it is "
-                                     f"truncated or damaged: save the edit again") from None
-        if _META_KEY not in header:
-            raise EditIntegrityError(f"{path} is a safetensors file but not a workbench edit "
-                                     f"(no {_META_KEY!r} metadata)")
-        try:
-            meta = json.loads(header[_META_KEY])
-        except ValueError as err:
-            raise EditIntegrityError(f"{path}: the edit's metadata is not valid JSON ({err}); save it again") from None
-        sums = meta.get("checksums")
-        if sums is None:
-            warnings.warn(f"{path} was saved without checksums (an older workbench); its deltas cannot be verified",
-                          RuntimeWarning, stacklevel=2)
-        else:
-            if set(sums) != set(deltas):
-                raise EditIntegrityError(f"{path}: the file holds deltas {sorted(deltas)} but its checksums list "
-                                         f"{sorted(sums)}; the file is damaged: save the edit again")
-            for name, t in deltas.items():
-                if delta_checksum(t) != sums[name]:
-                    raise EditIntegrityError(f"{path}: delta {name} does not match its recorded SHA-256; the file "
-                                             f"is damaged (e.g. a flipped bit): save or recompute the edit again")
+        deltas, meta = read_safetensors(path, header_key=_META_KEY, what="edit file", error=EditIntegrityError,
+                                        fix="recompute the edit and save it again", device="cpu")
+        sums = meta.get("checksums") or {}
+        for name, t in deltas.items():  # also names the delta that a damaged file got wrong
+            if name in sums and delta_checksum(t) != sums[name]:
+                raise EditIntegrityError(f"{path}: delta {name} does not match its recorded SHA-256; the file "
+                                         f"is damaged (e.g. a flipped bit): recompute the edit and save it again")
         deltas = {n: t.to(device) for n, t in deltas.items()}
         return cls(deltas=deltas, method=meta.get("method", "custom"), locus=meta.get("locus", "subject"),
                    requests=meta.get("requests", []), hparams=meta.get("hparams", {}), info=meta.get("info", {}),
                    model_fingerprint=meta.get("model_fingerprint"))  # a fresh id: a separate object
 
-    def save_model(self, model, out_dir: str | os.PathLike) -> Path:
+    def save_model(self, model, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write ``model`` with this edit applied as a Hugging Face folder (``loading.save_hf``).
 
         The edit is applied for the duration of the save if it is not applied already; the
@@ -363,9 +354,9 @@ class Edit:
         from ..loading import save_hf
 
         if self.is_applied(model):
-            return save_hf(model, out_dir)
+            return save_hf(model, out_dir, overwrite=overwrite)
         with self.applied(model):
-            return save_hf(model, out_dir)
+            return save_hf(model, out_dir, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------- outcome

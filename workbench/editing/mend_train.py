@@ -47,8 +47,9 @@ import torch
 
 from ..facts import Fact, facts_hash
 from .common import _pad_id
-from .mend import (MendEditor, MendHyperParams, collect_factors, edit_rows, logits_of,
-                   mend_hparams_for, target_correct, target_nll)
+from .mend import collect_factors, edit_rows, logits_of, target_correct, target_nll
+from .mend_hparams import MendHyperParams, mend_hparams_for
+from .mend_net import MendEditor
 
 TOY_TRAIN = "toy-train"
 """``facts`` value meaning: generated training subjects of the bundled world (:func:`toy_training_facts`)."""
@@ -277,7 +278,7 @@ def train_mend(model, facts: Sequence[Fact] | str = TOY_TRAIN, *, hparams: MendH
 
 def _train(model, facts, hp: MendHyperParams, out: Path, val_facts, val_fraction: float, progress: bool, log
            ) -> MendTrainResult:
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     from ..loading import model_fingerprint
 
@@ -350,8 +351,8 @@ def _train(model, facts, hp: MendHyperParams, out: Path, val_facts, val_fraction
         return finish()
 
     editor.train()
-    bar = tqdm(total=hp.max_steps, initial=state["step"], desc="train-mend", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=hp.max_steps, initial=state["step"], desc="train-mend", enabled=progress,
+                       dynamic_ncols=True)
     t_start, elapsed0 = time.perf_counter(), state["elapsed_s"]
     try:
         while state["step"] < hp.max_steps:

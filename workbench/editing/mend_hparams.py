@@ -1,0 +1,126 @@
+"""MEND's hyperparameters (the originals' names) and presets (reference §6a).
+
+:class:`MendHyperParams` holds the network, edit and training settings; ``MEND_GPT2_XL``,
+``MEND_GPT_J`` and ``MEND_TOY`` are the presets and :func:`mend_hparams_for` picks one for a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Sequence
+
+from .edit import _hf
+
+# ----------------------------------------------------------------------------- hyperparameters
+@dataclass
+class MendHyperParams:
+    """MEND's hyperparameters, with the originals' names (``config/alg/mend.yaml``, ``config.yaml``).
+
+    Network: ``n_hidden`` (hidden residual layers; the network has n_hidden + 1), ``rank`` (of U V),
+    ``init`` (``"id"``: U = 0, residual; ``"xavier"``), ``norm`` (running-mean/std normalisation of
+    the factors), ``combine`` (one network over [x, δ] instead of one per factor), ``shared`` (one
+    network per weight shape, with per-weight modes), ``act`` (only ``"relu"``).
+    Edit: ``inner_params`` (HF names of the edited weights; ``None``: the MLP input and output
+    projections of the last ``n_blocks`` blocks), ``edit_lr`` (initial step α), ``prepend_bos`` (the BOS
+    convention of training and edits; ``None``: :func:`~workbench.editing.hparams.editing_prepend_bos`).
+    Training: ``lr`` (Adam on the network), ``lr_lr`` (Adam on the α's), ``cedit``/``cloc`` (loss
+    weights), ``batch_size`` (edits per optimiser step; the originals accumulate 10 batches),
+    ``grad_clip``, ``max_steps``, ``val_every`` (steps between validations), ``n_val`` (validation
+    edits), ``early_stop_patience`` (validations without improvement), ``checkpoint_every``, ``seed``.
+    """
+
+    inner_params: tuple[str, ...] | None = None
+    n_blocks: int = 3
+    edit_lr: float = 1e-4
+    lr: float = 1e-6
+    lr_lr: float = 1e-4
+    cedit: float = 0.1
+    cloc: float = 1.0
+    n_hidden: int = 1
+    rank: int = 1920
+    init: str = "id"
+    norm: bool = True
+    combine: bool = True
+    shared: bool = True
+    act: str = "relu"
+    batch_size: int = 10
+    grad_clip: float = 100.0
+    max_steps: int = 100_000
+    val_every: int = 500
+    n_val: int = 100
+    early_stop_patience: int = 4
+    checkpoint_every: int = 50
+    seed: int = 0
+    prepend_bos: bool | None = None  # BOS before every prompt (None: the model's editing convention)
+
+    def __post_init__(self) -> None:
+        if self.inner_params is not None:
+            self.inner_params = tuple(self.inner_params)
+            if not self.inner_params:
+                raise ValueError("inner_params is empty; name at least one weight (or None for the default)")
+        if self.init not in ("id", "xavier"):
+            raise ValueError(f"init must be 'id' or 'xavier', not {self.init!r}")
+        if self.act != "relu":
+            raise ValueError(f"act must be 'relu', not {self.act!r}")
+        for name in ("n_hidden", "rank", "batch_size", "max_steps", "val_every", "n_val", "n_blocks",
+                     "checkpoint_every"):
+            low = 0 if name == "n_hidden" else 1
+            if int(getattr(self, name)) < low:
+                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        for name in ("lr", "lr_lr", "cedit", "cloc", "grad_clip"):
+            if not float(getattr(self, name)) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["inner_params"] = list(self.inner_params) if self.inner_params is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MendHyperParams":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown MEND hyperparameter(s) {unknown}; known: {sorted(names)}")
+        return cls(**d)
+
+    def with_(self, **changes: Any) -> "MendHyperParams":
+        return replace(self, **changes)
+
+
+def _blocks(prefix: str, names: Sequence[str], layers: Sequence[int]) -> tuple[str, ...]:
+    return tuple(f"{prefix}.{l}.mlp.{n}.weight" for l in layers for n in names)
+
+
+MEND_GPT2_XL = MendHyperParams(inner_params=_blocks("transformer.h", ("c_proj", "c_fc"), (45, 46, 47)),
+                               prepend_bos=False)
+"""The originals' GPT-2 XL setup (``config/model/gpt2xl.yaml`` + ``config/alg/mend.yaml``)."""
+
+MEND_GPT_J = MendHyperParams(inner_params=_blocks("transformer.h", ("fc_in", "fc_out"), (25, 26, 27)),
+                             prepend_bos=False)
+"""The originals' GPT-J setup (``config/model/gptj.yaml`` + ``config/alg/mend.yaml``). Both originals
+tokenize without BOS (the Hugging Face tokenizers' default)."""
+
+MEND_TOY = MendHyperParams(
+    inner_params=_blocks("transformer.h", ("c_proj", "c_fc"), (3, 4, 5)),
+    edit_lr=1e-4, lr=1e-4, lr_lr=1e-3, rank=128, batch_size=16, max_steps=400, val_every=50, n_val=96,
+    early_stop_patience=3, checkpoint_every=25,
+)
+"""The bundled model (6 blocks of width 128): the last three blocks as in the originals' GPT-2 small
+setup; rank 128 keeps the shipped editor small (two networks of width 640, ~2.6 MB); the
+network and step learning rates are larger than GPT-2 XL's (a small model's factors are few and
+its edits need steps ~100x edit_lr), chosen on training runs of the bundled model."""
+
+MEND_PRESETS: dict[str, MendHyperParams] = {"gpt2-xl": MEND_GPT2_XL, "gpt-j": MEND_GPT_J, "toy-facts": MEND_TOY}
+
+
+def mend_hparams_for(model) -> MendHyperParams:
+    """The preset for ``model``: by its spec/name, else the defaults (last three blocks)."""
+    spec = str(getattr(model, "workbench_spec", "") or "").lower()
+    name = str(getattr(getattr(_hf(model), "config", None), "_name_or_path", "") or "").lower()
+    for key, preset in MEND_PRESETS.items():
+        if key in spec or key in name:
+            return preset
+    if "gpt-j" in spec or "gptj" in spec:
+        return MEND_GPT_J
+    return MendHyperParams()
