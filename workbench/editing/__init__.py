@@ -9,7 +9,7 @@ from __future__ import annotations
 from .common import EditError
 from .context import context_templates
 from .edit import (Edit, EditFingerprintError, EditIntegrityError, EditNotReachedWarning, EditStateError,
-                   edit_outcome)
+                   applied_edits, edit_outcome)
 from .ft import FTHyperParams, ft
 from .kn import KNHyperParams, kn
 from .hparams import HyperParameterError
@@ -25,7 +25,7 @@ from .stats import LayerStats, layer_stats
 
 __all__ = [
     "Edit", "EditStateError", "EditError", "EditFingerprintError", "EditIntegrityError", "EditNotReachedWarning",
-    "edit_outcome", "HyperParameterError",
+    "edit_outcome", "applied_edits", "HyperParameterError",
     "rome", "memit", "ft", "kn", "FTHyperParams", "KNHyperParams", "layer_stats", "LayerStats", "context_templates",
     "ROMEHyperParams", "MEMITHyperParams", "rome_hparams_for", "memit_hparams_for",
     "ROME_GPT2_XL", "ROME_GPT_J", "ROME_TOY", "MEMIT_GPT2_XL", "MEMIT_GPT_J", "MEMIT_TOY",
