@@ -9,7 +9,7 @@ from __future__ import annotations
 from .common import EditError
 from .context import context_templates
 from .edit import (Edit, EditFingerprintError, EditIntegrityError, EditNotReachedWarning, EditStateError,
-                   edit_outcome)
+                   applied_edits, edit_outcome)
 from .ft import FT_GPT2_XL, FT_GPT_J, FT_PRESETS, FT_TOY, FTHyperParams, ft
 from .kn import KN_PRESETS, KNHyperParams, kn, kn_subject
 from .hparams import HyperParameterError
@@ -27,7 +27,7 @@ from .stats import LayerStats, layer_stats
 
 __all__ = [
     "Edit", "EditStateError", "EditError", "EditFingerprintError", "EditIntegrityError", "EditNotReachedWarning",
-    "edit_outcome", "HyperParameterError",
+    "edit_outcome", "applied_edits", "HyperParameterError",
     "rome", "memit", "ft", "kn", "kn_subject", "FTHyperParams", "FT_GPT2_XL", "FT_GPT_J", "FT_TOY", "FT_PRESETS",
     "KN_PRESETS", "resolve", "register_presets", "strict_presets", "set_strict_presets", "UnknownModelError",
     "UnknownModelWarning", "KNHyperParams", "layer_stats", "LayerStats", "context_templates",
