@@ -22,7 +22,10 @@ def add_trace_args(p) -> None:
     p.add_argument("--precision", choices=("exact", "fast", "bf16"), default="exact",
                    help="exact float32 (default), fast = bfloat16 on GPU, bf16 everywhere")
     p.add_argument("--engine", choices=("auto", "incremental", "batched", "loop"), default="auto",
-                   help="tracing engine (default auto)")
+                   help="tracing engine of exact cells (default auto)")
+    p.add_argument("--method", choices=("exact", "attribution"), default="exact",
+                   help="exact: restore every cell (default); attribution: estimate every cell to first order from "
+                        "one forward and one backward pass per noise sample (attribution patching)")
     add_bos_arg(p)
 
 
@@ -55,7 +58,7 @@ def run(args) -> int:
     res = trace(model, args.prompt, subject=args.subject, corrupt=args.corrupt, kinds=tuple(args.kinds),
                 samples=args.samples, noise=parse_noise_arg(args.noise), window=args.window, answer=args.answer,
                 seed=args.seed, precision=args.precision, replace=args.replace, engine=args.engine,
-                prepend_bos=args.prepend_bos)
+                prepend_bos=args.prepend_bos, method=args.method)
     print(summary(res, args.top))
     if args.json:
         res.save_json(args.json)
@@ -72,6 +75,8 @@ def summary(res, top: int = 5) -> str:
         f"answer:    {res.answer!r} (token {res.answer_id})   p_clean {res.p_clean:.4f}   "
         f"p_corrupt {res.p_corrupt:.4f}",
     ]
+    if res.method != "exact":
+        lines.append(f"method:    {res.method} (first-order estimates of the cells, not restorations)")
     for kind in res.kinds:
         lines.append(f"{kind}: top {top} cells by indirect effect (p_restored - p_corrupt)")
         for t, layer, p, ie in res.top_cells(kind, top):

@@ -16,6 +16,11 @@ from .window import resolve_window
 
 AnswerSpec = Union[str, int, None]
 
+METHODS = ("exact", "attribution")
+"""How :func:`trace` computes its cells: ``"exact"`` restores each one (the engines of
+:mod:`~workbench.tracing.engine`); ``"attribution"`` estimates them all to first order
+(:mod:`~workbench.tracing.attribution`)."""
+
 
 class TraceParameterError(ValueError):
     """A tracing parameter is out of its domain; the message names the parameter and what is allowed."""
@@ -40,6 +45,18 @@ def check_window(window, n_layers: int | None = None) -> int | None:
                                   f"restore every layer and the maps would be flat; use 1..{n_layers} (default "
                                   f"min(10, ceil(n_layers / 2)))")
     return window
+
+
+def check_method(method: str, engine: str = "auto") -> str:
+    """The engine that computes ``method``'s cells (``engine`` itself for ``"exact"``)."""
+    if method not in METHODS:
+        raise TraceParameterError(f"method must be one of {METHODS}, not {method!r}")
+    if method == "attribution":
+        if engine not in ("auto", "attribution"):
+            raise TraceParameterError(f"method='attribution' has its own engine; engine={engine!r} runs exact cells "
+                                      "(pass method='exact' for it)")
+        return "attribution"
+    return engine
 
 
 def check_samples(samples) -> int:
@@ -140,7 +157,8 @@ def trace(model, prompt: str, *, subject: str | None = None, corrupt: SpanSpec =
           kinds: Sequence[str] = KINDS, samples: int = 10, noise: NoiseSpec = "s3", window: int | None = None,
           answer: AnswerSpec = None, seed: int = 1, prepend_bos: bool | None = None, precision: str = "exact",
           template: str | None = None, replace: bool = False, engine: str = "auto",
-          max_batch: int | None = None, noise_subjects: Sequence[str] | None = None) -> TraceResult:
+          max_batch: int | None = None, noise_subjects: Sequence[str] | None = None,
+          method: str = "exact") -> TraceResult:
     """Causal trace of ``prompt``: p_restored for every (token, layer) cell of each kind.
 
     ``corrupt``: ``"subject"``, ``"relation"`` (needs ``subject``), a substring, a (start,
@@ -162,8 +180,15 @@ def trace(model, prompt: str, *, subject: str | None = None, corrupt: SpanSpec =
     hooks are attached to the bridge), or ``"loop"`` (one forward per cell, the original
     algorithm); ``result.engine`` records the one used. ``prepend_bos`` is recorded as
     ``result.prepend_bos``. ``max_batch`` caps rows per forward pass (otherwise set by free memory).
+
+    ``method``: ``"exact"`` (default) restores every cell; ``"attribution"`` estimates every
+    cell to first order from one forward and one backward pass of the corrupted runs
+    (attribution patching, :mod:`workbench.tracing.attribution`: each cell is p_corrupt + the
+    mean over samples of (clean state - corrupted state) · d p / d state; an mlp/attn cell sums
+    its window's layers). Same result class, ``result.method`` says which.
     """
     kinds = tuple(kinds)
+    engine = check_method(method, engine)
     window = resolve_window(model, window)
     for kind in kinds:
         if kind not in KINDS:
@@ -192,7 +217,7 @@ def _trace_prepared(model, prep: Prepared, prompt: str, corrupt, kinds: tuple, w
         answer=_decode(model, answer_id), p_clean=p_clean, p_corrupt=p_corrupt, scores=scores, kinds=kinds,
         noise_level=prep.noise_level, samples=eng.S, window=window, seed=seed,
         model_spec=getattr(model, "workbench_spec", None), prepend_bos=prep.tokens.has_bos, engine=eng.name,
-        noise_rule=prep.noise_rule,
+        noise_rule=prep.noise_rule, method="attribution" if eng.name == "attribution" else "exact",
     )
 
 
