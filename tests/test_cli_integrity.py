@@ -90,14 +90,14 @@ def test_trace_api_refuses_them_too(toy_model):
 @pytest.mark.parametrize("option", ["--kn-preset", "--ft-preset"])
 def test_unknown_presets_are_refused_before_any_work(option, capsys, tmp_path):
     """Issue 21: an unknown --kn-preset / --ft-preset made every edit fail, exit status 0."""
-    from workbench.evaluation.methods import method_presets
+    from workbench.editing.presets import preset_table
 
     name = option[2:4]
     assert main(["reproduce", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"), option,
                  "no-such-preset"]) == 1
     err = _err(capsys)
-    assert f"{name.upper()} has no preset 'no-such-preset'; choose from " in err
-    assert all(p in err for p in method_presets(name))  # from the registry, whatever the presets are called
+    assert f"{name} has no preset 'no-such-preset'; choose from " in err
+    assert all(p in err for p in preset_table(name).named)  # from the registry, whatever the presets are called
     assert not (tmp_path / "o").exists()
 
 

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-<<<<<<< HEAD
-from . import add_bos_arg, add_model_arg, positive_int
-=======
-from . import add_bos_arg, add_model_arg, add_presets_arg, add_stats_arg
->>>>>>> main
+from . import add_bos_arg, add_model_arg, add_presets_arg, add_stats_arg, positive_int
 
 
 def register(sub) -> None:

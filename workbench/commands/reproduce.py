@@ -43,16 +43,11 @@ def register(sub) -> None:
     p.add_argument("--loci", default="paired",
                    help="'paired' (entity->subject, relation->relation; default) or comma-separated key loci "
                         "from subject,relation,relation_before_subject, evaluated for every request")
-<<<<<<< HEAD
-    p.add_argument("--kn-preset", default=None, help="KN preset (workbench.editing.KN_PRESETS; default: the original's)")
-    p.add_argument("--ft-preset", default=None, help="FT preset (workbench.editing.FT_PRESETS; default: by model)")
-=======
     p.add_argument("--kn-preset", default=None,
                    help="KN preset: kn-original (default), kn-subject or kn-calibrated (the kn-subject rows are "
                         "their own method, kn-subject)")
     p.add_argument("--ft-preset", default=None,
                    help="FT preset: ft-gpt2-xl, ft-gpt-j, ft-toy, ft-generic (default: by the model's identity)")
->>>>>>> main
     p.add_argument("--mend-editor", default=None,
                    help="MEND editor (file or `workbench train-mend` output folder; default: the one shipped for "
                         "the bundled model)")

@@ -30,14 +30,9 @@ from .common import (EditError, activations_at, check_locus, compute_keys, compu
                      follows_bos_convention, normalize_request)
 from .context import flatten
 from .edit import Edit, reports_outcome
-<<<<<<< HEAD
-from .hparams import HyperParameterError, MEMITHyperParams, memit_hparams_for
-from .rome import resolve_cov, resolve_hparams, resolve_templates
-=======
-from .hparams import MEMITHyperParams
+from .hparams import HyperParameterError, MEMITHyperParams
 from .presets import resolve
 from .rome import resolve_cov, resolve_templates
->>>>>>> main
 from .stats import LayerStats
 
 log = logging.getLogger(__name__)
@@ -63,16 +58,11 @@ def memit(model, facts: Sequence[Fact | dict], *, layers: Sequence[int] | None =
     if not facts:
         raise EditError("memit needs at least one fact")
     requests = [normalize_request(f) for f in facts]
-<<<<<<< HEAD
     if layers is not None and len(list(layers)) == 0:
         raise HyperParameterError("memit(layers=[]) names no layer to edit; give at least one layer index, or "
                                   "leave layers out for the preset's")
-    hp = resolve_hparams(model, hparams, MEMITHyperParams, memit_hparams_for,
-                         list(layers) if layers is not None else None)
-=======
     hp = resolve("memit", model, preset=preset, hparams=hparams,
                  overrides={"layers": list(layers) if layers else None}).hparams
->>>>>>> main
     hp.prepend_bos = prepend_bos
     if isinstance(stats, (LayerStats, torch.Tensor)):  # a path (the originals' .npz) serves every layer
         if len(hp.layers) != 1:

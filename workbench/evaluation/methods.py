@@ -107,34 +107,24 @@ def _params(fn: Callable) -> set[str]:
         return set()
 
 
-<<<<<<< HEAD
-def method_presets(name: str) -> dict[str, Any] | None:
-    """The preset registry of a built-in method (``{preset name: hyperparameters}``), or ``None`` if it has none."""
-    if name == "ft":
-        from ..editing.ft import FT_PRESETS
-
-        return FT_PRESETS
-    if name == "kn":
-        from ..editing.kn import KN_PRESETS
-
-        return KN_PRESETS
-    return None
-
-
-def check_method_kwargs(method_kwargs: dict[str, dict] | None) -> None:
-    """Refuse a ``preset`` a method does not have before any edit runs (otherwise every edit of the method
-    fails); the message lists the presets there are."""
-    for name, kwargs in (method_kwargs or {}).items():
-        preset = (kwargs or {}).get("preset")
-        presets = method_presets(name)
-        if preset is not None and presets is not None and preset not in presets:
-            raise ValueError(f"{name.upper()} has no preset {preset!r}; choose from {', '.join(sorted(presets))}")
-=======
 def _resolved(name: str, model, kwargs: dict | None):
     from ..editing.presets import resolve_call
 
     return resolve_call(name, model, kwargs)
->>>>>>> main
+
+
+def check_method_kwargs(method_kwargs: dict[str, dict] | None) -> None:
+    """Refuse a ``preset`` a method does not have (per the preset registry, :mod:`workbench.editing.presets`)
+    before any edit runs, where every edit of the method would fail; the message lists the presets there are."""
+    from ..editing.presets import HyperParameterError, has_presets, preset_table
+
+    for name, kwargs in (method_kwargs or {}).items():
+        preset = (kwargs or {}).get("preset")
+        if preset is None or not has_presets(name):
+            continue
+        table = preset_table(name)
+        if preset not in table.named and preset not in table.by_model:
+            raise HyperParameterError(f"{name} has no preset {preset!r}; choose from {', '.join(sorted(table.named))}")
 
 
 def preset_name(name: str, model, kwargs: dict | None) -> str:
@@ -157,40 +147,9 @@ def resolved_hparams(name: str, model, kwargs: dict | None = None) -> dict | Non
     from ..editing.presets import UnknownModelError
 
     try:
-<<<<<<< HEAD
-        if name in ("rome", "memit"):
-            from ..editing.hparams import MEMITHyperParams, ROMEHyperParams, memit_hparams_for, rome_hparams_for
-            from ..editing.rome import resolve_hparams
-
-            if name == "rome":
-                layers = [kw["layer"]] if kw.get("layer") is not None else None
-                hp = resolve_hparams(model, kw.get("hparams"), ROMEHyperParams, rome_hparams_for, layers)
-            else:
-                layers = list(kw["layers"]) if kw.get("layers") is not None else None
-                hp = resolve_hparams(model, kw.get("hparams"), MEMITHyperParams, memit_hparams_for, layers)
-            return {**hp.to_dict(), "preset": preset_name(name, model, kwargs)}
-        if name in ("ft", "kn"):
-            from ..editing.ft import FT_PRESETS, FTHyperParams, default_layer, ft_hparams_for
-            from ..editing.kn import KN_PRESETS, KNHyperParams
-
-            cls = FTHyperParams if name == "ft" else KNHyperParams
-            presets = FT_PRESETS if name == "ft" else KN_PRESETS
-            if kw.get("preset") is not None:
-                base = presets[kw["preset"]]
-            else:
-                base = ft_hparams_for(model) if name == "ft" else KN_PRESETS["kn-original"]
-            given = kw.get("hparams")
-            hp = given if isinstance(given, cls) else replace(base, **(given or {}))
-            names = {f.name for f in fields(cls)} - {"preset"}
-            hp = replace(hp, **{k: v for k, v in kw.items() if k in names})
-            if name == "ft" and hp.layer is None:
-                hp = replace(hp, layer=default_layer(model))
-            return {**hp.to_dict(), "preset": preset_name(name, model, kwargs)}
-=======
         resolved = _resolved(name, model, kwargs)
     except UnknownModelError:
         raise
->>>>>>> main
     except Exception:  # noqa: BLE001 - the method raises the same error per row, recorded there
         return None
     return None if resolved is None else resolved.to_dict()

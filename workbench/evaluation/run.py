@@ -18,13 +18,8 @@ from ..facts import Fact, check_unique_ids, facts_hash
 from ..identity import model_identity
 from ..perspective import (DEFAULT_LOCUS, PERSPECTIVES, Phrasings, Probes, bleed_subjects, other_relations,
                            phrasings, probes, relation_index, request_fact, subject_index)
-<<<<<<< HEAD
 from .methods import (BASELINE, METHODS, _takes, check_method_kwargs, default_methods, make_edit, preset_name,
-                      resolve_method, resolved_hparams, with_shared_stats)
-=======
-from .methods import (BASELINE, METHODS, _takes, default_methods, make_edit, preset_name, resolve_method,
-                      resolved_hparams, stats_key, with_shared_stats)
->>>>>>> main
+                      resolve_method, resolved_hparams, stats_key, with_shared_stats)
 from .scoring import score_probes
 from .statistics import summarize
 

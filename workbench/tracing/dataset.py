@@ -178,12 +178,8 @@ def trace_dataset(model, facts: Sequence[Fact] | str, *, corrupt: str = "subject
     if known not in ("first_token", "strict"):
         raise ValueError(f"known must be 'first_token' or 'strict', not {known!r}")
     check_samples(samples)
-<<<<<<< HEAD
     check_window(window, int(model.cfg.n_layers))
-=======
-    check_window(window)
     engine = check_method(method, engine)
->>>>>>> main
     kind, value = check_noise(noise)
     check_fit(model, facts, prepend_bos)
     nu = noise_level(model, [f.subject for f in facts], noise) if kind == "std" else value
