@@ -14,8 +14,12 @@ hook names, which are the same for every model the bridge loads. Additions:
 * ``prepend_bos`` — BOS before every prompt (``None``: the model's default). The originals
   never prepend it, so the GPT-2 XL and GPT-J presets say ``False``.
 
-Presets: ``gpt2-xl`` and ``gpt-j`` (``EleutherAI/gpt-j-6B``) with the papers' values
-(reference §4-§5), and ``toy-facts`` for the bundled model (see ``TOY_NOTES``).
+* ``mom2_n_samples`` — articles of an article corpus (``"wikipedia"``, ``"articles:FILE"``), as the originals.
+
+Presets, by model identity (:mod:`workbench.identity`; registered with
+:func:`workbench.editing.presets.register_presets`): ``gpt2-xl`` and ``gpt-j`` (``EleutherAI/gpt-j-6B``)
+with the originals' values (reference §4-§5; source files in comments), ``toy-facts`` for the bundled
+model (see ``TOY_NOTES``), and a generic preset for unknown models (warned about).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ Sample count. The originals count ``mom2_n_samples`` = 100,000 *Wikipedia articl
 count is ``n_tokens``: the corpus is tokenized, texts are joined with the BOS/EOS
 token between them (as GPT-2 saw its training data) and cut into rows of ``seq_len``
 tokens; exactly ``n_tokens`` keys are accumulated (the first ``n_tokens`` of that
-stream). ``hparams.mom2_n_tokens`` is that number; ``mom2_n_samples`` is kept for
-reference only.
+stream). ``hparams.mom2_n_tokens`` is that number; ``mom2_n_samples`` counts the articles
+of an article corpus (below).
 
 Corpus (``corpus=``):
 
