@@ -421,10 +421,13 @@ def unchecked_config_fields(config) -> list[str]:
     attention weights have the same shape for any head count), found by changing each on a meta model."""
     import copy
 
+    config = _fewer_layers(config)  # every layer has the same shapes: two are enough, and fast on any size
     base = {k: tuple(v.shape) for k, v in _meta_model(config).state_dict().items()}
     out = []
     names = dict(getattr(config, "attribute_map", {}) or {})
     for field in _SIZE_FIELDS:
+        if field == "num_hidden_layers":  # the layer count shows in the tensor names
+            continue
         value = getattr(config, field, None)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             continue
@@ -442,6 +445,24 @@ def unchecked_config_fields(config) -> list[str]:
                 out.append(shown)
             break
     return out
+
+
+def _fewer_layers(config, n: int = 2):
+    """A copy of ``config`` with at most ``n`` layers (``config`` itself when that cannot be built)."""
+    import copy
+
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int) or layers <= n:
+        return config
+    small = copy.deepcopy(config)
+    try:
+        small.num_hidden_layers = n
+        if isinstance(getattr(small, "layer_types", None), list):
+            small.layer_types = small.layer_types[:n]
+        _meta_model(small)
+    except Exception:  # noqa: BLE001 - a family whose config ties other fields to the depth
+        return config
+    return small
 
 
 def _manifest_config(config: dict) -> dict:
