@@ -84,7 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        from .editing.presets import strict_presets
+
+        with strict_presets(bool(getattr(args, "strict_presets", False))):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

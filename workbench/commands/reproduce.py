@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 
-from . import add_bos_arg, add_model_arg, add_scale_args, nonnegative_int
+from . import add_bos_arg, add_model_arg, add_presets_arg, add_scale_args, add_stats_arg, nonnegative_int
 
 
 def _split(text: str) -> list[str]:
@@ -43,8 +43,11 @@ def register(sub) -> None:
     p.add_argument("--loci", default="paired",
                    help="'paired' (entity->subject, relation->relation; default) or comma-separated key loci "
                         "from subject,relation,relation_before_subject, evaluated for every request")
-    p.add_argument("--kn-preset", default=None, help="KN preset: kn-original (default) or kn-calibrated")
-    p.add_argument("--ft-preset", default=None, help="FT preset: ft-toy, ft-gpt2-xl (default: by model)")
+    p.add_argument("--kn-preset", default=None,
+                   help="KN preset: kn-original (default), kn-subject or kn-calibrated (the kn-subject rows are "
+                        "their own method, kn-subject)")
+    p.add_argument("--ft-preset", default=None,
+                   help="FT preset: ft-gpt2-xl, ft-gpt-j, ft-toy, ft-generic (default: by the model's identity)")
     p.add_argument("--mend-editor", default=None,
                    help="MEND editor (file or `workbench train-mend` output folder; default: the one shipped for "
                         "the bundled model)")
@@ -57,6 +60,8 @@ def register(sub) -> None:
                         "datasets name (default: the bundled world for toy-facts, else wikitext, which needs the hub)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_bos_arg(p)
+    add_presets_arg(p)
+    add_stats_arg(p)
     add_scale_args(p)
     p.set_defaults(func=run)
 
@@ -86,13 +91,20 @@ def run(args) -> int:
         for m in ("rome", "memit"):
             if methods is None or m in methods:
                 kwargs[m] = {"hparams": {"mom2_dataset": args.corpus}}
+    if args.stats_npz:
+        from ..editing.stats import check_npz_source
+
+        check_npz_source(args.stats_npz)  # a missing path fails here, not once per edit
+        for m in ("rome", "memit"):
+            if methods is None or m in methods:
+                kwargs.setdefault(m, {})["stats"] = args.stats_npz
     if args.mend_editor:
         kwargs["mend"] = {"editor": args.mend_editor}
     summary = evaluate(model, facts, methods=methods, requests=requests, loci=loci, n=args.n or None, out=args.out,
                        seed=args.seed, method_kwargs=kwargs, bleed_subjects_per_fact=args.bleed_subjects,
                        other_relations_per_fact=args.other_relations,
                        raise_errors=bool(args.debug), progress=not args.no_progress, prepend_bos=args.prepend_bos,
-                       workers=args.workers, ray_address=args.ray_address)
+                       workers=args.workers, ray_address=args.ray_address, strict_presets=args.strict_presets)
     written = write_tables(summary, args.out, model_name=f" ({args.model})")
     for request, title in (("relation", "Table 1: relation-based requests"), ("entity", "Table 2: entity-based requests")):
         if request in requests:

@@ -15,10 +15,11 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 
 from ..facts import Fact, check_unique_ids, facts_hash
+from ..identity import model_identity
 from ..perspective import (DEFAULT_LOCUS, PERSPECTIVES, Phrasings, Probes, bleed_subjects, other_relations,
                            phrasings, probes, relation_index, request_fact, subject_index)
 from .methods import (BASELINE, METHODS, _takes, default_methods, make_edit, preset_name, resolve_method,
-                      resolved_hparams, with_shared_stats)
+                      resolved_hparams, stats_key, with_shared_stats)
 from .scoring import score_probes
 from .statistics import summarize
 
@@ -71,6 +72,7 @@ def _evaluate_one(model, fact: Fact, method, request: str, locus: str | None, pr
                            "subject": fact.subject, "relation_id": fact.relation_id, "request_prompt": req.prompt,
                            "target_true": fact.target_true, "target_new": fact.target_new,
                            "preset": "-" if fn is None else preset_name(name, model, method_kwargs),
+                           "model_identity": model_identity(model).label,
                            "n_bleed": len(probe_set.bleed), "n_controls": len(probe_set.controls),
                            "n_other_relations": len(probe_set.relations), "failed": False, "error": None}
     t0 = time.perf_counter()
@@ -189,15 +191,19 @@ def evaluation_key(model, facts: Sequence[Fact], resolved: Sequence[tuple[str, C
         kwargs = method_kwargs.get(name) or {}
         target = METHODS.get(name)
         hparams = resolved_hparams(name, model, kwargs) if target else None
+        recorded = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in kwargs.items()}
+        if "stats" in kwargs:  # the statistics' content, not a path or an object's repr
+            recorded["stats"] = stats_key(kwargs["stats"], (hparams or {}).get("layers") or [])
         methods[name] = {"function": target if isinstance(target, str) else "custom callable",
-                         "kwargs": {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in kwargs.items()},
-                         "hparams": hparams}
-        if isinstance(hparams, dict) and "mom2_dataset" in hparams and hparams.get("mom2_adjustment", True):
+                         "kwargs": recorded, "hparams": hparams}
+        if (isinstance(hparams, dict) and "mom2_dataset" in hparams and hparams.get("mom2_adjustment", True)
+                and "stats" not in kwargs):
             from ..editing.stats import corpus_id
 
             # by content: a corpus file replaced in place must not reuse rows computed with the old text
             methods[name]["corpus"] = corpus_id(model, hparams["mom2_dataset"])
     return {"model_spec": getattr(model, "workbench_spec", None),
+            "model_identity": model_identity(model).to_dict(),
             "model_fingerprint": fingerprint or model_fingerprint(model),
             "facts_hash": facts_hash(facts), "n_facts": len(facts), "seed": seed,
             "probe_bank": probe_bank_version(), "bleed_subjects_per_fact": bleed_subjects_per_fact,
@@ -212,7 +218,7 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | N
              check_every: int = 50,
              raise_errors: bool = False, progress: bool = True, batch_size: int = 64,
              n_boot: int = 1000, prepend_bos: bool | None = None, workers: int | None = None,
-             ray_address: str | None = None) -> pd.DataFrame:
+             ray_address: str | None = None, strict_presets: bool | None = None) -> pd.DataFrame:
     """Edit each fact with each (method, request perspective, key locus), score, revert; summarize.
 
     Args:
@@ -247,12 +253,28 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | N
             statistics are computed here once and shared. Same store, same results. An edit
             whose worker kept dying gets a failed row with the ``error``, not stored (a rerun
             retries it).
+        strict_presets: an unknown model (:mod:`workbench.identity`) is an error before any edit,
+            instead of a warning and the methods' generic presets (default: the process-wide
+            setting, :func:`workbench.editing.presets.strict_presets`).
 
     Returns:
         The summary (:func:`summarize`): rows (method, request, locus), columns (family,
         measure_variant) in percent; ``attrs["details"]`` the per-edit rows, ``attrs["long"]``
         every cell's mean, interval and ``n``.
     """
+    from ..editing.presets import strict_presets as strict_context
+    from ..editing.presets import strict_presets_on
+
+    strict = strict_presets_on() if strict_presets is None else bool(strict_presets)
+    with strict_context(strict):
+        return _evaluate(model, facts, methods, requests, loci, n, out, seed, method_kwargs or {}, baseline,
+                         bleed_subjects_per_fact, other_relations_per_fact, check_every, raise_errors, progress,
+                         batch_size, n_boot, prepend_bos, workers, ray_address)
+
+
+def _evaluate(model, facts, methods, requests, loci, n, out, seed, method_kwargs, baseline, bleed_subjects_per_fact,
+              other_relations_per_fact, check_every, raise_errors, progress, batch_size, n_boot, prepend_bos,
+              workers, ray_address) -> pd.DataFrame:
     from ..editing.hparams import editing_prepend_bos
     from ..loading import model_fingerprint
     from ..progress import progress_bar
@@ -263,7 +285,8 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | N
     check_unique_ids(chosen, "facts")  # rows (and the prompts each row is scored on) are looked up by fact id
     index, by_subject = relation_index(facts), subject_index(facts)
     resolved = [resolve_method(m) for m in (methods if methods is not None else default_methods())]
-    method_kwargs = method_kwargs or {}
+    for name, _ in resolved:  # one resolution per method up front: an unknown model warns (or, strict, fails) here
+        resolved_hparams(name, model, method_kwargs.get(name))
     bos = editing_prepend_bos(model, prepend_bos)
     cells = cells_for(requests, loci)
     fingerprint = model_fingerprint(model)
