@@ -32,9 +32,20 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (``-k 0`` or ``--top -3`` would print nothing, or everything)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_scale_args(parser: argparse.ArgumentParser) -> None:
     """``--workers`` / ``--ray``: run on Ray actors (the ``[scale]`` extra; see :mod:`workbench.scale`)."""
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
+    parser.add_argument("--workers", type=positive_int, default=None, metavar="N",
                         help="run on N Ray workers (one per GPU where the cluster has GPUs, else CPU workers); "
                              "needs pip install 'workbench[scale]'")
     parser.add_argument("--ray", default=None, metavar="ADDRESS", dest="ray_address",

@@ -72,8 +72,11 @@ def run(args) -> int:
     from ..loading import load_model
     from ..scale import check_workers
 
+    from ..evaluation.methods import check_method_kwargs
+
     start = time.perf_counter()
     check_workers(args.workers, args.ray_address)  # before loading anything
+    check_method_kwargs({"kn": {"preset": args.kn_preset}, "ft": {"preset": args.ft_preset}})
     model = load_model(args.model, device=args.device)
     facts = load_facts(args.facts)
     methods = _split(args.methods) if args.methods else None
@@ -114,4 +117,26 @@ def run(args) -> int:
         print(f"{failed} edit(s) failed; see the 'error' field of {args.out}/details.jsonl")
     print("wrote " + ", ".join(str(p) for p in written))
     print(f"reproduce took {time.perf_counter() - start:.0f} s")
+    dead = all_failed(summary.attrs.get("details"))
+    if dead:
+        import sys
+
+        what = "; ".join(f"{m}: all {n} edit(s) failed (first error: {e})" for m, n, e in dead)
+        print(f"workbench reproduce: error: {what}; see {args.out}/details.jsonl", file=sys.stderr)
+        return 1
     return 0
+
+
+def all_failed(details) -> list[tuple[str, int, str]]:
+    """``(method, n, first error)`` for each method every one of whose edits failed in ``details``."""
+    from ..evaluation import BASELINE
+
+    if details is None or len(details) == 0 or "failed" not in details:
+        return []
+    out = []
+    for method, rows in details[details["method"] != BASELINE].groupby("method", sort=False):
+        if len(rows) and rows["failed"].astype(bool).all():
+            errors = rows["error"].dropna() if "error" in rows else []
+            first = " ".join(str(errors.iloc[0]).split())[:200] if len(errors) else "no error recorded"
+            out.append((str(method), len(rows), first))
+    return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import add_bos_arg, add_model_arg
+from . import add_bos_arg, add_model_arg, positive_int
 
 KIND_CHOICES = ("hidden", "mlp", "attn")
 
@@ -11,7 +11,7 @@ def add_trace_args(p) -> None:
     """Options shared by ``trace`` and ``sweep``."""
     p.add_argument("--kinds", nargs="+", choices=KIND_CHOICES, default=list(KIND_CHOICES),
                    help="what to restore: hidden states, MLP outputs, attention outputs (default: all)")
-    p.add_argument("--samples", type=int, default=10, help="noise samples per cell (default 10)")
+    p.add_argument("--samples", type=positive_int, default=10, help="noise samples per cell (default 10)")
     p.add_argument("--noise", default="s3",
                    help="noise: a number (nu), 's<x>' (x times the subject-embedding std, default s3) or 'u<x>'")
     p.add_argument("--replace", action="store_true", help="replace the corrupted embeddings by noise instead of adding")
@@ -44,7 +44,7 @@ def register(sub) -> None:
     p.add_argument("--corrupt", default="subject",
                    help="what to corrupt: subject (default), relation, or a substring of the prompt")
     p.add_argument("--answer", default=None, help="score this object instead of the clean top-1 token")
-    p.add_argument("--top", type=int, default=5, help="cells to show per kind (default 5)")
+    p.add_argument("--top", type=positive_int, default=5, help="cells to show per kind (default 5)")
     p.add_argument("--json", default=None, help="write the full result to this JSON file")
     add_trace_args(p)
     p.set_defaults(func=run)

@@ -30,7 +30,7 @@ from .common import (EditError, activations_at, check_locus, compute_keys, compu
                      follows_bos_convention, normalize_request)
 from .context import flatten
 from .edit import Edit, reports_outcome
-from .hparams import MEMITHyperParams
+from .hparams import HyperParameterError, MEMITHyperParams
 from .presets import resolve
 from .rome import resolve_cov, resolve_templates
 from .stats import LayerStats
@@ -58,6 +58,9 @@ def memit(model, facts: Sequence[Fact | dict], *, layers: Sequence[int] | None =
     if not facts:
         raise EditError("memit needs at least one fact")
     requests = [normalize_request(f) for f in facts]
+    if layers is not None and len(list(layers)) == 0:
+        raise HyperParameterError("memit(layers=[]) names no layer to edit; give at least one layer index, or "
+                                  "leave layers out for the preset's")
     hp = resolve("memit", model, preset=preset, hparams=hparams,
                  overrides={"layers": list(layers) if layers else None}).hparams
     hp.prepend_bos = prepend_bos

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import warnings
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from ..facts import Fact
 
@@ -111,6 +111,20 @@ def _resolved(name: str, model, kwargs: dict | None):
     from ..editing.presets import resolve_call
 
     return resolve_call(name, model, kwargs)
+
+
+def check_method_kwargs(method_kwargs: dict[str, dict] | None) -> None:
+    """Refuse a ``preset`` a method does not have (per the preset registry, :mod:`workbench.editing.presets`)
+    before any edit runs, where every edit of the method would fail; the message lists the presets there are."""
+    from ..editing.presets import HyperParameterError, has_presets, preset_table
+
+    for name, kwargs in (method_kwargs or {}).items():
+        preset = (kwargs or {}).get("preset")
+        if preset is None or not has_presets(name):
+            continue
+        table = preset_table(name)
+        if preset not in table.named and preset not in table.by_model:
+            raise HyperParameterError(f"{name} has no preset {preset!r}; choose from {', '.join(sorted(table.named))}")
 
 
 def preset_name(name: str, model, kwargs: dict | None) -> str:

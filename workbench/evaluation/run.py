@@ -18,8 +18,8 @@ from ..facts import Fact, check_unique_ids, facts_hash
 from ..identity import model_identity
 from ..perspective import (DEFAULT_LOCUS, PERSPECTIVES, Phrasings, Probes, bleed_subjects, other_relations,
                            phrasings, probes, relation_index, request_fact, subject_index)
-from .methods import (BASELINE, METHODS, _takes, default_methods, make_edit, preset_name, resolve_method,
-                      resolved_hparams, stats_key, with_shared_stats)
+from .methods import (BASELINE, METHODS, _takes, check_method_kwargs, default_methods, make_edit, preset_name,
+                      resolve_method, resolved_hparams, stats_key, with_shared_stats)
 from .scoring import score_probes
 from .statistics import summarize
 
@@ -283,6 +283,7 @@ def _evaluate(model, facts, methods, requests, loci, n, out, seed, method_kwargs
     from ..scale import check_workers, map_facts
 
     check_workers(workers, ray_address)
+    check_method_kwargs(method_kwargs)
     chosen = select_facts(facts, n, seed)
     check_unique_ids(chosen, "facts")  # rows (and the prompts each row is scored on) are looked up by fact id
     index, by_subject = relation_index(facts), subject_index(facts)

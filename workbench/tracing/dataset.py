@@ -178,7 +178,7 @@ def trace_dataset(model, facts: Sequence[Fact] | str, *, corrupt: str = "subject
     if known not in ("first_token", "strict"):
         raise ValueError(f"known must be 'first_token' or 'strict', not {known!r}")
     check_samples(samples)
-    check_window(window)
+    check_window(window, int(model.cfg.n_layers))
     engine = check_method(method, engine)
     kind, value = check_noise(noise)
     check_fit(model, facts, prepend_bos)
