@@ -130,11 +130,19 @@ def check_method_kwargs(method_kwargs: dict[str, dict] | None) -> None:
 def preset_name(name: str, model, kwargs: dict | None) -> str:
     """The hyperparameter preset a method runs with: its preset name (``+custom`` when ``kwargs``
     override hyperparameters); for a method without registered presets ``"default"`` or ``"custom"``."""
-    from ..editing.presets import NOT_HYPERPARAMETERS, has_presets
+    from ..editing.presets import NOT_HYPERPARAMETERS, UnknownModelError, choose_preset, has_presets
 
     kwargs = kwargs or {}
     if has_presets(name):
-        return _resolved(name, model, kwargs).preset
+        try:
+            return _resolved(name, model, kwargs).preset
+        except UnknownModelError:
+            raise
+        except Exception:  # noqa: BLE001 - kwargs the method rejects: its rows record the error as failed
+            try:
+                return choose_preset(name, model, preset=kwargs.get("preset"), quiet=True)[0] + "+invalid"
+            except Exception:  # noqa: BLE001 - e.g. an unknown preset name
+                return "invalid"
     if "preset" in kwargs:
         return str(kwargs["preset"])
     return "custom" if any(k not in NOT_HYPERPARAMETERS for k in kwargs) else "default"
