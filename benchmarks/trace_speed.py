@@ -48,14 +48,6 @@ SHAPES = {
 }
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Rank correlation with average ranks for ties (NaN where either side is constant)."""
-    import pandas as pd
-
-    ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
-    return float("nan") if ra.std() == 0 or rb.std() == 0 else float(np.corrcoef(ra, rb)[0, 1])
-
-
 def build(shape: str, device: str, layers: int | None = None):
     from workbench.architecture import random_bridge
     from workbench.facts import load_facts
@@ -152,9 +144,11 @@ def bench_attribution(model, prompt: str, subject: str, shape: str, exact, kw: d
         res, wall, cpu = timed(run, args.device)
         walls.append(wall)
         cpus.append(cpu)
-    first = min(exact.corrupted_span.positions)
-    rho = {k: spearman(exact.ie(k)[first:].ravel(), res.ie(k)[first:].ravel()) for k in exact.kinds}
-    top = {k: exact.top_cells(k, 1)[0][:2] == res.top_cells(k, 1)[0][:2] for k in exact.kinds}
+    from workbench.tracing.attribution import agreement
+
+    agree = agreement(exact, res)
+    rho = {k: a.spearman for k, a in agree.items()}
+    top = {k: a.top_cell_same for k, a in agree.items()}
     print(f"attribution: wall {', '.join(f'{w:.3f}' for w in walls)} s; Spearman vs exact "
           + ", ".join(f"{k} {rho[k]:.2f} (top cell {'same' if top[k] else 'differs'})" for k in exact.kinds),
           flush=True)
