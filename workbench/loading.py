@@ -28,7 +28,7 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -109,6 +109,31 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str | torch.device) -> str:
+    """``device`` as a string, refused with a clear :class:`ModelLoadError` when this machine lacks it (``cuda``
+    on a CPU-only build of torch or without a visible GPU, ``cuda:3`` with two GPUs, ``mps`` off Apple)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ModelLoadError(f"device {str(device)!r} is not a torch device ({' '.join(str(err).split())}); use "
+                             f"'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support (a CPU build)" if torch.version.cuda is None
+                   else "no NVIDIA GPU is visible")
+            raise ModelLoadError(f"device {str(device)!r} is not available: {why}; use --device cpu (or leave "
+                                 f"--device out: cuda where available, else cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {str(device)!r} does not exist: this machine has "
+                                 f"{torch.cuda.device_count()} GPU(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelLoadError(f"device {str(device)!r} is not available on this machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "meta"):
+        if not getattr(getattr(torch, dev.type, None), "is_available", lambda: False)():
+            raise ModelLoadError(f"device {str(device)!r} is not available on this machine; use --device cpu")
+    return str(device)
+
+
 def resolve_spec(spec: str | os.PathLike) -> tuple[str, Path | None]:
     """Classify a spec: ``("bundled"|"folder"|"hub", local_path_or_None)``."""
     text = str(spec)
@@ -176,8 +201,8 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars on every load are noise in notebooks
+    device = check_device(device) if device is not None else default_device()
     kind, path = resolve_spec(spec)
-    device = str(device or default_device())
     dtype = dtype or torch.float32
     if kind == "hub":
         name = str(spec)
@@ -212,6 +237,7 @@ def load_model(
     # The bridge's own tokenizer prepends BOS; save_hf writes this unmodified one.
     bridge.workbench_hf_tokenizer = original_tokenizer
     bridge.workbench_spec = str(spec)
+    bridge.workbench_manifest = path is not None and (path / MANIFEST).exists()
     return bridge
 
 
@@ -262,26 +288,201 @@ def check_model_folder(path: str | os.PathLike) -> dict:
     return config
 
 
-def _shape_mismatches(path: Path, limit: int = 3) -> list[str]:
-    """``"name: file (a, b) vs config (c, d)"`` for tensors whose saved shape differs from the config's."""
-    try:
-        from safetensors import safe_open
-        from transformers import AutoConfig, AutoModelForCausalLM
+MANIFEST = "workbench_manifest.json"
+"""A sealed copy of ``config.json`` that :func:`save_hf` (and ``train-toy``) write next to the weights, so that
+config fields the weights' shapes cannot confirm (``n_head``, ...) are checked too."""
 
-        with torch.device("meta"):
-            fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
-        expected = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-        out = []
-        for file in sorted(path.glob("*.safetensors")):
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "use_cache", "architectures")
+
+_SIZE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                "vocab_size", "max_position_embeddings", "head_dim", "rotary_dim", "n_inner")
+"""Config sizes :func:`unchecked_config_fields` tries (under each family's own names via ``attribute_map``)."""
+
+
+def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """``{tensor name: shape}`` over every weight file of a folder, read from headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in _weight_files(path):
+        if file.suffix == ".safetensors":
             with safe_open(str(file), framework="pt") as fh:
                 for name in fh.keys():
-                    shape = tuple(fh.get_slice(name).get_shape())
-                    want = expected.get(name)
-                    if want is not None and want != shape:
-                        out.append(f"{name} in {file.name} is {shape}, config gives {want}")
-        return out[:limit] + ([f"... {len(out) - limit} more"] if len(out) > limit else [])
-    except Exception:  # noqa: BLE001 - only a better message is at stake
-        return []
+                    shapes[name] = tuple(fh.get_slice(name).get_shape())
+        else:
+            try:
+                state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+            except Exception as err:  # noqa: BLE001
+                raise ModelLoadError(f"{file} is not a readable PyTorch weight file ({type(err).__name__}: {err}); "
+                                     f"fetch the file again") from None
+            shapes.update({k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)})
+    return shapes
+
+
+def _meta_model(config):
+    """The model class ``config`` describes, built on the meta device (no memory, whatever its size)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_config(config)
+
+
+def check_weights_match_config(path: str | os.PathLike, limit: int = 4) -> None:
+    """Refuse a folder whose ``config.json`` disagrees with its weight files, before building the model.
+
+    The model the config describes is built on the meta device (no memory) and compared with the
+    weight files' headers: every parameter present with its shape, no unexpected tensor. A sealed
+    :data:`MANIFEST` (written by :func:`save_hf`) also checks the fields no shape shows (``n_head``).
+    Raises :class:`ModelLoadError` naming the folder, what differs and the fix.
+    """
+    import re
+
+    from transformers import AutoConfig
+
+    path = Path(path)
+    fix = (f"make {path / 'config.json'} match the weight files (model_type, n_layer, n_head, n_embd, vocab_size, "
+           f"...), e.g. restore it from the model's source")
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+        meta = _meta_model(config)
+    except Exception as err:  # noqa: BLE001 - transformers raises many types
+        raise ModelLoadError(f"{path / 'config.json'} does not describe a model transformers can build "
+                             f"({type(err).__name__}: {' '.join(str(err).split())[:300]}); {fix}") from None
+    rename, exact = _checkpoint_renames(meta)
+    params = {k: tuple(v.shape) for k, v in meta.named_parameters()}  # tied weights once
+    allowed = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    allowed.update(params)
+    prefix = getattr(meta, "base_model_prefix", "") or ""
+    found: dict[str, tuple[int, ...]] = {}
+    for name, shape in _file_shapes(path).items():
+        name = rename(name)
+        if name not in allowed and prefix:
+            if f"{prefix}.{name}" in allowed:
+                name = f"{prefix}.{name}"
+            elif name.startswith(prefix + ".") and name[len(prefix) + 1:] in allowed:
+                name = name[len(prefix) + 1:]
+        found[name] = shape
+    ignore_unexpected = [re.compile(p) for p in (getattr(meta, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    ignore_missing = [re.compile(p) for p in (getattr(meta, "_keys_to_ignore_on_load_missing", None) or [])]
+    missing = [n for n in params if n not in found and not any(p.search(n) for p in ignore_missing)]
+    unexpected = [n for n in found if n not in allowed and not any(p.search(n) for p in ignore_unexpected)]
+    if not exact:  # the family converts tensors on load (fuses, splits): only shapes of matching names are checked
+        missing, unexpected = [], []
+    wrong = [f"{n} is {found[n]}, config gives {allowed[n]}" for n in found if n in allowed and found[n] != allowed[n]]
+    if not (missing or unexpected or wrong):
+        _check_manifest(path)  # the fields no shape shows
+        return
+    problems = []
+    n_layers = getattr(config, "num_hidden_layers", None)
+    layer_ids = {int(m.group(1)) for n in found for m in [re.search(r"\.(?:h|layers|layer|blocks)\.(\d+)\.", n)] if m}
+    if n_layers is not None and layer_ids and max(layer_ids) + 1 != n_layers:
+        problems.append(f"the config has {n_layers} layers but the weights hold {max(layer_ids) + 1}")
+    for label, items in (("shapes differ", wrong), ("tensors missing from the weights", missing),
+                         ("unexpected tensors in the weights", unexpected)):
+        if items:
+            more = f" and {len(items) - limit} more" if len(items) > limit else ""
+            problems.append(f"{label}: {', '.join(items[:limit])}{more}")
+    raise ModelLoadError(f"{path / 'config.json'} (model_type {config.model_type!r}) does not match the weight files "
+                         f"in {path}: {'; '.join(problems)}. {fix[0].upper() + fix[1:]}")
+
+
+def _checkpoint_renames(meta) -> tuple[Any, bool]:
+    """``(rename, exact)``: the key renames transformers applies when loading ``meta``'s family (e.g. GPT-NeoX's
+    ``embed_out`` -> ``lm_head``), and whether renames are all it applies (other conversions fuse tensors)."""
+    import re
+
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        transforms = get_model_conversion_mapping(meta)
+    except Exception:  # noqa: BLE001 - an older transformers without conversions: names are as saved
+        return (lambda name: name), True
+    pairs, exact = [], True
+    for t in transforms:
+        if type(t) is not WeightRenaming:
+            exact = False
+            continue
+        targets = list(t.target_patterns)
+        for i, source in enumerate(t.source_patterns):
+            pairs.append((re.compile(source), targets[i] if i < len(targets) else targets[-1]))
+
+    def rename(name: str) -> str:
+        for pattern, target in pairs:
+            name = pattern.sub(target, name, count=1)
+        return name
+
+    return rename, exact
+
+
+def unchecked_config_fields(config) -> list[str]:
+    """Config size fields whose value the weights' shapes do not determine (e.g. GPT-2's ``n_head``: the
+    attention weights have the same shape for any head count), found by changing each on a meta model."""
+    import copy
+
+    base = {k: tuple(v.shape) for k, v in _meta_model(config).state_dict().items()}
+    out = []
+    names = dict(getattr(config, "attribute_map", {}) or {})
+    for field in _SIZE_FIELDS:
+        value = getattr(config, field, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            continue
+        shown = names.get(field, field)
+        for trial in (value * 2, value // 2):
+            if trial < 1:
+                continue
+            other = copy.deepcopy(config)
+            try:
+                setattr(other, field, trial)
+                shapes = {k: tuple(v.shape) for k, v in _meta_model(other).state_dict().items()}
+            except Exception:  # noqa: BLE001 - an inconsistent size (e.g. not a divisor): try the other
+                continue
+            if shapes == base:
+                out.append(shown)
+            break
+    return out
+
+
+def _manifest_config(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+
+
+def write_manifest(folder: str | os.PathLike) -> Path:
+    """Seal the folder's ``config.json`` into :data:`MANIFEST` (what :func:`check_weights_match_config` reads)."""
+    from .integrity import atomic_write, seal
+
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    record = seal({"format": 1, "config": _manifest_config(config)})
+    return atomic_write(folder / MANIFEST, json.dumps(record, indent=1, sort_keys=True).encode(), what="manifest")
+
+
+def _check_manifest(path: Path) -> bool:
+    """Check ``config.json`` against a sealed :data:`MANIFEST`, if there is one; whether there was."""
+    from .integrity import IntegrityError, verify
+
+    file = path / MANIFEST
+    if not file.exists():
+        return False
+    try:
+        record = json.loads(file.read_text())
+        verify(record, where=str(file), error=ModelLoadError,
+               fix=f"restore it, or delete it if {path / 'config.json'} is known to be right")
+    except ValueError as err:
+        raise ModelLoadError(f"{file} is not readable JSON ({err}); restore it, or delete it if "
+                             f"{path / 'config.json'} is known to be right") from None
+    except IntegrityError as err:
+        raise ModelLoadError(str(err)) from None
+    saved = record.get("config", {})
+    now = _manifest_config(_read_config(path))
+    differ = sorted(k for k in set(saved) | set(now) if saved.get(k, "<absent>") != now.get(k, "<absent>"))
+    if differ:
+        detail = "; ".join(f"{k}: config.json has {now.get(k, '<absent>')!r}, saved {saved.get(k, '<absent>')!r}"
+                           for k in differ[:5])
+        raise ModelLoadError(f"{path / 'config.json'} differs from the config the weights were saved with ({detail}; "
+                             f"recorded in {file}); restore config.json, or delete {file} if the change is intended")
+    return True
 
 
 def _load_folder(path: Path, dtype: torch.dtype):
@@ -289,15 +490,14 @@ def _load_folder(path: Path, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_folder(path)
+    check_weights_match_config(path)  # before building: a wrong config could describe a huge model
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=dtype)
     except Exception as err:  # noqa: BLE001 - transformers raises many types; the path is what the user needs
         text = " ".join(str(err).split())
-        mismatches = _shape_mismatches(path)
-        detail = ("; shapes in the weight files differ from what config.json implies: " + "; ".join(mismatches)
-                  if mismatches else f": {type(err).__name__}: {text[:600]}")
-        raise ModelLoadError(f"cannot load the weights in {path}{detail}. Check that {path / 'config.json'} matches "
-                             f"the weight files (n_embd, n_layer, n_head, vocab_size, ...)") from None
+        raise ModelLoadError(f"cannot load the weights in {path}: {type(err).__name__}: {text[:600]}. Check that "
+                             f"{path / 'config.json'} matches the weight files (n_embd, n_layer, n_head, vocab_size, "
+                             f"...)") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as err:  # noqa: BLE001
@@ -548,8 +748,17 @@ def restore_fingerprint(model, token: str, restored: Iterable[str]) -> None:
 
 
 def model_info(model) -> dict:
-    """Size facts of a loaded model, for ``workbench info`` and reports."""
+    """Size facts of a loaded model, for ``workbench info`` and reports, and how far its config was checked
+    (``config_check``: the config fields the weights' shapes cannot confirm, and whether a sealed manifest did)."""
     cfg = model.cfg
+    unchecked = unchecked_config_fields(hf_model(model).config)
+    if not unchecked:
+        check = "every size field confirmed by the weights' shapes"
+    elif getattr(model, "workbench_manifest", False):
+        check = f"shapes, and {', '.join(unchecked)} by the folder's sealed {MANIFEST}"
+    else:
+        check = (f"{', '.join(unchecked)} cannot be checked by the weights' shapes (no {MANIFEST}); a wrong value "
+                 f"loads and gives wrong predictions")
     return {
         "spec": getattr(model, "workbench_spec", None),
         "n_layers": cfg.n_layers,
@@ -562,18 +771,41 @@ def model_info(model) -> dict:
                       if name != "lm_head.weight" or not hf_model(model).config.tie_word_embeddings),
         "device": str(next(hf_model(model).parameters()).device),
         "dtype": str(next(hf_model(model).parameters()).dtype).replace("torch.", ""),
+        "config_check": check,
     }
 
 
-def save_hf(model, out_dir: str | os.PathLike) -> Path:
-    """Write the model's current (possibly edited) weights and tokenizer as a HF folder.
+_MODEL_FILE_PATTERNS = ("config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
+                        "pytorch_model*.bin", "pytorch_model*.bin.index.json", "tokenizer*.json", "tokenizer.model",
+                        "vocab.json", "vocab.txt", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                        "chat_template.*", "spiece.model", MANIFEST)
+"""Files of a Hugging Face model folder: what ``save_hf(..., overwrite=True)`` clears first."""
+
+
+def save_hf(model, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write the model's current (possibly edited) weights and tokenizer as a HF folder, with a sealed
+    :data:`MANIFEST` of its config.
 
     The tokenizer written is the one the model was loaded with, not the bridge's copy
     (which prepends BOS by itself), so the saved folder tokenizes exactly like the source.
+    A folder that is not empty is refused (another model's tokenizer or weight shards left
+    in it would be read with this model) unless ``overwrite=True``, which first deletes the
+    model files there (config, weights, tokenizer files, manifest) and leaves other files.
     """
     from transformers import AutoModelForCausalLM
 
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ModelLoadError(f"{out} is a file; save_hf writes a folder: give a folder path")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ModelLoadError(f"{out} is not empty; files of another model left there would be loaded with this "
+                                 f"one. Give an empty or new folder, or pass overwrite=True (CLI: --overwrite) to "
+                                 f"replace the model files in it")
+        for pattern in _MODEL_FILE_PATTERNS:
+            for file in out.glob(pattern):
+                if file.is_file():
+                    file.unlink()
     out.mkdir(parents=True, exist_ok=True)
     config = hf_model(model).config
     fresh = AutoModelForCausalLM.from_config(config)
@@ -587,6 +819,7 @@ def save_hf(model, out_dir: str | os.PathLike) -> Path:
         warnings.warn(msg, UserWarning, stacklevel=2)
         tokenizer = model.tokenizer
     tokenizer.save_pretrained(str(out))
+    write_manifest(out)
     return out
 
 
