@@ -105,3 +105,35 @@ def test_mend_edit_loss_covers_every_object_token(toy_model, fact, obj):
     assert edit.info["edit_nll_before"] == pytest.approx(direct_nll(toy_model, fact.prompt, obj), rel=1e-4)
     up = rises(toy_model, edit, fact.prompt, obj)
     assert sum(up) / len(up) > 2 and up[0] > 5
+
+
+@pytest.mark.parametrize("obj", [TWO, THREE])
+def test_kn_original_adds_every_new_token_and_raises_each(toy_model, fact, obj):
+    """kn-original's edit (the original ``modify_weights``): each selected unit's value vector gets
+    -2 E[top prediction] + the sum of E over *every* token of o*; it raises each of o*'s tokens."""
+    from workbench.predict import next_token_probs
+
+    edit = wb.kn(toy_model, fact, obj)
+    assert edit.hparams["preset"] == "kn-original"
+    top = int(next_token_probs(toy_model, [fact.prompt])[0].argmax())
+    W_E = toy_model.W_E.detach().float()
+    row = -2 * W_E[top] + sum(W_E[t] for t in object_token_ids(toy_model, obj))
+    neurons = {tuple(n) for n in edit.info["neurons"]}
+    assert neurons
+    for name, delta in edit.deltas.items():
+        layer = int(name.split(".")[2])
+        for unit in {u for l, u in neurons if l == layer}:
+            torch.testing.assert_close(delta[unit].float(), row, rtol=1e-5, atol=1e-6)
+    assert min(rises(toy_model, edit, fact.prompt, obj)) > 5
+
+
+def test_kn_attribution_averages_every_object_token(toy_model, fact):
+    """Attribution to an object of several tokens is the mean of the attributions to each of them
+    (the original scores each object token at the prompt's last position)."""
+    from workbench.editing.kn import integrated_gradients
+
+    ids = object_token_ids(toy_model, THREE)
+    kw = dict(locus="subject", steps=4, at="last", activation="pre")
+    joint, _ = integrated_gradients(toy_model, [fact.prompt], fact.subject, ids, **kw)
+    each = [integrated_gradients(toy_model, [fact.prompt], fact.subject, [t], **kw)[0] for t in ids]
+    torch.testing.assert_close(joint, torch.stack(each).mean(0), rtol=1e-4, atol=1e-7)
