@@ -1,7 +1,9 @@
 """MEND's hyperparameters (the originals' names) and presets (reference §6a).
 
-:class:`MendHyperParams` holds the network, edit and training settings; ``MEND_GPT2_XL``,
-``MEND_GPT_J`` and ``MEND_TOY`` are the presets and :func:`mend_hparams_for` picks one for a model.
+:class:`MendHyperParams` holds the network, edit and training settings. Presets: ``MEND_GPT2_XL``
+and ``MEND_GPT_J`` (the originals' edited weights and learning rates, eric-mitchell/mend
+``config/model/gpt2xl.yaml`` / ``gptj.yaml`` and ``config/alg/mend.yaml``), ``MEND_TOY`` for the
+bundled model; :func:`mend_hparams_for` picks one for a model and :data:`MEND_PRESETS` names them.
 """
 
 from __future__ import annotations
@@ -10,6 +12,13 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Sequence
 
 from .edit import _hf
+from .hparams import HyperParameterError, unknown_keys_error
+
+FACTOR_POSITIONS = ("all", "target")
+"""Where the gradient factors (x_t, δ_t) are taken: ``"all"``, every position whose input and
+output gradient are both nonzero (the originals: ``nz_mask`` in ``algs/mend.py``), or
+``"target"``, only the positions whose logits predict the new object's tokens."""
+
 
 # ----------------------------------------------------------------------------- hyperparameters
 @dataclass
@@ -21,7 +30,8 @@ class MendHyperParams:
     the factors), ``combine`` (one network over [x, δ] instead of one per factor), ``shared`` (one
     network per weight shape, with per-weight modes), ``act`` (only ``"relu"``).
     Edit: ``inner_params`` (HF names of the edited weights; ``None``: the MLP input and output
-    projections of the last ``n_blocks`` blocks), ``edit_lr`` (initial step α), ``prepend_bos`` (the BOS
+    projections of the last ``n_blocks`` blocks), ``edit_lr`` (initial step α), ``factor_positions``
+    (:data:`FACTOR_POSITIONS`: ``"all"`` as the originals, or ``"target"``), ``prepend_bos`` (the BOS
     convention of training and edits; ``None``: :func:`~workbench.editing.hparams.editing_prepend_bos`).
     Training: ``lr`` (Adam on the network), ``lr_lr`` (Adam on the α's), ``cedit``/``cloc`` (loss
     weights), ``batch_size`` (edits per optimiser step; the originals accumulate 10 batches),
@@ -51,25 +61,29 @@ class MendHyperParams:
     early_stop_patience: int = 4
     checkpoint_every: int = 50
     seed: int = 0
+    factor_positions: str = "all"
     prepend_bos: bool | None = None  # BOS before every prompt (None: the model's editing convention)
 
     def __post_init__(self) -> None:
         if self.inner_params is not None:
             self.inner_params = tuple(self.inner_params)
             if not self.inner_params:
-                raise ValueError("inner_params is empty; name at least one weight (or None for the default)")
+                raise HyperParameterError("inner_params is empty; name at least one weight (or None for the default)")
         if self.init not in ("id", "xavier"):
-            raise ValueError(f"init must be 'id' or 'xavier', not {self.init!r}")
+            raise HyperParameterError(f"init must be 'id' or 'xavier', not {self.init!r}")
+        if self.factor_positions not in FACTOR_POSITIONS:
+            raise HyperParameterError(f"factor_positions must be one of {FACTOR_POSITIONS}, not "
+                                      f"{self.factor_positions!r}")
         if self.act != "relu":
-            raise ValueError(f"act must be 'relu', not {self.act!r}")
+            raise HyperParameterError(f"act must be 'relu', not {self.act!r}")
         for name in ("n_hidden", "rank", "batch_size", "max_steps", "val_every", "n_val", "n_blocks",
                      "checkpoint_every"):
             low = 0 if name == "n_hidden" else 1
             if int(getattr(self, name)) < low:
-                raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
+                raise HyperParameterError(f"{name} must be >= {low}, got {getattr(self, name)}")
         for name in ("lr", "lr_lr", "cedit", "cloc", "grad_clip"):
             if not float(getattr(self, name)) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise HyperParameterError(f"{name} must be >= 0, got {getattr(self, name)}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -81,7 +95,7 @@ class MendHyperParams:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown MEND hyperparameter(s) {unknown}; known: {sorted(names)}")
+            raise unknown_keys_error("MendHyperParams", unknown, sorted(names))
         return cls(**d)
 
     def with_(self, **changes: Any) -> "MendHyperParams":
@@ -92,14 +106,18 @@ def _blocks(prefix: str, names: Sequence[str], layers: Sequence[int]) -> tuple[s
     return tuple(f"{prefix}.{l}.mlp.{n}.weight" for l in layers for n in names)
 
 
+# The originals' values. eric-mitchell/mend, config/alg/mend.yaml: edit_lr 1e-4, lr 1e-6, lr_lr 1e-4,
+# mend.{n_hidden 1, rank 1920, init id, norm, combine, shared, act relu}; config/config.yaml: cedit 0.1,
+# cloc 1.0, grad_clip 100; config/model/gpt2xl.yaml: inner_params c_proj, c_fc of blocks 45-47
+# (in this order); config/model/gptj.yaml: fc_in, fc_out of blocks 25-27. Their Hugging Face
+# tokenizers add no BOS. Factors over every position with nonzero input and gradient (algs/mend.py).
 MEND_GPT2_XL = MendHyperParams(inner_params=_blocks("transformer.h", ("c_proj", "c_fc"), (45, 46, 47)),
-                               prepend_bos=False)
+                               edit_lr=1e-4, lr=1e-6, lr_lr=1e-4, cedit=0.1, cloc=1.0, prepend_bos=False)
 """The originals' GPT-2 XL setup (``config/model/gpt2xl.yaml`` + ``config/alg/mend.yaml``)."""
 
 MEND_GPT_J = MendHyperParams(inner_params=_blocks("transformer.h", ("fc_in", "fc_out"), (25, 26, 27)),
-                             prepend_bos=False)
-"""The originals' GPT-J setup (``config/model/gptj.yaml`` + ``config/alg/mend.yaml``). Both originals
-tokenize without BOS (the Hugging Face tokenizers' default)."""
+                             edit_lr=1e-4, lr=1e-6, lr_lr=1e-4, cedit=0.1, cloc=1.0, prepend_bos=False)
+"""The originals' GPT-J setup (``config/model/gptj.yaml`` + ``config/alg/mend.yaml``)."""
 
 MEND_TOY = MendHyperParams(
     inner_params=_blocks("transformer.h", ("c_proj", "c_fc"), (3, 4, 5)),
