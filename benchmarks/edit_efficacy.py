@@ -54,14 +54,13 @@ def run_layer(model, facts, layer: int | None, overrides: dict | None = None) ->
     preset's fields replaced by ``overrides``."""
     import warnings
 
-    from tqdm import tqdm
-
     from workbench.editing import rome
     from workbench.editing.edit import EditNotReachedWarning
+    from workbench.progress import progress_bar
 
     rows = []
     t0 = time.time()
-    for fact in tqdm(facts, desc=f"ROME layer {layer if layer is not None else 'preset'}", mininterval=5):
+    for fact in progress_bar(facts, desc=f"ROME layer {layer if layer is not None else 'preset'}", mininterval=5):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", EditNotReachedWarning)
             edit = rome(model, fact, layer=layer, hparams=overrides or None)

@@ -267,3 +267,105 @@ def test_evaluation_torn_last_row_does_not_swallow_the_next(tiny_model, tmp_path
         evaluate(tiny_model, _facts(), methods=(), out=out, progress=False)
     rows = [json.loads(line) for line in path.read_text().splitlines()]  # every line parses
     assert len(rows) == len(lines)
+
+
+# ------------------------------------------------------------------ integrity (row checksums, all-or-nothing appends)
+
+def _rewrite(path, change):
+    """Apply ``change(rows)`` to the parsed rows of ``path`` and write them back as valid JSON lines."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = change(rows)
+    path.write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in rows))
+
+
+def test_changed_number_in_a_valid_row_is_detected(tmp_path):
+    """Issue 21: a changed number in a valid JSON row was used silently."""
+    _fill(tmp_path, 3)
+    _rewrite(tmp_path / "rows.jsonl", lambda rows: [{**r, "value": 99} if r["i"] == 1 else r for r in rows])
+    with pytest.warns(RuntimeWarning, match=r"1 damaged line.*line 2.*checksum"):
+        store = _open(tmp_path)
+    with store:
+        assert store.done == {("0",), ("2",)} and store.damaged_lines == [2]
+        store.append({"i": 1, "value": 1})  # recomputed
+    with pytest.warns(RuntimeWarning):
+        store = _open(tmp_path)
+    with store:
+        assert store.get(1)["value"] == 1
+
+
+def test_row_without_its_store_key_is_refused(tmp_path):
+    """Issue 21: a row without its store key was accepted as if it had the folder's key."""
+    _fill(tmp_path, 2)
+    _rewrite(tmp_path / "rows.jsonl", lambda rows: rows + [{"i": 5, "value": 25}])
+    with pytest.warns(RuntimeWarning, match="without their store key"):
+        store = _open(tmp_path)
+    with store:
+        assert 5 not in store and store.damaged == 1
+
+
+def test_forged_duplicate_placed_first_does_not_win(tmp_path):
+    """Issue 21: a forged row with an existing id, placed first, replaced the genuine one."""
+    from workbench.integrity import seal
+    from workbench.store import StoreIntegrityError
+
+    _fill(tmp_path, 2)
+    path = tmp_path / "rows.jsonl"
+    genuine = json.loads(path.read_text().splitlines()[1])
+    forged = {**genuine, "value": -1}
+    _rewrite(path, lambda rows: [forged] + rows)  # checksum not updated: damaged, the genuine row wins
+    with pytest.warns(RuntimeWarning, match="damaged"):
+        store = _open(tmp_path)
+    with store:
+        assert store.get(1)["value"] == 1
+    _rewrite(path, lambda rows: [seal(forged)] + rows[1:])  # a forger who recomputed the checksum
+    with pytest.raises(StoreIntegrityError, match=r"two different rows for \{'i': '1'\} \(lines 1 and 3\)"):
+        _open(tmp_path)
+
+
+def test_disk_full_mid_append_loses_nothing(tmp_path, monkeypatch):
+    """Issue 21: after a disk-full error mid-append, the next append returned normally and its row was lost."""
+    import errno
+
+    from workbench.store import StoreWriteError
+
+    real_write, real_truncate = os.write, os.ftruncate
+    path = tmp_path / "rows.jsonl"
+
+    def half_then_full(fd, data):  # the disk fills up part-way through the line
+        if len(data) > 8:
+            real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    for truncate_fails in (False, True):  # even when cutting the partial line fails too
+        folder = tmp_path / f"s{truncate_fails}"
+        path = folder / "rows.jsonl"
+        with _open(folder) as store:
+            store.append({"i": 0, "value": 0})
+            monkeypatch.setattr(os, "write", half_then_full)
+            if truncate_fails:
+                monkeypatch.setattr(os, "ftruncate", lambda fd, n: (_ for _ in ()).throw(OSError(errno.EIO, "I/O")))
+            with pytest.raises(StoreWriteError, match=f"cannot write the result rows {path}: the disk is full"):
+                store.append({"i": 1, "value": 1})
+            monkeypatch.setattr(os, "write", real_write)
+            monkeypatch.setattr(os, "ftruncate", real_truncate)
+            assert 1 not in store
+            store.append({"i": 1, "value": 1})  # space freed: the next append must keep its row
+            store.append({"i": 2, "value": 4})
+        with _open(folder) as store:
+            assert store.damaged == 0 and [r["value"] for r in store.rows()] == [0, 1, 4]
+        assert [json.loads(line)["i"] for line in path.read_text().splitlines()] == [0, 1, 2]
+
+
+def test_folder_from_before_row_checksums_is_refused_clearly(tmp_path):
+    """Old folders (store format 1, rows without checksums) are refused with a message, not trusted."""
+    _fill(tmp_path, 2)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["format_version"] = 1
+    cfg.pop("checksum")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(StoreMismatchError, match="older workbench .store format 1, rows without checksums"):
+        _open(tmp_path)
+    cfg["format_version"] = 2  # a config whose content no longer matches its checksum
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception, match="config.json has no checksum"):
+        _open(tmp_path)

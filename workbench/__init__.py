@@ -13,6 +13,7 @@ from .evaluation import evaluate, full_table, paper_table, probes, relation_temp
 from .facts import Fact, FactFormatError, load_facts
 from .loading import ModelLoadError, load_model, model_info, random_model, save_hf
 from .predict import next_token_probs, top_tokens
+from .progress import set_progress
 from .spans import Span, SpanError, relation_span, resolve_span, subject_span, tokenize
 from .plots import plot_aie, plot_attention, plot_edit_eval, plot_severed, plot_trace
 from .tracing import (BUCKETS, DatasetTraceResult, SeveredResult, TraceResult, noise_level, severed_trace, trace,
@@ -27,7 +28,7 @@ __all__ = [
     "plot_aie", "plot_attention", "plot_edit_eval", "plot_severed", "plot_trace", "Inspector",
     "Fact", "FactFormatError", "load_facts",
     "ModelLoadError", "load_model", "model_info", "random_model", "save_hf",
-    "next_token_probs", "top_tokens",
+    "next_token_probs", "top_tokens", "set_progress",
     "Span", "SpanError", "relation_span", "resolve_span", "subject_span", "tokenize",
     "BUCKETS", "DatasetTraceResult", "SeveredResult", "TraceResult", "noise_level", "severed_trace", "trace",
     "trace_dataset",

@@ -31,7 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # subcommand not built yet
             raise
         module.register(sub)
+    parser.add_argument("--quiet", "-q", action="store_true", help=QUIET_HELP)
+    for command in sub.choices.values():  # also accepted after the command: `workbench demo --quiet`
+        if not command.get_default("passthrough"):
+            command.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
     return parser
+
+
+QUIET_HELP = "no progress bars or progress lines and no step notes; warnings, errors and results still show"
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -68,6 +75,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.rest = words[words.index(args.command) + 1:]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.quiet:
+        from .progress import set_progress
+
+        set_progress("off")
+        logging.getLogger("workbench").setLevel(logging.WARNING)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

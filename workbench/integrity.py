@@ -38,7 +38,7 @@ import torch
 
 __all__ = ["CHECKSUM_FIELD", "IntegrityError", "WriteError", "atomic_write", "canonical_json", "file_sha256",
            "load_torch", "read_safetensors", "record_checksum", "save_torch", "seal", "tensor_digest", "verify",
-           "write_safetensors"]
+           "write_error", "write_safetensors"]
 
 CHECKSUM_FIELD = "checksum"
 """The metadata field that holds a record's SHA-256 (left out of the checksum itself)."""
@@ -56,8 +56,8 @@ class WriteError(OSError):
 
 
 def canonical_json(obj: Any) -> bytes:
-    """``obj`` as canonical JSON bytes: sorted keys, no whitespace, NaN refused."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    """``obj`` as canonical JSON bytes: sorted keys, no whitespace (NaN and infinities as Python's json writes them)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -174,7 +174,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
 
     tensors = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
     sealed = seal(meta, tensors)
-    data = save(tensors, metadata={header_key: json.dumps(sealed, sort_keys=True, allow_nan=False)})
+    data = save(tensors, metadata={header_key: json.dumps(sealed, sort_keys=True)})
     return atomic_write(path, data, what=what)
 
 

@@ -12,19 +12,28 @@ Every resumable run (trace sweeps, evaluations, ...) writes its finished rows th
   (nobody can tell what those rows were computed with). Selection arguments that only
   pick *which* rows to compute (a sample size, a list of methods to run) belong outside
   the key, as long as the key covers what each row's value depends on.
-* **Rows carry their key.** Each appended row gets ``"store_key"``: the key's hash. Rows
-  with another hash (a file copied between folders) are skipped and counted in
-  :attr:`ResultStore.foreign`.
+* **Rows carry their key and a checksum.** Each appended row gets ``"store_key"`` (the key's
+  hash) and ``"checksum"``: the SHA-256 of the whole row (:mod:`workbench.integrity`), so a
+  changed number in an otherwise valid JSON line is detected. Rows with another key's hash
+  (a file copied between folders) are skipped and counted in :attr:`ResultStore.foreign`;
+  a row without its store key or whose checksum does not match is damaged (below). Two
+  intact rows with the same id (``id_fields``) but different content cannot come from this
+  store (an append refuses an id already present): the folder is refused with
+  :class:`StoreIntegrityError` naming both lines, so neither a forged row placed first nor
+  the genuine one silently wins. Identical copies are kept once.
 * **One writer.** While open, the store holds an exclusive ``fcntl.flock`` on
   ``DIR/.lock`` (non-blocking); a second opener gets :class:`StoreLockedError` naming the
   holder's pid. The lock ends with the process, so a killed run never leaves it stale.
-* **Append-only, damage-tolerant.** Rows are JSON lines in ``DIR/<rows>``. Each append is
-  one ``write`` of a whole line followed by flush + ``fsync``. Reading never truncates: a
-  line that does not parse (including a torn last line without its newline) is skipped,
-  counted in :attr:`ResultStore.damaged` (line numbers in :attr:`ResultStore.damaged_lines`)
-  and reported with a warning; damaged lines in the middle stay on disk untouched. A torn
-  last line (a write cut short; nothing follows it) is cut before the next append, so it
-  cannot swallow the new row. Rows with an id already seen (``id_fields``) are kept once, the first.
+* **Append-only, all-or-nothing, damage-tolerant.** Rows are JSON lines in ``DIR/<rows>``.
+  Each append writes one whole line, then fsyncs; a write that fails part-way (a full
+  disk) is cut back off the file before the error (:class:`StoreWriteError`) propagates,
+  and every append first cuts a torn tail left by a process killed mid-write, so a later
+  row can never be glued to a partial one and lost. Reading never truncates: a line that
+  does not parse, lacks its store key or fails its checksum is skipped, counted in
+  :attr:`ResultStore.damaged` (line numbers in :attr:`ResultStore.damaged_lines`),
+  reported with a warning naming the file and lines, and recomputed by the run; damaged
+  lines in the middle stay on disk untouched. Folders written before row checksums
+  (store format 1) are refused with a message saying so.
 
 Usage::
 
@@ -48,11 +57,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-__all__ = ["FORMAT_VERSION", "ResultStore", "StoreError", "StoreLockedError", "StoreMismatchError", "content_hash",
-           "key_hash"]
+from .integrity import CHECKSUM_FIELD, IntegrityError, record_checksum, seal, verify, write_error
 
-FORMAT_VERSION = 1
-"""Version of the store layout (``config.json`` + JSON lines); part of every store's identity."""
+__all__ = ["FORMAT_VERSION", "ResultStore", "StoreError", "StoreIntegrityError", "StoreLockedError",
+           "StoreMismatchError", "StoreWriteError", "content_hash", "key_hash"]
+
+FORMAT_VERSION = 2
+"""Version of the store layout (``config.json`` + JSON lines, each row with its checksum); part of every
+store's identity. Format 1 rows carried no checksum."""
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +75,14 @@ class StoreError(RuntimeError):
 
 class StoreLockedError(StoreError):
     """Another process holds the store's lock."""
+
+
+class StoreIntegrityError(StoreError, IntegrityError):
+    """A store's files contradict themselves (a sealed config that does not match, two different rows for one id)."""
+
+
+class StoreWriteError(StoreError, OSError):
+    """A row could not be written (e.g. the disk is full); nothing of it is left in the file."""
 
 
 class StoreMismatchError(StoreError, ValueError):
@@ -221,9 +241,13 @@ class ResultStore:
                     f"{rows_path} holds rows but {cfg_path} is missing, so nothing says which settings those "
                     f"rows were computed with; delete the folder (or restore its config.json), or give this "
                     f"run another --out folder", ["config.json"])
-            tmp = cfg_path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(config, indent=1, sort_keys=True))
-            os.replace(tmp, cfg_path)
+            from .integrity import atomic_write
+
+            try:
+                atomic_write(cfg_path, json.dumps(seal(config), indent=1, sort_keys=True).encode(),
+                             what="store config")
+            except OSError as err:
+                raise StoreError(str(err)) from None
             return
         try:
             old = json.loads(cfg_path.read_text())
@@ -234,6 +258,14 @@ class ResultStore:
             raise StoreMismatchError(
                 f"{folder} was written by an older workbench (its config.json has no store key); delete it or "
                 f"give this run another --out folder", ["format_version"])
+        if isinstance(old.get("format_version"), int) and old["format_version"] < FORMAT_VERSION:
+            raise StoreMismatchError(
+                f"{folder} was written by an older workbench (store format {old['format_version']}, rows without "
+                f"checksums), so its rows cannot be verified; delete it (or move it away) to recompute, or give "
+                f"this run another --out folder", ["format_version"])
+        verify(old, where=str(cfg_path), error=StoreIntegrityError,
+               fix=f"the folder's settings cannot be trusted: delete {folder} or give this run another --out folder")
+        old = {k: v for k, v in old.items() if k != CHECKSUM_FIELD}
         fields = []
         if old.get("format_version") != FORMAT_VERSION:
             fields.append("format_version")
@@ -267,6 +299,7 @@ class ResultStore:
         lines = raw.split(b"\n")
         tail = lines.pop()  # b"" when the file ends with a newline
         self._torn_at = len(raw) - len(tail) if tail else None
+        first_line: dict[tuple[str, ...], int] = {}
         for n, line in enumerate(lines + ([tail] if tail else []), start=1):
             if not line.strip():
                 continue
@@ -277,21 +310,35 @@ class ResultStore:
                 if not isinstance(row, dict):
                     raise ValueError("not a JSON object")
                 ident = self._id(row)
+                if "store_key" not in row:
+                    raise ValueError("no store key")
             except (ValueError, StoreError):
                 self.damaged += 1
                 self.damaged_lines.append(n)
                 continue
-            if row.get("store_key", self.key_hash) != self.key_hash:
+            if row["store_key"] != self.key_hash:
                 self.foreign += 1
                 continue
+            if row.get(CHECKSUM_FIELD) != record_checksum(row):
+                self.damaged += 1
+                self.damaged_lines.append(n)
+                continue
             if ident in self._rows:
+                if self._rows[ident] != row:
+                    raise StoreIntegrityError(
+                        f"{self.path} holds two different rows for {dict(zip(self.id_fields, ident))} (lines "
+                        f"{first_line[ident]} and {n}); a store never writes an id twice, so the file was edited "
+                        f"and neither row can be trusted: delete both lines to recompute that row, or delete "
+                        f"{self.folder} to start over")
                 self.duplicates += 1
                 continue
             self._rows[ident] = row
+            first_line[ident] = n
         if self.damaged:
             where = ", ".join(map(str, self.damaged_lines[:10])) + (" ..." if self.damaged > 10 else "")
-            msg = (f"{self.path}: {self.damaged} damaged line(s) skipped (line {where}); the intact rows are "
-                   f"used and the skipped ones will be recomputed")
+            msg = (f"{self.path}: {self.damaged} damaged line(s) skipped (line {where}: unreadable, without "
+                   f"their store key, or not matching their checksum); the intact rows are used and the skipped "
+                   f"ones will be recomputed")
             log.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
         if self.foreign:
@@ -324,29 +371,51 @@ class ResultStore:
         return iter(self.rows())
 
     def append(self, row: dict) -> dict:
-        """Add one finished row (stamped with ``store_key``), durably: one whole line, flush, fsync.
+        """Add one finished row (stamped with ``store_key`` and its ``checksum``), all-or-nothing: one
+        whole line, then fsync.
 
-        Returns the row as it will read back. Re-appending an id already present is an error.
+        Returns the row as it will read back. Re-appending an id already present is an error. A
+        write that fails (a full disk) raises :class:`StoreWriteError` after cutting what it
+        wrote, so the file holds the rows before it, intact, and nothing of this one.
         """
         if self._lock_fd is None:
             raise StoreError(f"the store {self.folder} is closed")
         stored = _normal({**row, "store_key": self.key_hash})
+        stored = seal(stored)
         ident = self._id(stored)
         if ident in self._rows:
-            raise StoreError(f"{self.path} already holds the row {ident}")
+            raise StoreError(f"{self.path} already holds the row {dict(zip(self.id_fields, ident))}; a run "
+                             f"computes each row once (were two inputs given the same id?)")
         line = json.dumps(stored, separators=(",", ":")).encode() + b"\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise StoreWriteError(str(write_error(self.path, err, "result rows"))) from None
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
             if self._torn_at is not None:
-                # The torn last line is a write cut short: nothing intact follows it, and this
-                # row must not be glued to it. Cut it (it was counted in ``damaged``).
-                os.ftruncate(fd, self._torn_at)
-                self._torn_at = None
-            view = memoryview(line)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
+                # A torn last line is a write cut short (this process's or a killed one's): nothing
+                # intact follows it, and this row must not be glued to it. Cut it (it was counted in
+                # ``damaged``).
+                end = self._torn_at
+            elif end and os.pread(fd, 1, end - 1) != b"\n":
+                end = _after_last_newline(fd, end)
+            if end != os.lseek(fd, 0, os.SEEK_END):
+                os.ftruncate(fd, end)
+            self._torn_at = None
+            try:
+                view = memoryview(line)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError as err:
+                try:
+                    os.ftruncate(fd, end)  # all or nothing: no partial row stays behind
+                    os.fsync(fd)
+                except OSError:
+                    self._torn_at = end  # cut it before the next append
+                raise StoreWriteError(f"{write_error(self.path, err, 'result rows')}; the rows written so far "
+                                      f"are kept and a rerun resumes after them") from None
         finally:
             os.close(fd)
         self._rows[ident] = stored
@@ -378,6 +447,19 @@ class ResultStore:
     def __repr__(self) -> str:
         return (f"ResultStore({str(self.folder)!r}, kind={self.kind!r}, rows={len(self._rows)}, "
                 f"damaged={self.damaged}, key_hash={self.key_hash!r})")
+
+
+def _after_last_newline(fd: int, end: int) -> int:
+    """Offset just after the last newline before ``end`` (0 when there is none)."""
+    pos = end
+    while pos > 0:
+        start = max(0, pos - 65536)
+        block = os.pread(fd, pos - start, start)
+        cut = block.rfind(b"\n")
+        if cut >= 0:
+            return start + cut + 1
+        pos = start
+    return 0
 
 
 def _lookup(config: dict, dotted: str) -> Any:

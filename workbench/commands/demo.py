@@ -46,7 +46,8 @@ def run(args) -> int:
     except ValueError:
         noise = args.noise
     html = build_report(model, facts, n_prompts=args.prompts, n_sweep=args.sweep, samples=args.samples,
-                        noise=noise, window=args.window, seed=args.seed, edit=not args.no_edit)
+                        noise=noise, window=args.window, seed=args.seed, edit=not args.no_edit,
+                        log=None if getattr(args, "quiet", False) else print)
     path = write_report(html, args.out)
     print(f"wrote {path.resolve()} ({len(html) / 1e6:.1f} MB) in {time.perf_counter() - started:.1f} s; "
           "open it in a browser (works offline)")

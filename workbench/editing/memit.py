@@ -72,10 +72,10 @@ def memit(model, facts: Sequence[Fact | dict], *, layers: Sequence[int] | None =
     z_hook = f"blocks.{z_layer}.hook_resid_post"
     covs = {l: resolve_cov(model, l, stats, hp, fingerprint) for l in R}  # before any weight changes
 
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     zs, z_info = [], []
-    for r in tqdm(requests, desc="MEMIT z", disable=not progress, leave=False):
+    for r in progress_bar(requests, desc="MEMIT z", enabled=progress, leave=False):
         res = compute_target(model, r, z_hook, templates=flat, locus=locus, v_num_grad_steps=hp.v_num_grad_steps,
                              v_lr=hp.v_lr, v_weight_decay=hp.v_weight_decay,
                              clamp_norm_factor=hp.clamp_norm_factor, kl_factor=hp.kl_factor,

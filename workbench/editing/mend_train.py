@@ -333,7 +333,7 @@ def train_mend(model, facts: Sequence[Fact] | str = TOY_TRAIN, *, hparams: MendH
 
 def _train(model, facts, hp: MendHyperParams, out: Path, val_facts, val_fraction: float, progress: bool, log
            ) -> MendTrainResult:
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     from ..loading import model_fingerprint
 
@@ -414,8 +414,8 @@ def _train(model, facts, hp: MendHyperParams, out: Path, val_facts, val_fraction
         return finish()
 
     editor.train()
-    bar = tqdm(total=hp.max_steps, initial=state["step"], desc="train-mend", disable=not progress,
-               dynamic_ncols=True)
+    bar = progress_bar(total=hp.max_steps, initial=state["step"], desc="train-mend", enabled=progress,
+                       dynamic_ncols=True)
     t_start, elapsed0 = time.perf_counter(), state["elapsed_s"]
     try:
         while state["step"] < hp.max_steps:

@@ -314,10 +314,10 @@ def _layer_stats_locked(model, layer, path, partial, meta, key, texts, corpus_id
         log.info("layer_stats: layer %d: %s E[kk^T] over %d tokens of %s; cache %s", layer, what, n_tokens,
                  corpus_id, path)
 
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
-    bar = tqdm(total=n_tokens, initial=count, unit="tok", desc=f"layer_stats L{layer}", disable=not progress,
-               leave=False)
+    bar = progress_bar(total=n_tokens, initial=count, unit="tok", desc=f"layer_stats L{layer}", enabled=progress,
+                       leave=False)
     device = model.cfg.device
     rows = token_rows(model, texts, seq_len)
     skipped = 0

@@ -235,10 +235,9 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | N
         measure_variant) in percent; ``attrs["details"]`` the per-edit rows, ``attrs["long"]``
         every cell's mean, interval and ``n``.
     """
-    from tqdm.auto import tqdm
-
     from ..editing.hparams import editing_prepend_bos
     from ..loading import model_fingerprint
+    from ..progress import progress_bar
     from ..scale import check_workers, map_facts
 
     check_workers(workers, ray_address)
@@ -276,7 +275,7 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | N
     if workers is not None and todo:  # computed once here, shipped to every worker
         settings["method_kwargs"] = with_shared_stats(model, resolved, method_kwargs)
     n_edits = 0
-    bar = tqdm(total=len(todo), desc="evaluate", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(todo), desc="evaluate", enabled=progress, dynamic_ncols=True)
     try:
         for _, row in map_facts(model, _evaluate_item, items, shared=settings, workers=workers,
                                 ray_address=ray_address, on_failure=_failed_row, bar=bar):

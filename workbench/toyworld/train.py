@@ -219,7 +219,7 @@ def lr_at(step: int, cfg: dict[str, Any]) -> float:
 def train_model(model, tokenizer, world: World, cfg: dict[str, Any], seed: int,
                 device: torch.device) -> list[dict[str, float]]:
     """The optimisation loop; returns the periodic log."""
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -230,7 +230,7 @@ def train_model(model, tokenizer, world: World, cfg: dict[str, Any], seed: int,
     use_bf16 = device.type == "cuda"
     log: list[dict[str, float]] = []
     stream = batch_stream(world, tokenizer, seed, cfg)
-    bar = tqdm(range(cfg["steps"]), desc="train-toy", mininterval=5)
+    bar = progress_bar(range(cfg["steps"]), desc="train-toy", mininterval=5)
     t0 = time.time()
     for step in bar:
         inp, lab = next(stream)
@@ -249,7 +249,7 @@ def train_model(model, tokenizer, world: World, cfg: dict[str, Any], seed: int,
                      "elapsed_s": round(time.time() - t0, 1),
                      **{k: round(v, 4) for k, v in acc.items() if isinstance(v, float)}}
             log.append(entry)
-            tqdm.write(json.dumps(entry))
+            bar.write(json.dumps(entry))
             model.train()
     return log
 

@@ -161,7 +161,7 @@ def trace_dataset(model, facts: Sequence[Fact] | str, *, corrupt: str = "subject
     rerun retries it. Other arguments as in :func:`trace`; every fact is traced with the
     same dataset-level nu, recorded in the result.
     """
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     from ..scale import check_workers, map_facts
 
@@ -199,8 +199,8 @@ def trace_dataset(model, facts: Sequence[Fact] | str, *, corrupt: str = "subject
                         prepend_bos=prepend_bos, precision=precision, replace=replace, engine=engine,
                         max_batch=max_batch, known=known)
         todo = [(i, (i, fact)) for i, fact in enumerate(facts) if i not in records]
-        bar = tqdm(total=len(facts), initial=len(records), disable=not progress, desc=f"tracing ({corrupt})",
-                   unit="fact")
+        bar = progress_bar(total=len(facts), initial=len(records), enabled=progress, desc=f"tracing ({corrupt})",
+                           unit="fact")
         for i, rec in map_facts(model, _trace_item, todo, shared=settings, workers=workers, ray_address=ray_address,
                                 on_failure=_failed_record, bar=bar):
             rec["noise_level"] = nu
