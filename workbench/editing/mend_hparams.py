@@ -14,6 +14,11 @@ from typing import Any, Sequence
 from .edit import _hf
 from .hparams import HyperParameterError, unknown_keys_error
 
+EARLY_STOP_KEYS = ("loss", "edit_success")
+"""What picks the best editor during training: ``"loss"``, the lowest validation loss cedit·edit +
+cloc·loc (the originals' ``early_stop_key: loss/total_edit_val``), or ``"edit_success"``, the highest
+validation edit success (locality breaks ties)."""
+
 FACTOR_POSITIONS = ("all", "target")
 """Where the gradient factors (x_t, δ_t) are taken: ``"all"``, every position whose input and
 output gradient are both nonzero (the originals: ``nz_mask`` in ``algs/mend.py``), or
@@ -36,7 +41,8 @@ class MendHyperParams:
     Training: ``lr`` (Adam on the network), ``lr_lr`` (Adam on the α's), ``cedit``/``cloc`` (loss
     weights), ``batch_size`` (edits per optimiser step; the originals accumulate 10 batches),
     ``grad_clip``, ``max_steps``, ``val_every`` (steps between validations), ``n_val`` (validation
-    edits), ``early_stop_patience`` (validations without improvement), ``checkpoint_every``, ``seed``.
+    edits), ``early_stop_key`` (:data:`EARLY_STOP_KEYS`: what picks the best editor), ``early_stop_patience``
+    (validations without improvement), ``checkpoint_every``, ``seed``.
     """
 
     inner_params: tuple[str, ...] | None = None
@@ -58,6 +64,7 @@ class MendHyperParams:
     max_steps: int = 100_000
     val_every: int = 500
     n_val: int = 100
+    early_stop_key: str = "loss"
     early_stop_patience: int = 4
     checkpoint_every: int = 50
     seed: int = 0
@@ -74,6 +81,8 @@ class MendHyperParams:
         if self.factor_positions not in FACTOR_POSITIONS:
             raise HyperParameterError(f"factor_positions must be one of {FACTOR_POSITIONS}, not "
                                       f"{self.factor_positions!r}")
+        if self.early_stop_key not in EARLY_STOP_KEYS:
+            raise HyperParameterError(f"early_stop_key must be one of {EARLY_STOP_KEYS}, not {self.early_stop_key!r}")
         if self.act != "relu":
             raise HyperParameterError(f"act must be 'relu', not {self.act!r}")
         for name in ("n_hidden", "rank", "batch_size", "max_steps", "val_every", "n_val", "n_blocks",
@@ -121,7 +130,7 @@ MEND_GPT_J = MendHyperParams(inner_params=_blocks("transformer.h", ("fc_in", "fc
 
 MEND_TOY = MendHyperParams(
     inner_params=_blocks("transformer.h", ("c_proj", "c_fc"), (3, 4, 5)),
-    edit_lr=1e-4, lr=1e-4, lr_lr=1e-3, rank=128, batch_size=16, max_steps=400, val_every=50, n_val=96,
+    edit_lr=1e-4, lr=1e-4, lr_lr=1e-3, rank=128, batch_size=16, max_steps=600, val_every=50, n_val=96,
     early_stop_patience=3, checkpoint_every=25,
 )
 """The bundled model (6 blocks of width 128): the last three blocks as in the originals' GPT-2 small
@@ -130,6 +139,13 @@ network and step learning rates are larger than GPT-2 XL's (a small model's fact
 its edits need steps ~100x edit_lr), chosen on training runs of the bundled model."""
 
 MEND_PRESETS: dict[str, MendHyperParams] = {"gpt2-xl": MEND_GPT2_XL, "gpt-j": MEND_GPT_J, "toy-facts": MEND_TOY}
+"""Model identity key -> MEND preset (:func:`mend_hparams_for` looks a model up here)."""
+
+MEND_SOURCES: dict[str, str] = {
+    "gpt2-xl": "eric-mitchell/mend config/model/gpt2xl.yaml, config/alg/mend.yaml, config/config.yaml",
+    "gpt-j": "eric-mitchell/mend config/model/gptj.yaml, config/alg/mend.yaml, config/config.yaml",
+}
+"""Preset key -> the original files its values come from."""
 
 
 def mend_hparams_for(model) -> MendHyperParams:

@@ -406,7 +406,7 @@ class MendEditor(nn.Module):
         if not path.exists():
             raise FileNotFoundError(f"{path}: no MEND editor there (build one with `workbench train-mend`)")
         fix = ("restore the file, or train the editor again (`workbench train-mend --out DIR`; an editor of "
-               "the originals' code loads with `workbench.editing.mend_original.load_original`)")
+               "the originals' code loads with `workbench.editing.load_original`)")
         tensors, meta = read_safetensors(path, header_key=_META_KEY, what="MEND editor", fix=fix)
         if meta.get("format") != FORMAT:
             raise IntegrityError(f"{path}: MEND editor format {meta.get('format')} is not {FORMAT} (an older "

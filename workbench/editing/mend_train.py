@@ -11,7 +11,8 @@ averaged over the batch; Adam updates the network (``lr``) and the per-weight st
 (``lr_lr``), after clipping the gradient norm to ``grad_clip``. Every ``val_every`` steps the
 editor is scored on fixed validation edits (edit success on the edit prompt and on an
 equivalent prompt, and locality: the unrelated prompt's top token unchanged); the best editor
-by validation edit success (locality breaks ties) is kept, and training stops after
+by ``early_stop_key`` is kept (the lowest validation loss, as the originals; or the highest edit
+success, locality breaking ties), and training stops after
 ``early_stop_patience`` validations without improvement or at ``max_steps``.
 
 Data. A training edit is a :class:`~workbench.facts.Fact` with ``target_new``: its prompt is the
@@ -296,9 +297,12 @@ class MendTrainResult:
     report: dict
 
 
-def _better(score: dict, best: dict | None) -> bool:
+def _better(score: dict, best: dict | None, key: str = "loss") -> bool:
+    """Whether ``score`` beats ``best`` by ``key`` (:data:`~workbench.editing.mend_hparams.EARLY_STOP_KEYS`)."""
     if best is None:
         return True
+    if key == "loss":
+        return score["loss"] < best["loss"]
     return (score["edit_success"], score["locality"]) > (best["edit_success"], best["locality"])
 
 
@@ -441,7 +445,7 @@ def _train(model, facts, hp: MendHyperParams, out: Path, val_facts, val_fraction
                 score["step"] = state["step"]
                 score["elapsed_s"] = round(elapsed0 + time.perf_counter() - t_start, 1)
                 state["history"].append(score)
-                if _better(score, state["best"]):
+                if _better(score, state["best"], hp.early_stop_key):
                     state["best"], state["best_step"], state["bad_rounds"] = score, state["step"], 0
                     editor.save(out / "best.safetensors")
                 else:

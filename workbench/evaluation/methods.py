@@ -125,7 +125,51 @@ def preset_name(name: str, model, kwargs: dict | None) -> str:
 
         base = KNHyperParams().preset
         return base if not tuning else f"{base}+custom"
+    if name == "mend":  # the editor is the preset: rows name it (and its SHA-256, info_editor_sha256)
+        try:
+            return f"mend:{_mend_editor(model, kwargs).label}"
+        except (OSError, ValueError):  # no usable editor: the edit fails and its row says why
+            return "mend:unavailable"
     return "custom" if tuning else "default"
+
+
+def _mend_editor(model, kwargs: dict | None):
+    """The MEND editor an evaluation of ``model`` uses (``kwargs["editor"]`` or the shipped one)."""
+    from ..editing.mend import resolve_editor
+
+    return resolve_editor(model, (kwargs or {}).get("editor"))
+
+
+def method_problem(name: str, fn: Callable, model, kwargs: dict | None) -> Exception | None:
+    """Why every edit of a built-in method would fail on ``model`` (checked once, before any edit),
+    or ``None``. MEND: its editor is missing, damaged, or was trained for another model."""
+    if name != "mend" or METHODS.get("mend") != "workbench.editing.mend:mend":
+        return None
+    try:
+        _mend_editor(model, kwargs).check_model(model)
+    except (OSError, ValueError) as err:  # FileNotFoundError, IntegrityError, MendModelMismatch
+        hint = ("" if (kwargs or {}).get("editor") else
+                " (no editor given: the one shipped for the bundled model was tried)")
+        return type(err)(f"MEND cannot edit this model{hint}: {err}. Pass a MEND editor trained for it "
+                         "(method_kwargs={'mend': {'editor': DIR}}, --mend-editor DIR) or leave MEND out")
+    return None
+
+
+def usable_methods(model, resolved: Sequence[tuple[str, Callable]], method_kwargs: dict[str, dict],
+                   explicit: bool) -> list[tuple[str, Callable]]:
+    """``resolved`` without the methods that could not edit ``model`` at all (:func:`method_problem`):
+    an explicitly chosen one raises the problem up front; one of the default methods is left out
+    with a warning that says why."""
+    out = []
+    for name, fn in resolved:
+        problem = method_problem(name, fn, model, method_kwargs.get(name))
+        if problem is None:
+            out.append((name, fn))
+        elif explicit:
+            raise problem
+        else:
+            warnings.warn(f"{name} is left out of the default methods: {problem}", stacklevel=3)
+    return out
 
 
 def resolved_hparams(name: str, model, kwargs: dict | None = None) -> dict | None:
@@ -163,6 +207,10 @@ def resolved_hparams(name: str, model, kwargs: dict | None = None) -> dict | Non
             if name == "ft" and hp.layer is None:
                 hp = replace(hp, layer=default_layer(model))
             return {**hp.to_dict(), "preset": preset_name(name, model, kwargs)}
+        if name == "mend" and METHODS.get("mend") == "workbench.editing.mend:mend":
+            editor = _mend_editor(model, kw)
+            return {**editor.hparams.to_dict(), "editor": editor.label, "editor_sha256": editor.content_hash,
+                    "preset": preset_name(name, model, kwargs)}
     except Exception:  # noqa: BLE001 - the method raises the same error per row, recorded there
         return None
     return None

@@ -18,7 +18,7 @@ from ..facts import Fact, facts_hash
 from ..perspective import (DEFAULT_LOCUS, PERSPECTIVES, Phrasings, Probes, bleed_subjects, phrasings, probes,
                            relation_index, request_fact)
 from .methods import (BASELINE, METHODS, _takes, default_methods, make_edit, preset_name, resolve_method,
-                      resolved_hparams, with_shared_stats)
+                      resolved_hparams, usable_methods, with_shared_stats)
 from .scoring import score_probes
 from .statistics import summarize
 
@@ -243,8 +243,9 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | N
     check_workers(workers, ray_address)
     chosen = select_facts(facts, n, seed)
     index = relation_index(facts)
-    resolved = [resolve_method(m) for m in (methods if methods is not None else default_methods())]
     method_kwargs = method_kwargs or {}
+    resolved = usable_methods(model, [resolve_method(m) for m in (methods if methods is not None else default_methods())],
+                              method_kwargs, explicit=methods is not None)
     bos = editing_prepend_bos(model, prepend_bos)
     cells = cells_for(requests, loci)
     fingerprint = model_fingerprint(model)
