@@ -32,9 +32,9 @@ the training batches for validation.
 Checkpoints. ``out/checkpoint.pt`` holds everything the run depends on (editor, both optimisers,
 step, best score, patience counter, history, elapsed time) and is replaced atomically every
 ``checkpoint_every`` steps and at every validation, sealed by a SHA-256
-(:func:`workbench.integrity.save_torch`): a damaged checkpoint is an error naming the file. Batches are drawn from a generator seeded by
-(seed, step), so a run killed at any point and restarted with the same ``out`` ends in exactly the
-state of an uninterrupted run. ``out/editor.safetensors`` is the best editor and
+(:func:`workbench.integrity.save_torch`): a damaged checkpoint is an error naming the file.
+Batches are drawn from a generator seeded by (seed, step), so a run killed at any point and
+restarted with the same ``out`` ends in exactly the state of an uninterrupted run. ``out/editor.safetensors`` is the best editor and
 ``out/report.json`` the training report.
 """
 

@@ -244,8 +244,8 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | N
     chosen = select_facts(facts, n, seed)
     index = relation_index(facts)
     method_kwargs = method_kwargs or {}
-    resolved = usable_methods(model, [resolve_method(m) for m in (methods if methods is not None else default_methods())],
-                              method_kwargs, explicit=methods is not None)
+    asked = [resolve_method(m) for m in (methods if methods is not None else default_methods())]
+    resolved = usable_methods(model, asked, method_kwargs, explicit=methods is not None)  # e.g. no MEND editor
     bos = editing_prepend_bos(model, prepend_bos)
     cells = cells_for(requests, loci)
     fingerprint = model_fingerprint(model)
