@@ -63,7 +63,7 @@ def test_score_probes_keys_range_and_request_view(tiny_model):
     ps = probes(FACTS[0], [("Mira Dos", "German")])
     res = score_probes(tiny_model, FACTS[0], ps, "relation")
     assert set(res) == ROW_KEYS
-    assert all(math.isnan(v) or 0 <= v <= 1 for v in res.values())
+    assert all(math.isnan(v) or (-1 <= v <= 1 if "_adj_" in k else 0 <= v <= 1) for k, v in res.items())
     for v in VARIANTS:  # the request family is the relation-phrased one, transfer the entity-phrased one
         assert res[f"request_reliability_{v}"] == res[f"relation_reliability_{v}"]
         assert (res[f"transfer_generality_{v}"] == res[f"entity_generality_{v}"]
@@ -190,8 +190,47 @@ def test_relation_wide_edit_scores_high_bleed(tiny_model):
     wide, base = df.loc[("relation_wide", "relation", "relation")], df.loc[(BASELINE, "relation", "-")]
     assert wide[("bleed", "bleed_acc")] == 100.0 and wide[("relation", "reliability_acc")] == 100.0
     assert base[("bleed", "bleed_acc")] < 50.0
+    # it reaches the other phrasing family too, but no more for this subject than for the controls
+    assert wide[("transfer", "reliability_acc")] == 100.0 and wide[("transfer", "generality_acc")] == 100.0
+    assert wide[("transfer_adj", "reliability_acc")] == 0.0 and wide[("transfer_adj", "generality_acc")] == 0.0
     details = df.attrs["details"]
-    assert (details["n_bleed"] > 0).all()
+    assert (details["n_bleed"] > 0).all() and (details["n_controls"] > details["n_bleed"]).all()
+
+
+def test_bleed_adjusted_transfer_and_other_relations_by_hand(monkeypatch):
+    """The metrics re-derived by hand from which prompts answer o* (a stand-in for the model's scores)."""
+    from workbench.evaluation import scoring
+    from workbench.predict import ObjectScore
+
+    fact = Fact(subject="Ann Kel", template="The mother tongue of {} is", target_true="French", target_new="Greek",
+                relation_id="P103", entity_prompts=("Ann Kel's mother tongue is", "Ann Kel speaks"),
+                relation_prompts=("The mother tongue of Ann Kel is", "The native language of Ann Kel is"), id=0)
+    other = Fact(subject="Ann Kel", template="{} works for", target_true="Nokia", relation_id="P108",
+                 entity_prompts=("Ann Kel works for",), relation_prompts=("The employer of Ann Kel is",), id=1)
+    ps = probes(fact, [("Cy Dor", "German"), ("Ed Sul", "Dutch")], relations=[other])
+    answers_new = {*ps.entity, *ps.relation, "The mother tongue of Cy Dor is", "The native language of Cy Dor is",
+                   "Ed Sul speaks", "The employer of Ann Kel is"}
+
+    def fake_scores(model, pairs, batch_size=64):
+        return [ObjectScore(-0.1, True, 1.0) if (p in answers_new) == (o == "Greek") else ObjectScore(-5.0, False, 0.0)
+                for p, o in pairs]
+
+    monkeypatch.setattr(scoring, "score_objects", fake_scores)
+    res = scoring.score_probes(None, fact, ps, "entity")
+    for v in VARIANTS:
+        assert res[f"relation_reliability_{v}"] == res[f"relation_generality_{v}"] == 1.0
+        # relation family: Cy Dor moved in both phrasings, Ed Sul in neither: 1 - 1/2
+        assert res[f"relation_adj_reliability_{v}"] == res[f"relation_adj_generality_{v}"] == 0.5
+        # entity family: request phrasing no control moved (1 - 0), "X speaks": Ed Sul moved (1 - 1/2)
+        assert res[f"entity_adj_reliability_{v}"] == 1.0 and res[f"entity_adj_generality_{v}"] == 0.5
+        assert res[f"transfer_adj_generality_{v}"] == 0.5 and res[f"request_adj_generality_{v}"] == 0.5
+        assert res[f"bleed_bleed_{v}"] == 0.25  # request phrasings x controls: one of four moved
+        # the subject's other relation: its relation-first prompt now answers o*, its subject-first one kept Nokia
+        assert res[f"other_relations_bleed_{v}"] == 0.5 and res[f"other_relations_locality_{v}"] == 0.5
+    # a control-free family prompt is left out; no controls at all: NaN, not the raw transfer
+    bare = scoring.score_probes(None, fact, probes(fact), "entity")
+    assert math.isnan(bare["transfer_adj_reliability_acc"]) and bare["transfer_reliability_acc"] == 1.0
+    assert math.isnan(bare["other_relations_bleed_acc"])
 
 
 def test_kn_sees_only_the_request_prompt(tiny_model, monkeypatch):
@@ -248,8 +287,9 @@ def test_evaluate_one_is_pure_and_reverts(tiny_model):
     b = evaluate_one(tiny_model, FACTS[1], ("fake", _fake), "entity", None, ps, ph=ph)
     assert model_fingerprint(tiny_model) == before
     assert a["locus"] == "subject" and a["request"] == "entity" and not a["failed"]
-    assert {k: v for k, v in a.items() if k not in ("seconds", "edit_s")} == \
-        {k: v for k, v in b.items() if k not in ("seconds", "edit_s")}
+    same = lambda row: {k: None if isinstance(v, float) and math.isnan(v) else v  # noqa: E731 - NaN != NaN
+                        for k, v in row.items() if k not in ("seconds", "edit_s")}
+    assert same(a) == same(b)
 
 
 def test_registry_and_paper_order(monkeypatch):
@@ -287,8 +327,11 @@ def test_tables(tiny_model, tmp_path):
     df = evaluate(tiny_model, FACTS[:3], methods=(_fake,), progress=False, n_boot=50)
     t1 = paper_table(df, "relation")
     assert [c for c in t1.columns if not c.endswith((" lo", " hi"))] == [
-        "Entity Reliability", "Entity Generality", "Relation Reliability", "Relation Generality", "Bleed", "Locality",
-        "n", "failed"]
+        "Entity Reliability", "Entity Generality", "Relation Reliability", "Relation Generality",
+        "Entity Reliability, bleed-adj.", "Entity Generality, bleed-adj.", "Bleed", "Other-relation Bleed", "Locality",
+        "Other-relation Locality", "n", "failed"]
+    assert "Relation Generality, bleed-adj." in paper_table(df, "entity").columns  # the transfer family's
+    assert "Entity Generality, bleed-adj." not in paper_table(df, "relation", adjusted=False).columns
     assert list(t1.index) == ["Unedited", "_fake"]
     assert t1.loc["_fake", "Entity Reliability"] == pytest.approx(
         df.loc[("_fake", "relation", "relation"), ("entity", "reliability_acc")])
@@ -344,3 +387,36 @@ def test_bundled_methods_raise_request_reliability(toy_model):
         assert df.loc[("kn", request, locus), ("request", "reliability_acc")] >= 30, request
     details = df.attrs["details"]
     assert set(details["preset"]) >= {"ft-toy", "kn-original", "rome:toy-facts", "memit:toy-facts"}
+
+
+@needs_bundled
+def test_bundled_bleed_adjusted_transfer_separates_subject_and_relation_keys(toy_model):
+    """ROME keyed at the subject transfers as specific knowledge (adjusted = raw); keyed at the relation's
+    last token much of its transfer is a rewrite of the phrasing (the controls answer o* too)."""
+    facts = load_facts("toy-facts")
+    df = evaluate(toy_model, facts, methods=("rome",), n=6, progress=False, raise_errors=True, n_boot=20)
+    details = df.attrs["details"]
+    assert (details["n_other_relations"] == 14).all() and (details["n_controls"] == 5 * 6).all()
+    ent, rel = df.loc[("rome", "entity", "subject")], df.loc[("rome", "relation", "relation")]
+    assert ent[("transfer", "generality_acc")] >= 80
+    assert ent[("transfer_adj", "generality_acc")] >= ent[("transfer", "generality_acc")] - 5
+    assert rel[("bleed", "bleed_acc")] >= 20
+    assert rel[("transfer_adj", "generality_acc")] <= rel[("transfer", "generality_acc")] - 15
+    # the model knows the subject's other facts; the edit does not make them answer o*
+    assert df.loc[(BASELINE, "entity", "-"), ("other_relations", "locality_acc")] == 100.0
+    assert ent[("other_relations", "bleed_acc")] <= 10
+
+
+def test_evaluation_key_holds_the_corpus_by_content(tiny_model, tmp_path):
+    """Issue 21: the key recorded the path of --corpus, so replacing the file in place reused old rows."""
+    from workbench.evaluation.run import evaluation_key, resolve_method
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Varo Keltin was born in Osla.\n")
+    kwargs = {m: {"hparams": {"mom2_dataset": str(corpus)}} for m in ("rome", "memit")}
+    resolved = [resolve_method(m) for m in ("rome", "memit")]
+    before = evaluation_key(tiny_model, FACTS, resolved, kwargs, seed=0)
+    corpus.write_text("Mira Dos speaks German.\n")
+    after = evaluation_key(tiny_model, FACTS, resolved, kwargs, seed=0)
+    assert before["methods"]["rome"]["corpus"] != after["methods"]["rome"]["corpus"]
+    assert before["methods"]["memit"]["corpus"] != after["methods"]["memit"]["corpus"]

@@ -138,3 +138,50 @@ def test_prompts_longer_than_the_context(tiny_model, tmp_path, capsys):
     folder = save_hf(tiny_model, tmp_path / "m")
     assert main(["predict", "--model", str(folder), "--device", "cpu", long.prompt]) == 1
     assert "context (n_ctx) is 64" in capsys.readouterr().err
+
+
+def _rec(subject: str, **extra) -> dict:
+    return {"requested_rewrite": {"prompt": "{} was born in", "subject": subject, "target_true": {"str": "Osla"},
+                                  "target_new": {"str": "Paris"}, "relation_id": "P19"}, **extra}
+
+
+def test_facts_need_unique_ids(tmp_path):
+    """Issue 21: a CounterFact file without case_id gave every record id 0; evaluate() then scored every fact
+    with the first record's prompts, and reproduce stopped with "already holds the row"."""
+    from workbench.facts import FactIdWarning
+
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps([_rec("Varo Keltin", case_id=3), _rec("Mira Dos", case_id=3)]))
+    with pytest.raises(FactFormatError, match=r"cf.json: 1 fact\(s\) share an id .*#0 and #1 \(id 3\)"):
+        load_facts(path)
+    path.write_text(json.dumps([_rec("Varo Keltin"), _rec("Mira Dos")]))
+    with pytest.warns(FactIdWarning, match="2 of 2 record.s. have no 'case_id'"):
+        facts = load_facts(path)
+    assert len({f.id for f in facts}) == 2 and all(isinstance(f.id, str) and len(f.id) == 12 for f in facts)
+    with pytest.warns(FactIdWarning):
+        assert [f.id for f in load_facts(path)] == [f.id for f in facts]  # derived from content: stable
+    path.write_text(json.dumps([_rec("Varo Keltin"), _rec("Varo Keltin")]))  # the same record twice
+    with pytest.warns(FactIdWarning), pytest.raises(FactFormatError, match="share an id"):
+        load_facts(path)
+
+
+def test_evaluate_refuses_facts_sharing_an_id(tiny_model):
+    """Issue 21: evaluate() without out= scored facts sharing an id with the first one's prompts."""
+    from workbench.evaluation import evaluate
+
+    facts = [Fact(subject=s, template="{} was born in", target_true="Osla", target_new="Paris") for s in
+             ("Varo Keltin", "Mira Dos")]  # both with the default id 0
+    with pytest.raises(FactFormatError, match="share an id"):
+        evaluate(tiny_model, facts, methods=(), progress=False)
+
+
+@pytest.mark.parametrize("subject", ["", "   ", "\t\n"])
+def test_blank_subjects_are_refused(tmp_path, subject):
+    """Issue 21: a whitespace-only subject loaded."""
+    with pytest.raises(FactFormatError, match="not blank"):
+        Fact(subject=subject, template="{} was born in", target_true="Osla")
+    path = tmp_path / "known.json"
+    path.write_text(json.dumps([{"known_id": 0, "subject": subject, "attribute": "Osla",
+                                 "template": "{} was born in"}]))
+    with pytest.raises(FactFormatError, match=r"record 0 .*not blank"):
+        load_facts(path)

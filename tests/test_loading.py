@@ -70,7 +70,8 @@ def _copy_bundled(dst, skip=()):
 
     dst.mkdir()
     for f in bundled_path().iterdir():
-        if f.name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json") and \
+        if f.name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                      "workbench_manifest.json") and \
                 f.name not in skip:
             shutil.copy(f, dst / f.name)
     return dst
@@ -121,7 +122,7 @@ def test_invalid_config_and_wrong_width_name_the_file(tmp_path):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["n_embd"] *= 2
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ModelLoadError, match=r"model.safetensors is \(128, 384\), config gives \(256, 768\)"):
+    with pytest.raises(ModelLoadError, match=r"c_attn.weight is \(128, 384\), config gives \(256, 768\)"):
         load_model(folder, device="cpu")
 
 
@@ -188,3 +189,73 @@ def test_bare_bundled_name_is_reserved_and_says_so(tmp_path, monkeypatch):
     kind, path = resolve_spec("./toy-facts")
     assert kind == "folder" and path.resolve() == (tmp_path / "toy-facts").resolve()
     assert resolve_spec("bundled:toy-facts") == ("bundled", bundled_path())
+
+
+def _edited_config(tmp_path, name, **changes):
+    import json
+
+    folder = _copy_bundled(tmp_path / name)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"n_layer": 4}, r"the config has 4 layers but the weights hold 6; .*unexpected tensors in the weights: "
+                     r"transformer.h.4"),
+    ({"n_layer": 8}, r"the config has 8 layers but the weights hold 6; tensors missing from the weights: "
+                     r"transformer.h.6"),
+    ({"model_type": "llama"}, r"model_type 'llama'.*tensors missing from the weights: model.embed_tokens.weight"),
+])
+def test_config_that_disagrees_with_the_weights_is_refused(tmp_path, monkeypatch, changes, match):
+    """Issue 21: n_layer 6->4 dropped two layers, 6->8 added two random ones, and model_type llama with GPT-2
+    weights built a default-size Llama (killed for memory): all loaded without a word."""
+    import transformers
+
+    folder = _edited_config(tmp_path, "m", **changes)
+    built = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: built.append(a) or real(*a, **k))
+    with pytest.raises(ModelLoadError, match=match):
+        load_model(folder, device="cpu")
+    assert built == []  # refused before any model was built
+
+
+def test_head_count_no_shape_shows_is_checked_by_the_manifest(tmp_path, capsys):
+    """Issue 21: n_head 4->8 loaded and predicted garbage. No weight shape shows the head count: the sealed
+    manifest does, and `workbench info` states which fields only it can check."""
+    import json
+
+    from workbench.cli import main
+    from workbench.loading import MANIFEST
+
+    folder = _edited_config(tmp_path, "m", n_head=8)
+    with pytest.raises(ModelLoadError, match=r"n_head: config.json has 8, saved 4"):
+        load_model(folder, device="cpu")
+    (folder / MANIFEST).unlink()  # a folder without a manifest: loads, and info says what was not checked
+    assert main(["info", "--model", str(folder), "--device", "cpu"]) == 0
+    assert "n_head cannot be checked by the weights' shapes" in capsys.readouterr().out
+    assert main(["info", "--model", "toy-facts", "--device", "cpu"]) == 0
+    assert f"n_head by the folder's sealed {MANIFEST}" in capsys.readouterr().out
+    folder = _copy_bundled(tmp_path / "d")  # a damaged manifest
+    record = json.loads((folder / MANIFEST).read_text())
+    record["config"]["n_head"] = 8
+    (folder / MANIFEST).write_text(json.dumps(record))
+    with pytest.raises(ModelLoadError, match=f"{folder / MANIFEST} does not match its recorded SHA-256"):
+        load_model(folder, device="cpu")
+
+
+def test_save_hf_refuses_a_non_empty_folder(tiny_model, toy_model, tmp_path):
+    """Issue 21: save_hf into a non-empty folder left another model's tokenizer files; the folder then failed
+    to load."""
+    out = save_hf(toy_model, tmp_path / "m")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ModelLoadError, match="is not empty.*overwrite=True"):
+        save_hf(tiny_model, out)
+    assert load_model(out, device="cpu").cfg.n_layers == 6  # untouched
+    save_hf(tiny_model, out, overwrite=True)
+    again = load_model(out, device="cpu")
+    assert again.cfg.n_layers == tiny_model.cfg.n_layers and len(again.tokenizer) == len(tiny_model.tokenizer)
+    assert (out / "notes.txt").read_text() == "mine"  # only the model's files were cleared

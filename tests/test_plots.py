@@ -147,7 +147,7 @@ def test_plot_trace_panels_axes_colours_hover():
         for word in ("token", "layer", "p_restored", "IE", "p_clean 0.8000", "p_corrupt 0.1000"):
             assert word in trace.hovertemplate
     assert "French" in fig.layout.title.text and "Varo Keltin" in fig.layout.title.text
-    assert "restored MLP" in fig.layout.xaxis2.title.text
+    assert "restored MLP" in fig.layout.xaxis2.title.text.replace("<br>", " ")
 
 
 def test_plot_trace_switch_and_single_kind():
@@ -184,7 +184,7 @@ def test_plot_aie_side_by_side_shared_scale():
     assert fig.layout.coloraxis.colorscale[-1][1] == "rgb(63,0,125)"
     titles = [a.text for a in fig.layout.annotations]
     assert any("subject corrupted" in t for t in titles) and any("relation corrupted" in t for t in titles)
-    assert list(fig.layout.yaxis.ticktext) == list(BUCKETS)
+    assert [t.replace("<br>", " ") for t in fig.layout.yaxis.ticktext] == list(BUCKETS)
     assert plot_aie({"S": subj, "R": rel}).data[1].name == "hidden / R"
 
 
@@ -210,7 +210,7 @@ def test_plot_severed_three_series_and_average():
 def test_plot_edit_eval_layouts(layout):
     df = eval_frame(layout)
     long = edit_eval_long(df)
-    assert set(long.columns) == {"method", "locus", "family", "metric", "value"}
+    assert set(long.columns) == {"method", "request", "locus", "family", "metric", "value"}
     assert len(long) == 5 * 12
     fig = plot_edit_eval(df)
     names = [t.name for t in fig.data if t.xaxis == "x"]
@@ -223,7 +223,7 @@ def test_plot_edit_eval_layouts(layout):
     assert rome_subj_entity.y[0] == pytest.approx(expected)
     relation_bars = [t for t in fig.data if t.name.endswith("@ relation")]
     assert all(t.marker.pattern.shape == "/" for t in relation_bars)
-    assert tuple(fig.layout.yaxis.range) == pytest.approx((0, 105))
+    assert tuple(fig.layout.yaxis.range) == pytest.approx((0, 112))  # room for the "0" labels above bars
     scores = plot_edit_eval(df, measure="score")
     loc = next(t for t in scores.data if t.name == "ft @ relation" and t.xaxis == "x3")
     assert list(loc.x) == ["locality"]
@@ -384,18 +384,18 @@ def test_paired_maps_share_a_scale():
     fig = plot_traces([a, b])
     assert len(fig.data) == 6 and len({(t.zmin, t.zmax) for t in fig.data}) == 1
     titles = [ann.text for ann in fig.layout.annotations]
-    assert "MLP — subject corrupted" in titles and "MLP — relation corrupted" in titles
+    assert "MLP<br>subject corrupted" in titles and "MLP<br>relation corrupted" in titles
     assert sum(t.showscale is not False for t in fig.data) == 3  # one colour bar per kind
     lo, hi = shared_range([a, b])
     one = plot_trace(b, scale=(lo, hi))
     assert {(t.zmin, t.zmax) for t in one.data} == {(lo, hi)}
     labelled = plot_traces({"window 1": a, "window 3": b}, kind="mlp")
-    assert [ann.text for ann in labelled.layout.annotations][:2] == ["MLP — window 1", "MLP — window 3"]
+    assert [ann.text for ann in labelled.layout.annotations][:2] == ["MLP<br>window 1", "MLP<br>window 3"]
 
 
 def test_window_is_stated_on_the_axis():
     fig = plot_trace(FakeTrace(window=3))
-    assert fig.layout.xaxis2.title.text == "center of 3 restored MLP layers"
+    assert fig.layout.xaxis2.title.text.replace("<br>", " ") == "center of 3 restored MLP layers"
 
 
 def test_severed_titles_name_the_perspective_and_labels_avoid_bars():
@@ -429,3 +429,92 @@ def test_edit_eval_colours_and_zero_bars():
     zero = [t for t in fig.data if any(v == 0 for v in t.y)]
     for t in zero:
         assert [txt for v, txt in zip(t.y, t.text) if v == 0] == ["0"] * sum(v == 0 for v in t.y)
+
+
+# --------------------------------------------------------------------------- issue 22 (problems 2 and 5)
+
+
+def request_frame() -> pd.DataFrame:
+    """Shaped like ``evaluate``'s summary: rows (method, request, locus), the unedited baseline once per request."""
+    rows = [("unedited", "entity", "-"), ("unedited", "relation", "-"), ("rome", "entity", "subject"),
+            ("rome", "relation", "relation")]
+    cols = [(f, m) for f in ("entity", "relation", "request", "transfer") for m in ("reliability_acc", "generality_acc")]
+    cols += [("bleed", "bleed_acc"), ("locality", "locality_acc"), ("n", "edits")]
+    values = np.array([[0.0] * 8 + [0.0, 100.0, 2], [0.0] * 8 + [0.0, 100.0, 2],
+                       [100.0, 50.0] * 4 + [0.0, 95.0, 2], [60.0, 40.0] * 4 + [65.0, 45.0, 2]])
+    return pd.DataFrame(values, index=pd.MultiIndex.from_tuples(rows, names=["method", "request", "locus"]),
+                        columns=pd.MultiIndex.from_tuples(cols, names=["family", "metric"]))
+
+
+def test_plot_edit_eval_one_number_per_bar_in_every_panel():
+    """Problem 2: the baseline's two rows (one per request) became lists per bar, so Plotly drew no
+    bars in four panels and made the axes categorical; now a row of panels per request."""
+    fig = plot_edit_eval(request_frame())
+    assert all(isinstance(y, float) for t in fig.data for y in t.y)
+    axes = {t.xaxis for t in fig.data}
+    assert len(axes) == 2 * 6  # (entity, relation) requests x six families, each with bars
+    rome_rel = [t for t in fig.data if t.name == "rome @ relation"]
+    assert {t.xaxis for t in rome_rel} == {f"x{i}" for i in range(7, 13)}  # the relation-request row
+    transfer = next(t for t in rome_rel if t.xaxis == "x10")
+    assert list(transfer.y) == [60.0, 40.0]
+    layout = fig.to_plotly_json()["layout"]
+    for name, axis in layout.items():
+        if name.startswith("yaxis"):
+            assert axis["type"] == "linear" and axis["range"] == pytest.approx([0, 112])
+    assert "entity-based requests" in fig.layout.yaxis.title.text
+    assert "relation-based requests" in fig.layout.yaxis7.title.text
+
+
+def test_edit_eval_long_refuses_two_rows_for_one_bar():
+    df = request_frame().droplevel("request")
+    with pytest.raises(ValueError, match="more than one row"):
+        edit_eval_long(df)
+
+
+def test_paired_title_names_every_row():
+    """Problem 5: the title gave only the first row's corruption and p_corrupt."""
+    a = FakeTrace()
+    b = FakeTrace(corrupt="relation", corrupted_span=Span((1, 2, 3, 4, 8)), p_corrupt=0.37)
+    title = plot_traces({"subject corrupted": a, "relation corrupted": b}).layout.title.text
+    assert "p_corrupt 0.100" in title and "p_corrupt 0.370" in title
+    assert "'Varo Keltin'" in title and "'The mother tongue of … is'" in title
+    after = FakeTrace(answer=" Greek", p_clean=0.9)
+    both = plot_traces({"before": a, "after": after}).layout.title.text
+    assert "' French', p_clean 0.800" in both and "' Greek', p_clean 0.900" in both
+
+
+def test_whitespace_tokens_get_a_visible_label():
+    """Problem 5: a token of spaces got a blank row label."""
+    assert token_labels(["a", " ", "  ", "\t", " b"]) == ["a", "␣", "␣␣", "\\t", " b"]
+
+
+def test_blank_bucket_hover_says_none():
+    """Problem 5: a blank bucket's hover read "AIE +NaN"."""
+    d = FakeDataset()
+    d.aie["mlp"].iloc[1, :] = np.nan
+    fig = plot_aie(d)
+    trace = next(t for t in fig.data if t.name.startswith("mlp"))
+    assert "%{z" not in trace.hovertemplate and "%{customdata[2]}" in trace.hovertemplate
+    custom = np.asarray(trace.customdata)
+    assert custom[1, 0, 2].startswith("none") and custom[0, 0, 2].startswith(("+", "-"))
+
+
+def test_aie_columns_leave_room_for_their_own_row_labels():
+    """Problem 5: with other buckets in the right column its labels sat on the left heatmap."""
+    rel_buckets = ["relation before subject", "last relation before subject", "subject", "relation after subject",
+                   "last token"]
+    subj = FakeDataset()
+    rel = FakeDataset(corrupt="relation")
+    rel.aie = {k: pd.DataFrame(np.random.default_rng(2).random((5, 4)), index=rel_buckets, columns=range(4))
+               for k in rel.kinds}
+    fig = plot_aie(subj, rel)
+    gap = fig.layout.xaxis2.domain[0] - fig.layout.xaxis.domain[1]
+    longest = max(len(line) for b in rel_buckets for line in plots._wrap_label(b).split("<br>"))
+    assert gap * 640 >= longest * 6.5  # the labels fit between the panels of a 640 px wide plot
+    assert all("<br>" in t or len(t) <= 16 for t in fig.layout.yaxis2.ticktext)
+
+
+def test_plot_trace_without_buttons():
+    """Problem 6 (the Inspector): one p/IE control; the figure can leave its own buttons out."""
+    assert not plot_trace(FakeTrace(), buttons=False).layout.updatemenus
+    assert plot_trace(FakeTrace()).layout.updatemenus

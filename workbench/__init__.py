@@ -19,7 +19,8 @@ from .plots import plot_aie, plot_attention, plot_edit_eval, plot_severed, plot_
 from .tracing import (BUCKETS, DatasetTraceResult, SeveredResult, TraceResult, noise_level, severed_trace, trace,
                       trace_dataset)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+"""The package version (``pyproject.toml`` reads it from here; CHANGELOG.md lists what each version added)."""
 
 __all__ = [
     "Edit", "EditError", "EditStateError", "FTHyperParams", "KNHyperParams", "MEMITHyperParams", "ROMEHyperParams",

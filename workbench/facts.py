@@ -7,9 +7,11 @@ world (``"toy-facts"``), a CounterFact JSON file, or a ROME ``known_1000`` JSON 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import string
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -19,6 +21,10 @@ from .loading import BUNDLED, bundled_path, is_bundled_name
 
 class FactFormatError(ValueError):
     """A fact or a facts file is malformed; the message names the file, the record, the field and the fix."""
+
+
+class FactIdWarning(UserWarning):
+    """Records without an id were given one derived from their content."""
 
 
 _SEQUENCE_FIELDS = ("paraphrases", "neighborhood", "neighborhood_targets", "entity_prompts", "relation_prompts")
@@ -85,8 +91,8 @@ class Fact:
 
     def __post_init__(self) -> None:
         check_template(self.template)
-        if not isinstance(self.subject, str) or not self.subject:
-            raise FactFormatError(f"subject must be a non-empty string, not {self.subject!r}")
+        if not isinstance(self.subject, str) or not self.subject.strip():
+            raise FactFormatError(f"subject must be a non-empty string (not blank), not {self.subject!r}")
         if not isinstance(self.target_true, str):
             raise FactFormatError(f"target_true must be a string, not {type(self.target_true).__name__}")
         if self.target_new is not None and (not isinstance(self.target_new, str) or not self.target_new.strip()):
@@ -168,14 +174,14 @@ def _counterfact_record(rec: dict) -> Fact:
         neighborhood_targets=targets,
         entity_prompts=_strings("subject_first_prompts", rec.get("subject_first_prompts", ())),
         relation_prompts=_strings("relation_first_prompts", rec.get("relation_first_prompts", ())),
-        id=rec.get("case_id", 0),
+        id=rec["case_id"],
     )
 
 
 def _known_record(rec: dict) -> Fact:
     subject = rec["subject"]
-    if not isinstance(subject, str) or not subject:
-        raise FactFormatError(f"subject must be a non-empty string, not {subject!r}")
+    if not isinstance(subject, str) or not subject.strip():
+        raise FactFormatError(f"subject must be a non-empty string (not blank), not {subject!r}")
     attribute = rec["attribute"]
     if not isinstance(attribute, str) or not attribute.strip():
         raise FactFormatError(f"attribute (the expected object) must be a non-empty string, not {attribute!r}")
@@ -190,7 +196,7 @@ def _known_record(rec: dict) -> Fact:
         template=template,
         target_true=rec["attribute"],
         relation_id=str(rec.get("relation_id", "")),
-        id=rec.get("known_id", 0),
+        id=rec["known_id"],
     )
 
 
@@ -208,11 +214,18 @@ def parse_records(records: Sequence[dict], source: str = "<records>") -> list[Fa
             f"{source}: record 0 is neither CounterFact (needs 'requested_rewrite') nor "
             f"known_1000 (needs 'subject', 'attribute', 'template'/'prompt'): {str(first)[:200]}"
         )
+    id_field = "case_id" if kind == "CounterFact" else "known_id"
     facts = []
+    assigned = []
     for i, rec in enumerate(records):
         try:
             if not isinstance(rec, dict):
                 raise FactFormatError(f"expected an object, got {type(rec).__name__}")
+            if rec.get(id_field) is None:
+                rec = {**rec, id_field: content_id(rec)}
+                assigned.append(i)
+            elif not isinstance(rec[id_field], (str, int)) or isinstance(rec[id_field], bool):
+                raise FactFormatError(f"{id_field} must be an integer or a string, not {rec[id_field]!r}")
             facts.append(parse(rec))
         except (KeyError, TypeError, ValueError) as err:
             ident = rec.get("case_id", rec.get("known_id")) if isinstance(rec, dict) else None
@@ -222,7 +235,36 @@ def parse_records(records: Sequence[dict], source: str = "<records>") -> list[Fa
                 f"{source}: {where} is not valid {kind}: {what}. Fix that record (or remove it) and load again. "
                 f"Record: {str(rec)[:200]}"
             ) from None
+    if assigned:
+        warnings.warn(f"{source}: {len(assigned)} of {len(records)} record(s) have no {id_field!r}; each was given "
+                      f"an id derived from its content (the first 12 hex digits of its SHA-256). Add {id_field!r} "
+                      f"to the records to choose the ids", FactIdWarning, stacklevel=3)
+    check_unique_ids(facts, source)
     return facts
+
+
+def content_id(record: dict) -> str:
+    """An id derived from a record's content: the first 12 hex digits of the SHA-256 of its canonical JSON."""
+    from .integrity import canonical_json
+
+    return hashlib.sha256(canonical_json(record)).hexdigest()[:12]
+
+
+def check_unique_ids(facts: Sequence[Fact], source: str = "facts") -> None:
+    """Refuse facts that share an id (results are stored and looked up by fact id), naming them."""
+    first: dict[str, int] = {}
+    clashes = []
+    for i, fact in enumerate(facts):
+        key = str(fact.id)
+        if key in first:
+            clashes.append(f"#{first[key]} and #{i} (id {fact.id!r})")
+        else:
+            first[key] = i
+    if clashes:
+        shown = ", ".join(clashes[:5]) + (f" and {len(clashes) - 5} more" if len(clashes) > 5 else "")
+        raise FactFormatError(f"{source}: {len(clashes)} fact(s) share an id with an earlier one: {shown}; every "
+                              f"fact needs its own id (results are stored by fact id): give each record a unique "
+                              f"id, or leave the ids out to have them derived from each record's content")
 
 
 def check_fit(model, facts: Sequence[Fact], prepend_bos: bool | None = None, source: str = "facts") -> None:

@@ -61,14 +61,17 @@ def token_labels(tokens: Sequence[str], corrupted: Sequence[int] = ()) -> list[s
     """Tick labels for a token axis: the tokens (HTML-escaped, as Plotly reads tags in
     labels), with ``*`` after each corrupted one.
 
-    Whitespace is made visible enough to read (a leading space stays, a newline
-    becomes ``\\n``); an empty token shows as ``∅``.
+    Whitespace is made visible enough to read: a leading space stays, a newline becomes
+    ``\\n``, a tab ``\\t``, and a token of spaces only shows each space as ``␣`` (a blank
+    label would hide the row); an empty token shows as ``∅``.
     """
     marked = set(corrupted)
     out = []
     for i, tok in enumerate(tokens):
-        text = _html.escape(tok.replace("\n", "\\n"), quote=False) or "∅"
-        out.append(text + ("*" if i in marked else ""))
+        text = tok.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+        if text and not text.strip():
+            text = text.replace(" ", "␣").replace("\u00a0", "␣")
+        out.append((_html.escape(text, quote=False) or "∅") + ("*" if i in marked else ""))
     return out
 
 
@@ -87,10 +90,11 @@ def span_text(tokens: Sequence[str], span: Any) -> str:
 
 
 def _window_label(kind: str, window: int | None) -> str:
+    """An x-axis title on two lines, so that neighbouring panels' titles never meet at narrow widths."""
     if kind == "hidden":
-        return "layer (single restored hidden state)"
+        return "layer<br>(single restored hidden state)"
     name = KIND_NAMES.get(kind, kind)
-    return f"center of {window} restored {name} layers" if window else f"center of the restored {name} window"
+    return f"center of {window} restored<br>{name} layers" if window else f"center of the restored<br>{name} window"
 
 
 def _colorbar_x(fig: go.Figure, col: int) -> float:
@@ -150,8 +154,41 @@ def _trace_title(result: Any, tokens: Sequence[str], corrupted: Sequence[int]) -
             f" noise {float(getattr(result, 'noise_level', float('nan'))):.3g}</sup>")
 
 
+def traces_title(rows: Sequence[tuple[str, Any]]) -> str:
+    """The title of paired maps: what is shared on the first line, one line per row with what is
+    not (its corrupted span, p_corrupt, and its answer and p_clean where the rows differ in them)."""
+    if len(rows) == 1:
+        r = rows[0][1]
+        return _trace_title(r, list(r.tokens), _positions(getattr(r, "corrupted_span", None)))
+    esc = lambda x: _html.escape(repr(x), quote=False)  # noqa: E731
+    results = [r for _, r in rows]
+    prompts = {getattr(r, "prompt", None) for r in results}
+    same_answer = len({(getattr(r, "answer", None), round(float(r.p_clean), 3)) for r in results}) == 1
+    first = results[0]
+    head = esc(first.prompt) if len(prompts) == 1 else "Causal traces of " + ", ".join(esc(p) for p in prompts)
+    if same_answer:
+        head += f" → {esc(first.answer)}: p_clean {float(first.p_clean):.3f}"
+    lines = []
+    for label, r in rows:
+        bits = []
+        if not same_answer:
+            bits.append(f"→ {esc(getattr(r, 'answer', ''))}, p_clean {float(r.p_clean):.3f}")
+        span = esc(span_text(list(r.tokens), _positions(getattr(r, "corrupted_span", None))))
+        corrupt = _html.escape(str(getattr(r, "corrupt", "")), quote=False)
+        bits.append(span if f"{corrupt} corrupted" in label else f"corrupted ({corrupt}) {span}")
+        bits.append(f"p_corrupt {float(r.p_corrupt):.3f}")
+        lines.append(f"<b>{_html.escape(label, quote=False)}</b>: " + ", ".join(bits) if label else ", ".join(bits))
+    settings = {(getattr(r, "samples", "?"), round(float(getattr(r, "noise_level", float("nan"))), 3)) for r in results}
+    tail = "tokens marked *"
+    if len(settings) == 1:
+        samples, noise = settings.pop()
+        tail += f"; {samples} samples, noise {noise:.3g}"
+    return head + "".join(f"<br><sup>{line}</sup>" for line in lines + [tail])
+
+
 def plot_trace(result: Any, kind: str | Sequence[str] | None = None, *, value: str = "p",
-               title: str | None = None, height: int | None = None, scale: Any = "shared") -> go.Figure:
+               title: str | None = None, height: int | None = None, scale: Any = "shared",
+               buttons: bool = True) -> go.Figure:
     """The causal-trace map of one prompt: one heatmap panel per kind.
 
     ``result`` is a :class:`workbench.tracing.TraceResult`. ``kind`` picks one kind
@@ -162,20 +199,23 @@ def plot_trace(result: Any, kind: str | Sequence[str] | None = None, *, value: s
     ``"panel"`` gives each its own, ``"fixed"`` pins p to 0-1, and a ``(zmin, zmax)``
     pair (e.g. from :func:`shared_range`) puts several figures on one scale. Hover
     shows token, position, layer, p_restored, IE, p_clean and p_corrupt. The figure
-    has no fixed width: it fills its container.
+    has no fixed width: it fills its container. ``buttons=False`` leaves the p_restored / IE
+    buttons out (where another control, such as the Inspector's, chooses the value).
     """
-    return plot_traces([result], kind, value=value, title=title, height=height, scale=scale)
+    return plot_traces([result], kind, value=value, title=title, height=height, scale=scale, buttons=buttons)
 
 
 def plot_traces(results: Sequence[Any] | Mapping[str, Any], kind: str | Sequence[str] | None = None, *,
                 value: str = "p", title: str | None = None, height: int | None = None,
-                scale: Any = "shared") -> go.Figure:
+                scale: Any = "shared", buttons: bool = True) -> go.Figure:
     """Several traces as rows of one figure (kinds as columns) on one colour scale.
 
     For paired maps: the subject vs the relation corrupted, two windows, a model before
     and after an edit. ``results`` is a list (rows labelled by what was corrupted) or a
     dict ``{row label: result}``. ``scale`` as in :func:`plot_trace` (``"shared"``: one
-    range across every panel, so a colour means the same number in each row).
+    range across every panel, so a colour means the same number in each row). The title
+    names each row's corrupted span and p_corrupt (:func:`traces_title`); ``buttons`` as in
+    :func:`plot_trace`.
     """
     if value not in VALUES:
         raise ValueError(f"value must be one of {VALUES}, not {value!r}")
@@ -216,10 +256,15 @@ def plot_traces(results: Sequence[Any] | Mapping[str, Any], kind: str | Sequence
 
     def sub(label: str, k: str) -> str:
         name = KIND_NAMES.get(k, k)
-        return f"{name} — {_html.escape(label, quote=False)}" if label else name
+        return f"{name}<br>{_html.escape(label, quote=False)}" if label else name
 
+    if title is None:
+        title = traces_title(rows)
     n_tok = max(len(m[3]) for m in metas)
-    top, bottom, gap = 60 + MENU_PX + 26, 56, 64  # px: title + button strip + panel titles; axis titles; between rows
+    title_px = 34 + 15 * title.count("<br>")  # the title's first line, then one line per <br>
+    menu_px = MENU_PX if buttons else 0
+    panel_title_px = 40 if any(label for label, _ in rows) else 24  # two lines (kind, row label) or one
+    top, bottom, gap = title_px + 14 + menu_px + panel_title_px, 72, 50 + panel_title_px  # px
     row_px = max(150, 22 * n_tok)
     fig_height = height or top + bottom + n_rows * row_px + (n_rows - 1) * gap
     plot_height = fig_height - top - bottom
@@ -255,6 +300,7 @@ def plot_traces(results: Sequence[Any] | Mapping[str, Any], kind: str | Sequence
         fig.update_yaxes(tickmode="array", tickvals=list(range(len(labels))), ticktext=labels, row=row, col=col)
     fig.update_yaxes(autorange="reversed", showgrid=False)
     fig.update_xaxes(showgrid=False)
+    fig.update_annotations(font=dict(size=13))  # the panel titles: narrow panels at 1000 px windows
 
     def restyle_args(v: str) -> list:
         return [{"z": z_sets[v], "zmin": [r[v][0] for r in ranges], "zmax": [r[v][1] for r in ranges],
@@ -262,18 +308,14 @@ def plot_traces(results: Sequence[Any] | Mapping[str, Any], kind: str | Sequence
 
     # The buttons sit in their own strip between the title and the panel titles, left
     # aligned, so they never cover either at any width.
-    fig.update_layout(updatemenus=[dict(
-        type="buttons", direction="right", x=0.0, xanchor="left", y=1.0 + (24 + 4) / plot_height, yanchor="bottom",
-        pad=dict(t=0, b=0, l=0, r=0), showactive=True, active=VALUES.index(value), font=dict(size=11),
-        buttons=[dict(label="p_restored", method="restyle", args=restyle_args("p")),
-                 dict(label="IE", method="restyle", args=restyle_args("ie"))],
-    )])
-    if title is None:
-        first = rows[0][1]
-        title = _trace_title(first, list(first.tokens), _positions(getattr(first, "corrupted_span", None)))
-        if n_rows > 1 and any(getattr(r, "prompt", None) != getattr(first, "prompt", None) for _, r in rows):
-            title = "Causal traces: " + ", ".join(_html.escape(repr(getattr(r, 'prompt', '')), quote=False)
-                                                  for _, r in rows)
+    if buttons:
+        fig.update_layout(updatemenus=[dict(
+            type="buttons", direction="right", x=0.0, xanchor="left", y=1.0 + (panel_title_px + 4) / plot_height,
+            yanchor="bottom", pad=dict(t=0, b=0, l=0, r=0), showactive=True, active=VALUES.index(value),
+            font=dict(size=11),
+            buttons=[dict(label="p_restored", method="restyle", args=restyle_args("p")),
+                     dict(label="IE", method="restyle", args=restyle_args("ie"))],
+        )])
     fig.update_layout(
         title=dict(text=title, x=0.0, xanchor="left", xref="paper", y=1.0, yref="container", yanchor="top",
                    pad=dict(t=12), font=dict(size=15)),
@@ -336,11 +378,30 @@ def plot_aie(*results: Any, kind: str | Sequence[str] | None = None, window: int
 
     ncol = len(pairs)
     indices = {tuple(map(str, df.index)) for _, r in pairs for df in r.aie.values() if df is not None}
+    shared = len(indices) <= 1
+    # Row labels of every column but the first sit between panels: leave them room (in px of a
+    # 640 px wide plot, a notebook's output area beside an open file browser) when they differ.
+    label_px = max([len(line) for idx in indices for b in idx for line in _wrap_label(b).split("<br>")] or [0]) * 6.5
+    h_space = 0.06 if shared else min(0.4, 0.03 + label_px / 640)
+    blank = any(df is not None and df.size and bool(df.isna().any().any()) for _, r in pairs for df in r.aie.values())
+    if title is None:
+        title = "Average indirect effect by position bucket"
+        pc = [(lbl, getattr(r, "p_clean", None), getattr(r, "p_corrupt", None)) for lbl, r in pairs]
+        bits = [f"{lbl}: p_clean {_mean(a):.3f}, p_corrupt {_mean(b):.3f}" for lbl, a, b in pc
+                if a is not None and b is not None]
+        title += "".join(f"<br><sup>{bit}</sup>" for bit in bits)
+    # px: the title's lines and the panel titles (two lines) above; between rows the x-axis
+    # ticks and title (two lines) and the next panel titles; below, the axis titles and a note.
+    top, gap, bottom = 34 + 15 * title.count("<br>") + 14 + 40, 130, 120 if blank else 80
+    n_rows = len(kinds)
+    fig_height = height or top + bottom + n_rows * 210 + (n_rows - 1) * gap
     fig = make_subplots(
-        rows=len(kinds), cols=ncol, shared_yaxes=len(indices) <= 1, vertical_spacing=0.14 if len(kinds) > 1 else 0.1,
-        horizontal_spacing=0.06,
-        subplot_titles=[f"{KIND_NAMES.get(k, k)} — {sub_title(lbl, r)}" for k in kinds for lbl, r in pairs],
+        rows=n_rows, cols=ncol, shared_yaxes=shared,
+        vertical_spacing=min(0.4, gap / max(1, fig_height - top - bottom)) if n_rows > 1 else 0.1,
+        horizontal_spacing=h_space,
+        subplot_titles=[f"{KIND_NAMES.get(k, k)}<br>{sub_title(lbl, r)}" for k in kinds for lbl, r in pairs],
     )
+    fig.update_annotations(font=dict(size=13))
     for row, k in enumerate(kinds, start=1):
         frames = [r.aie.get(k) for _, r in pairs]
         values = [np.asarray(df.values, dtype=float) for df in frames if df is not None and df.size]
@@ -360,42 +421,50 @@ def plot_aie(*results: Any, kind: str | Sequence[str] | None = None, window: int
             if df is None or not df.size:
                 continue
             counts = _bucket_counts(r, k, df)
-            custom = np.empty(df.shape + (2,), dtype=object)
+            z = df.values.astype(float)
+            custom = np.empty(df.shape + (3,), dtype=object)
             custom[..., 0] = np.array([str(b) for b in df.index], dtype=object)[:, None]
             custom[..., 1] = counts[:, None]
+            custom[..., 2] = np.where(np.isfinite(z), np.char.mod("%+.4f", np.nan_to_num(z)),
+                                      "none: no position falls in this bucket")
             fig.add_trace(
                 go.Heatmap(
-                    z=df.values.astype(float), x=[int(c) if str(c).isdigit() else c for c in df.columns],
+                    z=z, x=[int(c) if str(c).isdigit() else c for c in df.columns],
                     y=list(range(len(df.index))), coloraxis=axis, customdata=custom, xgap=1, ygap=1,
                     name=f"{k} / {label}",
-                    hovertemplate=("%{customdata[0]}<br>layer %{x}<br>AIE %{z:+.4f}<br>positions averaged %{customdata[1]}"
-                                   f"<extra>{k}, {label}</extra>"),
+                    hovertemplate=("%{customdata[0]}<br>layer %{x}<br>AIE %{customdata[2]}<br>positions averaged "
+                                   f"%{{customdata[1]}}<extra>{k}, {label}</extra>"),
                 ),
                 row=row, col=col,
             )
             fig.update_yaxes(tickmode="array", tickvals=list(range(len(df.index))),
-                             ticktext=[str(b) for b in df.index], row=row, col=col)
+                             ticktext=[_wrap_label(str(b)) for b in df.index], tickfont=dict(size=11),
+                             row=row, col=col)
         for col in range(1, ncol + 1):
             fig.update_xaxes(title_text=_window_label(k, window or _window_of(pairs[col - 1][1])), row=row, col=col)
     fig.update_yaxes(autorange="reversed", showgrid=False)
     fig.update_xaxes(showgrid=False)
-    if title is None:
-        title = "Average indirect effect by position bucket"
-        pc = [(lbl, getattr(r, "p_clean", None), getattr(r, "p_corrupt", None)) for lbl, r in pairs]
-        bits = [f"{lbl}: p_clean {_mean(a):.3f}, p_corrupt {_mean(b):.3f}" for lbl, a, b in pc
-                if a is not None and b is not None]
-        if bits:
-            title += "<br><sup>" + "; ".join(bits) + "</sup>"
-    blank = any(df is not None and df.size and bool(df.isna().any().any()) for _, r in pairs for df in r.aie.values())
     if blank:
-        fig.add_annotation(x=0.0, xref="paper", xanchor="left", y=0.0, yref="paper", yanchor="top", yshift=-62,
-                           showarrow=False, font=dict(size=11, color="#555"),
-                           text="Blank cells: no position of these facts falls in that bucket (e.g. one-token "
+        fig.add_annotation(x=0.0, xref="paper", xanchor="left", y=0.0, yref="paper", yanchor="top", yshift=-78,
+                           showarrow=False, font=dict(size=11, color="#555"), align="left",
+                           text="Blank cells: no position of these facts falls in that bucket<br>(e.g. one-token "
                                 "spans have no middle tokens, a span ending the prompt has no tokens after it).")
-    fig.update_layout(title=dict(text=title, x=0.0, xanchor="left"),
-                      height=height or 120 + 260 * len(kinds), autosize=True,
-                      margin=dict(l=10, r=60, t=100, b=90 if blank else 50), plot_bgcolor="white")
+    fig.update_layout(title=dict(text=title, x=0.0, xanchor="left", xref="paper", y=1.0, yref="container",
+                                 yanchor="top", pad=dict(t=16)),
+                      height=fig_height, autosize=True,
+                      margin=dict(l=10, r=60, t=top, b=bottom), plot_bgcolor="white")
     return fig
+
+
+def _wrap_label(text: str, width: int = 16) -> str:
+    """A row label broken into lines of about ``width`` characters at spaces (``<br>``)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and len(lines[-1]) + 1 + len(word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return "<br>".join(lines)
 
 
 def _window_of(r: Any) -> int | None:
@@ -493,17 +562,19 @@ def plot_severed(result: Any | Sequence[Any], *, value: str = "p", title: str | 
 
 # --------------------------------------------------------------------------- edit evaluation
 
-_ROW_KEYS = ("method", "locus")
-KNOWN_FAMILIES = ("entity", "relation", "locality", "n")
+_ROW_KEYS = ("method", "request", "locus")
+KNOWN_FAMILIES = ("entity", "relation", "request", "transfer", "bleed", "locality", "n")
 
 
 def edit_eval_long(df: pd.DataFrame) -> pd.DataFrame:
-    """Reshape an evaluation table to long form: method, locus, family, metric, value.
+    """Reshape an evaluation table to long form: method, request, locus, family, metric, value.
 
-    Accepts rows indexed by (method, locus) (a MultiIndex, or ``method``/``locus``
-    columns) and value columns that are a MultiIndex ``(family, metric[, ...])`` or
-    flat names ``"family/metric"`` (also ``.``, ``:`` or ``|`` as separator, or
-    ``"entity_reliability_acc"`` as in ``summary.csv``).
+    Accepts rows indexed by (method, request, locus) as :func:`workbench.evaluate` gives them,
+    or (method, locus) (a MultiIndex, or ``method``/``request``/``locus`` columns; a missing
+    ``request`` is ``""``), and value columns that are a MultiIndex ``(family, metric[, ...])``
+    or flat names ``"family/metric"`` (also ``.``, ``:`` or ``|`` as separator, or
+    ``"entity_reliability_acc"`` as in ``summary.csv``). Every value is one number: a table
+    with two rows of the same (method, request, locus) is an error, not two bars in one.
     """
     frame = df.copy()
     if isinstance(frame.columns, pd.MultiIndex):
@@ -524,7 +595,8 @@ def edit_eval_long(df: pd.DataFrame) -> pd.DataFrame:
         idx = idx if isinstance(idx, tuple) else (idx,)
         named = dict(zip(index_names, idx))
         method = str(named.get("method", idx[0]))
-        locus = str(named.get("locus", idx[1] if len(idx) > 1 else ""))
+        locus = str(named.get("locus", idx[-1] if len(idx) > 1 else ""))
+        request = str(named.get("request", idx[1] if len(idx) > 2 else ""))
         for col, value in rec.items():
             parts = re.split(r"[/.:|]", str(col), maxsplit=1)
             if len(parts) != 2:  # summary.csv style: "entity_reliability_acc"
@@ -536,13 +608,21 @@ def edit_eval_long(df: pd.DataFrame) -> pd.DataFrame:
                 value = float(value)
             except (TypeError, ValueError):
                 continue
-            rows.append(dict(method=method, locus=locus, family=parts[0], metric=parts[1], value=value))
+            rows.append(dict(method=method, request=request, locus=locus, family=parts[0], metric=parts[1],
+                             value=value))
     if not rows:
         raise ValueError(
             "plot_edit_eval found no (family, metric) value columns; expected a MultiIndex "
             f"(family, metric) or 'family/metric' names, got {list(df.columns)[:8]}"
         )
-    return pd.DataFrame(rows)
+    long = pd.DataFrame(rows)
+    dup = long.duplicated(["method", "request", "locus", "family", "metric"], keep=False)
+    if dup.any():
+        first = long[dup].iloc[0]
+        raise ValueError(f"the table has more than one row for method {first['method']!r}, request "
+                         f"{first['request']!r}, locus {first['locus']!r}; index the rows by (method, request, "
+                         "locus) so that every bar is one number")
+    return long
 
 
 METHOD_PALETTE: tuple[str, ...] = ("#1f77b4", "#ff7f0e", "#17becf", "#8c564b", "#e377c2", "#bcbd22", "#393b79",
@@ -553,15 +633,18 @@ COUNT_FAMILIES = ("n",)
 """Column families that hold counts, not rates (``("n", "edits")``, ``("n", "errors")``); not plotted."""
 
 
-def plot_edit_eval(df: pd.DataFrame, *, measure: str | None = "acc", title: str | None = None) -> go.Figure:
+def plot_edit_eval(df: pd.DataFrame, *, measure: str | None = "acc", title: str | None = None,
+                   families: Sequence[str] | None = None) -> go.Figure:
     """Grouped bars of an edit evaluation: one panel per probe family, a group of bars per
-    metric, one bar per (method, edit locus).
+    metric, one bar per (method, edit locus); one row of panels per request perspective
+    when the table has them (``evaluate``'s rows are (method, request, locus)).
 
-    ``df`` is what :func:`workbench.evaluate` returns: rows (method, locus), columns
-    (family, metric); see :func:`edit_eval_long` for the accepted layouts. ``measure``
-    keeps the metrics ending in ``_acc`` (accuracy, default) or ``_score`` (CounterFact's
-    P(new) > P(old)); ``None`` shows all. Count columns (family ``n``) are left out. Bars
-    of edits keyed at the relation are hatched; the unedited baseline is grey.
+    ``df`` is what :func:`workbench.evaluate` returns; see :func:`edit_eval_long` for the
+    accepted layouts. ``measure`` keeps the metrics ending in ``_acc`` (accuracy, default)
+    or ``_score`` (CounterFact's P(new) > P(old)); ``None`` shows all. ``families`` picks
+    panels (default: every family but the counts, family ``n``). Bars of edits keyed at the
+    relation are hatched; the unedited baseline is grey; every panel has its own numeric
+    axis on one range.
     """
     long = edit_eval_long(df)
     long = long[~long["family"].isin(COUNT_FAMILIES)]
@@ -571,44 +654,69 @@ def plot_edit_eval(df: pd.DataFrame, *, measure: str | None = "acc", title: str 
         if not keep.any():
             raise ValueError(f"no metric ends with {suffix!r}; metrics are {sorted(set(long['metric']))}")
         long = long[keep].assign(metric=lambda d: d["metric"].str[: -len(suffix)])
-    families = list(dict.fromkeys(long["family"]))
-    rows = list(dict.fromkeys(zip(long["method"], long["locus"])))
+    all_families = list(dict.fromkeys(long["family"]))
+    if families is not None:
+        unknown = [f for f in families if f not in all_families]
+        if unknown:
+            raise ValueError(f"families {unknown} are not in the table (it has {all_families})")
+        long = long[long["family"].isin(list(families))]
+    families = [f for f in all_families if f in set(long["family"])]
+    requests = list(dict.fromkeys(long["request"]))
+    bars = list(dict.fromkeys(zip(long["method"], long["locus"])))
     methods = [m for m in dict.fromkeys(long["method"]) if m != "unedited"]
     palette = list(METHOD_PALETTE)
-    fig = make_subplots(rows=1, cols=len(families), shared_yaxes=True, subplot_titles=families,
-                        horizontal_spacing=0.04)
-    for col, fam in enumerate(families, start=1):
-        part = long[long["family"] == fam]
-        metrics = list(dict.fromkeys(part["metric"]))
-        for method, locus in rows:
-            sel = part[(part["method"] == method) & (part["locus"] == locus)].set_index("metric")
-            if sel.empty:
-                continue
-            name = f"{method} @ {locus}" if locus and locus != "-" else method
-            colour = "#9e9e9e" if method == "unedited" else palette[methods.index(method) % len(palette)]
-            ys = [sel["value"].get(m, np.nan) for m in metrics]
-            fig.add_bar(
-                x=metrics, y=ys, name=name, legendgroup=name, showlegend=col == 1, row=1, col=col,
-                # a zero-height bar draws nothing: write its 0 so that it does not look missing
-                text=["0" if np.isscalar(y) and y == 0 else "" for y in ys], textposition="outside",
-                textfont=dict(size=10),
-                marker=dict(color=colour, pattern_shape="/" if locus == "relation" else ""),
-                hovertemplate=(f"{_html.escape(name, quote=False)}<br>{_html.escape(fam, quote=False)} "
-                               "%{x}: %{y:.3g}<extra></extra>"),
-            )
+    n_rows, n_cols = len(requests), len(families)
+
+    def row_label(request: str) -> str:
+        return f"{request}-based requests" if request else ""
+
+    fig = make_subplots(rows=n_rows, cols=n_cols, horizontal_spacing=min(0.05, 0.3 / max(1, n_cols - 1)),
+                        vertical_spacing=0.16 if n_rows > 1 else 0.1,
+                        subplot_titles=[fam for _ in requests for fam in families])
     values = long["value"].dropna()
-    top = 100.0 if values.max() > 1.0 else 1.0
+    top = 100.0 if values.size and values.max() > 1.0 else 1.0
+    legend_seen: set[str] = set()
+    for row, req in enumerate(requests, start=1):
+        for col, fam in enumerate(families, start=1):
+            part = long[(long["family"] == fam) & (long["request"] == req)]
+            metrics = list(dict.fromkeys(part["metric"]))
+            for method, locus in bars:
+                sel = part[(part["method"] == method) & (part["locus"] == locus)].set_index("metric")["value"]
+                if sel.empty:
+                    continue
+                name = f"{method} @ {locus}" if locus and locus != "-" else method
+                colour = "#9e9e9e" if method == "unedited" else palette[methods.index(method) % len(palette)]
+                ys = [float(sel[m]) if m in sel.index else float("nan") for m in metrics]
+                fig.add_bar(
+                    x=metrics, y=ys, name=name, legendgroup=name, showlegend=name not in legend_seen,
+                    row=row, col=col,
+                    # a zero-height bar draws nothing: write its 0 so that it does not look missing
+                    text=["0" if y == 0 else "" for y in ys], textposition="outside", textfont=dict(size=9),
+                    marker=dict(color=colour, pattern_shape="/" if locus == "relation" else ""),
+                    hovertemplate=(f"{_html.escape(name, quote=False)}"
+                                   + (f" ({_html.escape(req, quote=False)} request)" if req else "")
+                                   + f"<br>{_html.escape(fam, quote=False)} %{{x}}: %{{y:.3g}}<extra></extra>"),
+                )
+                legend_seen.add(name)
     unit = "%" if top == 100.0 else "rate"
-    fig.update_yaxes(range=[0, top * 1.05], row=1, col=1,
-                     title_text={"acc": "accuracy", "score": "score (P(new) > P(old))"}.get(measure or "", "value")
-                     + f" ({unit})")
+    axis_title = {"acc": "accuracy", "score": "score (P(new) > P(old))"}.get(measure or "", "value") + f" ({unit})"
+    # Numeric axes on one range in every panel; tick labels only on the first column.
+    fig.update_yaxes(type="linear", range=[0, top * 1.12], showgrid=True, gridcolor="#eee")
+    for col in range(2, n_cols + 1):
+        fig.update_yaxes(showticklabels=False, col=col)
+    for row in range(1, n_rows + 1):
+        req = requests[row - 1]
+        fig.update_yaxes(title_text=f"<b>{row_label(req)}</b><br>{axis_title}" if req else axis_title, row=row, col=1)
+    fig.update_xaxes(type="category", tickfont=dict(size=10))
+    fig.update_annotations(font=dict(size=13))
     if title is None:
         title = "Edit evaluation: probe families × edit locus"
         if measure:
             title += f" ({'teacher-forced accuracy' if measure == 'acc' else 'CounterFact score'})"
     fig.update_layout(barmode="group", title=dict(text=title, x=0.0, xanchor="left"),
-                      height=440, autosize=True, plot_bgcolor="white",
-                      legend=dict(orientation="h", y=-0.18), margin=dict(l=10, r=10, t=80, b=80))
+                      height=120 + 300 * n_rows, autosize=True, plot_bgcolor="white",
+                      legend=dict(orientation="h", y=-0.08 if n_rows > 1 else -0.18, yanchor="top"),
+                      margin=dict(l=10, r=10, t=90, b=60), bargap=0.15, bargroupgap=0.0)
     return fig
 
 
@@ -715,7 +823,7 @@ def save_html(fig: go.Figure | AttentionHTML, path: str | Path) -> Path:
 
 __all__ = [
     "KIND_COLORSCALES", "KIND_COLORS", "AttentionHTML", "plot_trace", "plot_traces", "shared_range", "SCALES",
-    "plot_aie", "plot_severed",
+    "plot_aie", "plot_severed", "traces_title",
     "plot_edit_eval", "edit_eval_long", "plot_attention", "figure_html", "save_html",
     "external_references", "token_labels", "span_text",
 ]

@@ -90,8 +90,31 @@ def table_html(df: pd.DataFrame, **kwargs: Any) -> str:
     return df.to_html(classes="data", border=0, float_format=lambda x: f"{x:.3f}", **kwargs)
 
 
+FIT_JS = """
+(function () {
+  // Plotly sizes a figure to its container when it is drawn and on window resizes. A figure
+  // drawn before its row's other figures exist gets the whole row; fit each one again when
+  // its container changes size (and once the page has loaded).
+  function fit(g) { if (g && g.offsetParent !== null && window.Plotly) { Plotly.Plots.resize(g); } }
+  function fitAll() { document.querySelectorAll('.js-plotly-plot').forEach(fit); }
+  window.addEventListener('load', fitAll);
+  if (window.ResizeObserver) {
+    var seen = new WeakMap();
+    var ro = new ResizeObserver(function (entries) {
+      entries.forEach(function (e) {
+        var w = Math.round(e.contentRect.width);
+        if (seen.get(e.target) !== w) { seen.set(e.target, w); fit(e.target.querySelector('.js-plotly-plot')); }
+      });
+    });
+    document.querySelectorAll('.fig').forEach(function (f) { ro.observe(f); });
+  }
+})();
+"""
+"""The report's script that fits every figure to its container (issue: a figure drawn wider than its column)."""
+
+
 def page(title: str, sections: Sequence[Section], *, intro: str = "", footer: str = "") -> str:
-    """The full HTML page: CSS and Plotly's JavaScript inline, once."""
+    """The full HTML page: CSS and Plotly's JavaScript inline, once; every figure follows its container's width."""
     from plotly.offline import get_plotlyjs
 
     nav = " ".join(f"<a href='#{s.id}'>{html.escape(s.title)}</a>" for s in sections)
@@ -102,7 +125,7 @@ def page(title: str, sections: Sequence[Section], *, intro: str = "", footer: st
         f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>{html.escape(title)}</title>"
         f"<style>{CSS}</style>\n<script type='text/javascript'>{plotly_js}</script></head>\n"
         f"<body><main><h1>{html.escape(title)}</h1>{intro}<nav>{nav}</nav>\n{body}"
-        f"<footer>{footer}</footer></main></body></html>\n"
+        f"<footer>{footer}</footer></main><script type='text/javascript'>{FIT_JS}</script></body></html>\n"
     )
 
 

@@ -129,3 +129,28 @@ def test_report_tooltip_and_layout(page, report_file, shots):
     text = page.locator("#maps p").first.text_content()
     assert "top row" in text and "Left" not in text
     assert errors == []
+
+
+FIT = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(g => {
+    const box = g.closest('.fig').getBoundingClientRect();
+    const svg = Math.max(...Array.from(g.querySelectorAll('.main-svg')).map(s => s.getBoundingClientRect().width));
+    const h = Math.max(...Array.from(g.querySelectorAll('.main-svg')).map(s => s.getBoundingClientRect().height));
+    return {title: (g._fullLayout.title.text || '').slice(0, 40), svg, height: h, container: box.width};
+})"""
+
+
+@pytest.mark.parametrize("width", [1000, 1200, 1400, 1920])
+def test_report_figures_fit_their_column(page, report_file, shots, width):
+    """Issue 22 problem 4: every figure is drawn at most as wide as its column (the severed pair
+    shares one row: each figure was drawn at the full row width before its sibling existed)."""
+    errors: list[str] = []
+    page.set_viewport_size({"width": width, "height": 1000})
+    _open(page, report_file, [], errors)
+    page.wait_for_function(f"{FIGURES}.length > 0 && {FIGURES}.every(g => g._fullLayout)")
+    page.wait_for_timeout(400)  # resizes are debounced
+    figs = page.evaluate(FIT)
+    page.locator("#severed").screenshot(path=str(shots / f"report_severed_{width}.png"))
+    for fig in figs:
+        assert 0 < fig["svg"] <= fig["container"] + 1 and fig["height"] > 0, fig
+    assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+    assert errors == []

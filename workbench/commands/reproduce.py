@@ -2,7 +2,7 @@
 
 Every sampled fact is edited once per (method, request perspective, key locus), scored on its
 probe families (:mod:`workbench.evaluation`: entity- and relation-phrased families, bleed onto
-other subjects of the relation, locality), and reverted. The request perspective is how the
+other subjects of the relation, bleed-adjusted transfer, the subject's other relations, locality), and reverted. The request perspective is how the
 edit is posed (``entity``: subject-first prompt; ``relation``: relation-first prompt), the locus
 where token-keyed methods read their key. By default each request gets the paper's locus
 (entity -> subject, relation -> relation); ``--loci subject,relation,relation_before_subject``
@@ -50,6 +50,8 @@ def register(sub) -> None:
                         "the bundled model)")
     p.add_argument("--bleed-subjects", type=int, default=5,
                    help="other subjects of the relation probed for bleed per fact (x 2 phrasings; default 5)")
+    p.add_argument("--other-relations", type=nonnegative_int, default=None,
+                   help="the subject's facts of other relations probed per fact (x 2 phrasings; default: all)")
     p.add_argument("--corpus", default=None,
                    help="covariance corpus of ROME and MEMIT: a text file (one text per line), 'toy-facts', or a "
                         "datasets name (default: the bundled world for toy-facts, else wikitext, which needs the hub)")
@@ -88,6 +90,7 @@ def run(args) -> int:
         kwargs["mend"] = {"editor": args.mend_editor}
     summary = evaluate(model, facts, methods=methods, requests=requests, loci=loci, n=args.n or None, out=args.out,
                        seed=args.seed, method_kwargs=kwargs, bleed_subjects_per_fact=args.bleed_subjects,
+                       other_relations_per_fact=args.other_relations,
                        raise_errors=bool(args.debug), progress=not args.no_progress, prepend_bos=args.prepend_bos,
                        workers=args.workers, ray_address=args.ray_address)
     written = write_tables(summary, args.out, model_name=f" ({args.model})")

@@ -222,6 +222,9 @@ class Edit:
                     f"weights have {current} (another model, or the same one with "
                     f"{applied if applied else 'other'} edit(s) applied); recompute the edit on this model, or pass "
                     f"force=True to apply it anyway")
+        from ..loading import remember_fingerprint, restore_fingerprint
+
+        remember_fingerprint(model, self.id)  # revert restores these exact weights: keep their fingerprint
         originals: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             try:
@@ -233,6 +236,7 @@ class Edit:
             except BaseException:
                 for name, orig in originals.items():
                     params[name].copy_(orig)
+                restore_fingerprint(model, self.id, originals)
                 if state and state[-1][0] == self.id:
                     state.pop()
                 raise
@@ -259,6 +263,9 @@ class Edit:
                                   "revert restores the pre-edit values anyway", RuntimeWarning, stacklevel=2)
                 params[name].copy_(orig)
         del state[index]
+        from ..loading import restore_fingerprint
+
+        restore_fingerprint(model, self.id, originals)  # the pre-apply fingerprint, if nothing else changed
         return self
 
     @contextlib.contextmanager
@@ -338,7 +345,7 @@ class Edit:
                    requests=meta.get("requests", []), hparams=meta.get("hparams", {}), info=meta.get("info", {}),
                    model_fingerprint=meta.get("model_fingerprint"))  # a fresh id: a separate object
 
-    def save_model(self, model, out_dir: str | os.PathLike) -> Path:
+    def save_model(self, model, out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write ``model`` with this edit applied as a Hugging Face folder (``loading.save_hf``).
 
         The edit is applied for the duration of the save if it is not applied already; the
@@ -347,9 +354,9 @@ class Edit:
         from ..loading import save_hf
 
         if self.is_applied(model):
-            return save_hf(model, out_dir)
+            return save_hf(model, out_dir, overwrite=overwrite)
         with self.applied(model):
-            return save_hf(model, out_dir)
+            return save_hf(model, out_dir, overwrite=overwrite)
 
 
 # --------------------------------------------------------------------------- outcome

@@ -26,8 +26,8 @@ Cache. Results go to ``cache_dir`` (default: ``platformdirs.user_cache_dir("work
 ``WORKBENCH_CACHE`` overrides), one safetensors file per (model fingerprint, layer,
 corpus id, n_tokens). A partial computation saves its running sum and count every
 ``save_every`` batches to ``<file>.partial.safetensors``; the next call resumes from
-the saved count (the token stream is deterministic). Every file records a SHA-256 of its
-sum; a cache or partial file that is unreadable, damaged, of the wrong shape or for
+the saved count (the token stream is deterministic). Every file records one SHA-256 over
+the whole record: the sum, its ``count`` and the metadata (:mod:`workbench.integrity`); a cache or partial file that is unreadable, damaged, of the wrong shape or for
 another key is reported with its path (a warning), moved aside to
 ``<file>.corrupt-<time>`` and recomputed. One process computes a given file at a time
 (an ``flock`` on ``<file>.lock``; a second waits, then reads the result).
@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import time
@@ -108,8 +107,14 @@ def _bundled_world_text() -> list[str]:
     return World.load(str(path)).training_text(seed=1)
 
 
+def corpus_id(model, corpus) -> str:
+    """The id of a corpus spec, by content for texts, text files and the bundled world (a hub dataset by name):
+    what caches and result keys record, so a corpus file replaced in place is not mistaken for the old one."""
+    return resolve_corpus(model, corpus)[0]
+
+
 def resolve_corpus(model, corpus) -> tuple[str, Iterator[str] | list[str]]:
-    """``(corpus_id, texts)`` for a corpus spec; the id enters the cache key."""
+    """``(corpus_id, texts)`` for a corpus spec; the id (a content hash, but for hub datasets) enters the cache key."""
     if corpus is None:
         spec = getattr(model, "workbench_spec", None)
         corpus = BUNDLED if spec is not None and is_bundled_name(spec, note=False) else DEFAULT_HUB_CORPUS
@@ -188,34 +193,29 @@ class _Corrupt(Exception):
     pass
 
 
-def _digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+_HEADER_KEY = "workbench_stats"
 
 
 def _save(path: Path, mom2_sum: torch.Tensor, count: int, meta: dict) -> None:
-    from safetensors.torch import save_file
+    """Write the running sum and its count, the whole record (count and meta included) sealed by one SHA-256."""
+    from ..integrity import write_safetensors
 
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    mom2_sum = mom2_sum.contiguous()
-    save_file({"mom2_sum": mom2_sum}, str(tmp),
-              metadata={"count": str(count), "meta": json.dumps(meta), "sha256": _digest(mom2_sum)})
-    os.replace(tmp, path)
+    write_safetensors(path, {"mom2_sum": mom2_sum.contiguous()}, {**meta, "count": int(count)},
+                      header_key=_HEADER_KEY, what="covariance cache")
 
 
 def _load(path: Path, d_mlp: int | None = None, meta: dict | None = None) -> tuple[torch.Tensor, int, dict]:
     """The saved (sum, count, meta); raises ``_Corrupt`` with the reason when the file cannot be trusted."""
-    from safetensors import safe_open
+    from ..integrity import IntegrityError, read_safetensors
 
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            s = f.get_tensor("mom2_sum")
-        count = int(header["count"])
-        saved = json.loads(header.get("meta", "{}"))
-    except Exception as err:  # noqa: BLE001 - safetensors' errors, a missing tensor, a bad header
+        tensors, saved = read_safetensors(path, header_key=_HEADER_KEY, what="covariance cache", fix="recomputing it")
+        s = tensors["mom2_sum"]
+        count = int(saved["count"])
+    except IntegrityError as err:
+        raise _Corrupt(f"cannot be trusted ({err})") from None
+    except Exception as err:  # noqa: BLE001 - a missing tensor or field, a bad count
         raise _Corrupt(f"unreadable: {type(err).__name__}: {err}") from None
-    if "sha256" in header and _digest(s) != header["sha256"]:
-        raise _Corrupt("its data does not match its recorded SHA-256")
     if s.dtype != torch.float64 or s.ndim != 2 or s.shape[0] != s.shape[1] or (d_mlp and s.shape[0] != d_mlp):
         raise _Corrupt(f"holds a {s.dtype} tensor of shape {tuple(s.shape)}, not float64 [{d_mlp}, {d_mlp}]")
     if count <= 0 or not torch.isfinite(s).all():

@@ -21,10 +21,35 @@ The protocol (reference §7) separates three things, and every row and table nam
   - ``bleed``: other subjects of the relation (``bleed_subjects`` of them, both request
     phrasings) that now predict o*. An edit keyed where every subject of the relation
     passes changes them all; high transfer with high bleed is not specific knowledge;
+  - ``entity_adj`` / ``relation_adj`` / ``request_adj`` / ``transfer_adj``: the same
+    reliability and generality **bleed-adjusted** (below);
+  - ``other_relations``: the subject's facts of *other* relations (all the dataset has by
+    default, both request phrasings): ``other_relations_bleed`` = share now answering o*,
+    ``other_relations_locality`` = share keeping their own object. Bleed looks along the
+    relation, these along the subject: an edit that rewrites the subject as a whole shows here;
   - ``locality``: the fact's neighbourhood prompts keep their own answers.
 
+**Bleed-adjusted transfer.** A relation-keyed edit can make a transfer prompt answer o* because
+it rewrote the prompt's words for every subject of the relation, not because it changed this
+subject's fact. Each family prompt therefore has *matched controls*: the same prompt with each
+bleed subject in the subject's place (every phrasing, not only the request's). For a prompt
+``p`` of the fact's subject ``s`` and its controls ``p(s')``::
+
+    adjusted(p) = [p answers o*] - mean over s' of [p(s') answers o*]
+
+and a family's adjusted reliability / generality are the means over its first / other prompts
+(prompts with no control are left out), in each variant (for ``_score``: P(o*) > P(o) for the
+subject minus P(o*) > P(own object) for the controls). For one random control ``s'`` this is
+P(s answers o*, s' does not) - P(s' answers o*, s does not): the net rate at which the edited
+model tells the edited subject from another subject of the relation *in the same words*. It
+equals transfer when no control moves, is 0 when the edit moves every subject alike (a rewrite
+of the phrasing, whatever the raw transfer), and is negative when controls move more often than
+the subject; so it lies in [-100, 100] %. It is not a probability, and it assumes the controls
+are exchangeable with the subject (they are other subjects of the same relation whose objects
+are neither o nor o*).
+
 Every metric comes in three variants (the suffix says which), as fractions per row and in
-percent in the summaries:
+percent in the summaries (the ``*_adj`` families are differences of two such rates):
 
 * ``_acc``: teacher-forced accuracy, all tokens: the prompt followed by the object's tokens
   but the last; correct only if the argmax is the object's token at *every* object position;
@@ -57,14 +82,15 @@ from ..perspective import probes, relation_templates
 from ..predict import ObjectScore, score_objects
 from .methods import (BASELINE, BATCH_METHODS, METHOD_LABELS, METHODS, PAPER_ORDER, default_methods, make_edit,
                       preset_name, register_method, resolve_method, resolved_hparams, with_shared_stats)
-from .run import (ID_FIELDS, ROWS_FILE, STORE_KIND, cells_for, evaluate, evaluate_one, evaluation_key,
+from .run import (ID_FIELDS, PROBES_VERSION, ROWS_FILE, STORE_KIND, cells_for, evaluate, evaluate_one, evaluation_key,
                   probe_bank_version, select_facts)
-from .scoring import METRICS, VARIANTS, score_fact, score_probes
+from .scoring import ADJUSTED, METRICS, VARIANTS, score_fact, score_probes
 from .statistics import CELL, bootstrap_ci, summarize
-from .tables import CUBE_COLUMNS, PAPER_COLUMNS, VARIANT_TEXT, cube_table, full_table, paper_table, to_markdown, write_tables
+from .tables import (ADJUSTED_COLUMNS, CUBE_COLUMNS, PAPER_COLUMNS, SPECIFICITY_COLUMNS, VARIANT_TEXT, cube_table,
+                     full_table, paper_table, to_markdown, write_tables)
 
-__all__ = ["BASELINE", "BATCH_METHODS", "CELL", "CUBE_COLUMNS", "ID_FIELDS", "METHODS", "METHOD_LABELS", "METRICS",
-           "PAPER_COLUMNS", "PAPER_ORDER", "ROWS_FILE", "STORE_KIND", "VARIANTS", "VARIANT_TEXT", "ObjectScore",
+__all__ = ["ADJUSTED", "ADJUSTED_COLUMNS", "BASELINE", "BATCH_METHODS", "CELL", "CUBE_COLUMNS", "ID_FIELDS", "METHODS", "METHOD_LABELS", "METRICS",
+           "PAPER_COLUMNS", "PAPER_ORDER", "PROBES_VERSION", "ROWS_FILE", "SPECIFICITY_COLUMNS", "STORE_KIND", "VARIANTS", "VARIANT_TEXT", "ObjectScore",
            "bootstrap_ci", "cells_for", "cube_table", "default_methods", "evaluate", "evaluate_one",
            "evaluation_key", "full_table", "make_edit", "paper_table", "preset_name", "probe_bank_version", "probes",
            "register_method", "relation_templates", "resolve_method", "resolved_hparams", "score_fact",

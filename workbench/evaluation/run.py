@@ -14,9 +14,9 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
-from ..facts import Fact, facts_hash
-from ..perspective import (DEFAULT_LOCUS, PERSPECTIVES, Phrasings, Probes, bleed_subjects, phrasings, probes,
-                           relation_index, request_fact)
+from ..facts import Fact, check_unique_ids, facts_hash
+from ..perspective import (DEFAULT_LOCUS, PERSPECTIVES, Phrasings, Probes, bleed_subjects, other_relations,
+                           phrasings, probes, relation_index, request_fact, subject_index)
 from .methods import (BASELINE, METHODS, _takes, default_methods, make_edit, preset_name, resolve_method,
                       resolved_hparams, usable_methods, with_shared_stats)
 from .scoring import score_probes
@@ -71,7 +71,8 @@ def _evaluate_one(model, fact: Fact, method, request: str, locus: str | None, pr
                            "subject": fact.subject, "relation_id": fact.relation_id, "request_prompt": req.prompt,
                            "target_true": fact.target_true, "target_new": fact.target_new,
                            "preset": "-" if fn is None else preset_name(name, model, method_kwargs),
-                           "n_bleed": len(probe_set.bleed), "failed": False, "error": None}
+                           "n_bleed": len(probe_set.bleed), "n_controls": len(probe_set.controls),
+                           "n_other_relations": len(probe_set.relations), "failed": False, "error": None}
     t0 = time.perf_counter()
     if fn is None:
         row.update(score_probes(model, fact, probe_set, request, batch_size))
@@ -158,6 +159,11 @@ ID_FIELDS = ("method", "request", "locus", "fact_id")
 """What identifies one row of an evaluation."""
 
 
+PROBES_VERSION = 2
+"""Version of the probe families and metrics a row holds (2: matched controls, bleed-adjusted and
+other-relation metrics); part of the store key, so a folder of older rows is refused, not mixed."""
+
+
 def probe_bank_version(bank: str | os.PathLike | None = None) -> str:
     """Content hash of the phrasing-template bank (probes and requests, and so rows, depend on it)."""
     from ..perspective import _TEMPLATE_BANK
@@ -167,13 +173,14 @@ def probe_bank_version(bank: str | os.PathLike | None = None) -> str:
 
 def evaluation_key(model, facts: Sequence[Fact], resolved: Sequence[tuple[str, Callable]],
                    method_kwargs: dict[str, dict], seed: int, fingerprint: str | None = None,
-                   bleed_subjects_per_fact: int = 5) -> dict:
+                   bleed_subjects_per_fact: int = 5, other_relations_per_fact: int | None = None) -> dict:
     """Everything an evaluation row depends on: the store key of ``evaluate(out=...)``.
 
     The facts hash covers every fact (all fields; bleed subjects come from the whole dataset),
     so a larger ``n`` reuses the rows of a smaller one; each method contributes its kwargs and
     resolved hyperparameters with the preset name (a custom callable is known by its name and
-    kwargs only: change its name when its code changes).
+    kwargs only: change its name when its code changes); ROME's and MEMIT's covariance corpus
+    enters by content (:func:`workbench.editing.stats.corpus_id`), not by path.
     """
     from ..loading import model_fingerprint
 
@@ -181,20 +188,28 @@ def evaluation_key(model, facts: Sequence[Fact], resolved: Sequence[tuple[str, C
     for name, fn in resolved:
         kwargs = method_kwargs.get(name) or {}
         target = METHODS.get(name)
+        hparams = resolved_hparams(name, model, kwargs) if target else None
         methods[name] = {"function": target if isinstance(target, str) else "custom callable",
                          "kwargs": {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in kwargs.items()},
-                         "hparams": resolved_hparams(name, model, kwargs) if target else None}
+                         "hparams": hparams}
+        if isinstance(hparams, dict) and "mom2_dataset" in hparams and hparams.get("mom2_adjustment", True):
+            from ..editing.stats import corpus_id
+
+            # by content: a corpus file replaced in place must not reuse rows computed with the old text
+            methods[name]["corpus"] = corpus_id(model, hparams["mom2_dataset"])
     return {"model_spec": getattr(model, "workbench_spec", None),
             "model_fingerprint": fingerprint or model_fingerprint(model),
             "facts_hash": facts_hash(facts), "n_facts": len(facts), "seed": seed,
             "probe_bank": probe_bank_version(), "bleed_subjects_per_fact": bleed_subjects_per_fact,
-            "methods": methods}
+            "other_relations_per_fact": "all" if other_relations_per_fact is None else other_relations_per_fact,
+            "probes": PROBES_VERSION, "methods": methods}
 
 
 def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | None = None,
              requests: Sequence[str] = PERSPECTIVES, loci: Sequence[str] | None = None, n: int | None = None,
              out: str | os.PathLike | None = None, *, seed: int = 0, method_kwargs: dict[str, dict] | None = None,
-             baseline: bool = True, bleed_subjects_per_fact: int = 5, check_every: int = 50,
+             baseline: bool = True, bleed_subjects_per_fact: int = 5, other_relations_per_fact: int | None = None,
+             check_every: int = 50,
              raise_errors: bool = False, progress: bool = True, batch_size: int = 64,
              n_boot: int = 1000, prepend_bos: bool | None = None, workers: int | None = None,
              ray_address: str | None = None) -> pd.DataFrame:
@@ -216,7 +231,10 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | N
             same folder are refused. ``summary.csv`` (every cell's mean, interval, n) at the end.
         method_kwargs: extra keyword arguments per method name, e.g. ``{"kn": {"lam": "auto"}}``.
         baseline: add the unedited model's rows (one per request perspective).
-        bleed_subjects_per_fact: other subjects of the relation probed for bleed (x 2 phrasings).
+        bleed_subjects_per_fact: other subjects of the relation probed for bleed (x 2 phrasings) and
+            used as the matched controls of bleed-adjusted transfer (x every phrasing).
+        other_relations_per_fact: the subject's facts of other relations probed (x 2 phrasings),
+            a seeded sample of that many; ``None``: all the dataset has.
         check_every: every that many edits, check that the weights are still the unedited ones.
         raise_errors: re-raise a method's error instead of recording the edit as failed.
         n_boot: bootstrap resamples of the 95% intervals.
@@ -242,7 +260,8 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | N
 
     check_workers(workers, ray_address)
     chosen = select_facts(facts, n, seed)
-    index = relation_index(facts)
+    check_unique_ids(chosen, "facts")  # rows (and the prompts each row is scored on) are looked up by fact id
+    index, by_subject = relation_index(facts), subject_index(facts)
     method_kwargs = method_kwargs or {}
     asked = [resolve_method(m) for m in (methods if methods is not None else default_methods())]
     resolved = usable_methods(model, asked, method_kwargs, explicit=methods is not None)  # e.g. no MEND editor
@@ -254,7 +273,8 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | N
     if out is not None:
         from ..store import ResultStore
 
-        key = {**evaluation_key(model, facts, resolved, method_kwargs, seed, fingerprint, bleed_subjects_per_fact),
+        key = {**evaluation_key(model, facts, resolved, method_kwargs, seed, fingerprint, bleed_subjects_per_fact,
+                                other_relations_per_fact),
                "prepend_bos": bos}
         store = ResultStore.open(out, kind=STORE_KIND, key=key, id_fields=ID_FIELDS, rows_name=ROWS_FILE)
         rows = store.rows()
@@ -268,7 +288,9 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | N
     for _, fact in todo:
         if str(fact.id) not in prepared:
             ph = phrasings(fact)
-            prepared[str(fact.id)] = (ph, probes(fact, bleed_subjects(fact, index, bleed_subjects_per_fact, seed), ph=ph))
+            others = bleed_subjects(fact, index, bleed_subjects_per_fact, seed)
+            relations = other_relations(fact, by_subject, other_relations_per_fact, seed)
+            prepared[str(fact.id)] = (ph, probes(fact, others, ph=ph, relations=relations))
     items = [(k, (name, fn, request, locus, fact, *prepared[str(fact.id)]))
              for k, ((name, fn, request, locus), fact) in enumerate(todo)]
     settings = {"method_kwargs": method_kwargs, "batch_size": batch_size, "raise_errors": raise_errors,

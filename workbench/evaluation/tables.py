@@ -16,23 +16,39 @@ from .methods import BASELINE, METHOD_LABELS, PAPER_ORDER
 from .scoring import VARIANTS
 from .statistics import CELL
 
+SPECIFICITY_COLUMNS = (("bleed", "bleed", "Bleed"), ("other_relations", "bleed", "Other-relation Bleed"),
+                       ("locality", "locality", "Locality"), ("other_relations", "locality", "Other-relation Locality"))
+"""Along the relation (other subjects: bleed), along the subject (its other relations), the neighbourhood."""
+
 PAPER_COLUMNS = (("entity", "reliability", "Entity Reliability"), ("entity", "generality", "Entity Generality"),
                  ("relation", "reliability", "Relation Reliability"),
-                 ("relation", "generality", "Relation Generality"),
-                 ("bleed", "bleed", "Bleed"), ("locality", "locality", "Locality"))
-"""The paper's column order (Tables 1-2), then the workbench's bleed and locality columns."""
+                 ("relation", "generality", "Relation Generality"), *SPECIFICITY_COLUMNS)
+"""The paper's column order (Tables 1-2), then the workbench's bleed and locality columns; :func:`paper_table`
+puts the transfer family's bleed-adjusted columns (:data:`ADJUSTED_COLUMNS`) before bleed."""
+
+ADJUSTED_COLUMNS = {
+    "entity": (("entity_adj", "reliability", "Entity Reliability, bleed-adj."),
+               ("entity_adj", "generality", "Entity Generality, bleed-adj.")),
+    "relation": (("relation_adj", "reliability", "Relation Reliability, bleed-adj."),
+                 ("relation_adj", "generality", "Relation Generality, bleed-adj.")),
+}
+"""Each phrasing family's bleed-adjusted columns (transfer minus the matched controls' rate of o*)."""
 
 CUBE_COLUMNS = (("request", "reliability", "Request Reliability"), ("request", "generality", "Request Generality"),
                 ("transfer", "reliability", "Transfer Reliability"),
                 ("transfer", "generality", "Transfer Generality"),
-                ("bleed", "bleed", "Bleed"), ("locality", "locality", "Locality"))
-"""Columns of the full cube: the request family, the other (transfer) family, bleed, locality."""
+                ("transfer_adj", "reliability", "Transfer Reliability, bleed-adj."),
+                ("transfer_adj", "generality", "Transfer Generality, bleed-adj."), *SPECIFICITY_COLUMNS)
+"""Columns of the full cube: the request family, the other (transfer) family raw and bleed-adjusted, bleed
+and the subject's other relations, locality."""
 
 VARIANT_TEXT = {
-    "acc": "accuracy: o*'s tokens are all the teacher-forced argmax (%)",
-    "tok": "per-token accuracy: mean over o*'s tokens of argmax = token (%)",
+    "acc": "accuracy: o*'s tokens are all the teacher-forced argmax (%; bleed-adj.: minus the same on the "
+           "matched controls)",
+    "tok": "per-token accuracy: mean over o*'s tokens of argmax = token (%; bleed-adj.: minus the same on the "
+           "matched controls)",
     "score": "CounterFact score: P(o*) > P(o) by mean token log-prob; bleed P(o*) > P(own object); "
-             "locality P(answer) > P(o*) (%)",
+             "locality P(answer) > P(o*) (%; bleed-adj.: minus the controls' P(o*) > P(own object))",
 }
 
 
@@ -68,21 +84,25 @@ def _table(summary: pd.DataFrame, cells: list[tuple[str, str, str]], columns, va
 
 
 def paper_table(summary: pd.DataFrame, request: str, locus: str | None = None, variant: str = "acc",
-                baseline: bool = True) -> pd.DataFrame:
+                baseline: bool = True, adjusted: bool = True) -> pd.DataFrame:
     """One of the paper's tables: edits requested from ``request`` keyed at ``locus``.
 
     ``request="relation"`` is Table 1 (relation-based edits), ``"entity"`` Table 2; ``locus``
     defaults to the paper's pairing. Columns in the paper's order (entity reliability and
-    generality, relation reliability and generality), then bleed and locality, each with
-    ``" lo"``/``" hi"`` interval columns, then ``n`` (edits scored) and ``failed``. Rows: the
-    unedited model (when ``baseline``), then the methods in the paper's order.
+    generality, relation reliability and generality), then (when ``adjusted``) the other family's
+    (the transfer's) bleed-adjusted reliability and generality, then bleed, other-relation bleed,
+    locality and other-relation locality, each with ``" lo"``/``" hi"`` interval columns, then
+    ``n`` (edits scored) and ``failed``. Rows: the unedited model (when ``baseline``), then the
+    methods in the paper's order.
     """
     if request not in PERSPECTIVES:
         raise ValueError(f"request must be one of {PERSPECTIVES}, not {request!r}")
     locus = locus or DEFAULT_LOCUS[request]
     cells = [c for c in summary.index if c[1] == request and (c[2] == locus or (baseline and c[0] == BASELINE))]
     cells.sort(key=lambda c: _method_rank(c[0]))
-    return _table(summary, cells, PAPER_COLUMNS, variant, ["Method"], lambda c: (METHOD_LABELS.get(c[0], c[0]),))
+    other = "entity" if request == "relation" else "relation"
+    columns = PAPER_COLUMNS[:4] + (ADJUSTED_COLUMNS[other] if adjusted else ()) + PAPER_COLUMNS[4:]
+    return _table(summary, cells, columns, variant, ["Method"], lambda c: (METHOD_LABELS.get(c[0], c[0]),))
 
 
 def cube_table(summary: pd.DataFrame, variant: str = "acc") -> pd.DataFrame:

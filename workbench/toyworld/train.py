@@ -326,6 +326,9 @@ def save_bundle(out_dir: str, model, tokenizer, world: World, report: dict[str, 
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    from ..loading import write_manifest
+
+    write_manifest(out_dir)
     with open(os.path.join(out_dir, "world.json"), "w", encoding="utf-8") as f:
         f.write(world.to_json())
     _write_json(os.path.join(out_dir, "counterfact.json"), world.counterfact_records())
