@@ -125,12 +125,17 @@ def preset_name(name: str, model, kwargs: dict | None) -> str:
 
         base = KNHyperParams().preset
         return base if not tuning else f"{base}+custom"
-    if name == "mend":  # the editor is the preset: rows name it (and its SHA-256, info_editor_sha256)
+    if name == "mend" and _builtin_mend():  # the editor is the preset: rows name it (and its SHA-256, info_editor_sha256)
         try:
             return f"mend:{_mend_editor(model, kwargs).label}"
         except (OSError, ValueError):  # no usable editor: the edit fails and its row says why
             return "mend:unavailable"
     return "custom" if tuning else "default"
+
+
+def _builtin_mend() -> bool:
+    """Whether ``"mend"`` is the workbench's own MEND (not a callable registered under that name)."""
+    return METHODS.get("mend") == "workbench.editing.mend:mend"
 
 
 def _mend_editor(model, kwargs: dict | None):
@@ -143,7 +148,7 @@ def _mend_editor(model, kwargs: dict | None):
 def method_problem(name: str, fn: Callable, model, kwargs: dict | None) -> Exception | None:
     """Why every edit of a built-in method would fail on ``model`` (checked once, before any edit),
     or ``None``. MEND: its editor is missing, damaged, or was trained for another model."""
-    if name != "mend" or METHODS.get("mend") != "workbench.editing.mend:mend":
+    if name != "mend" or not _builtin_mend():
         return None
     try:
         _mend_editor(model, kwargs).check_model(model)
@@ -207,7 +212,7 @@ def resolved_hparams(name: str, model, kwargs: dict | None = None) -> dict | Non
             if name == "ft" and hp.layer is None:
                 hp = replace(hp, layer=default_layer(model))
             return {**hp.to_dict(), "preset": preset_name(name, model, kwargs)}
-        if name == "mend" and METHODS.get("mend") == "workbench.editing.mend:mend":
+        if name == "mend" and _builtin_mend():
             editor = _mend_editor(model, kw)
             return {**editor.hparams.to_dict(), "editor": editor.label, "editor_sha256": editor.content_hash,
                     "preset": preset_name(name, model, kwargs)}
