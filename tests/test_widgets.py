@@ -22,6 +22,18 @@ PROMPT = "The mother tongue of Varo Keltin is"
 SUBJECT = "Varo Keltin"
 
 
+@pytest.fixture(autouse=True)
+def unedited(tiny_model):
+    """Every test starts and ends with no edit applied to the shared model (an Inspector reads the
+    applied edits from the model, so one test's edit would show in the next test's badge)."""
+    from workbench.editing import applied_edits
+
+    assert not applied_edits(tiny_model), "an earlier test left an edit applied"
+    yield
+    for edit in reversed(applied_edits(tiny_model)):
+        edit.revert(tiny_model)
+
+
 @pytest.fixture()
 def inspector(tiny_model):
     return Inspector(tiny_model, prompt=PROMPT, subject=SUBJECT, samples=2)
@@ -202,7 +214,8 @@ def test_edit_follows_the_typed_prompt(tiny_model):
     assert "Varo Keltin speaks" not in rows  # the old example's paraphrase
     assert "P(Amazon)" in ins.edit_table["after"].columns
     probes = list(ins.edit_table[("", "probe")])
-    assert probes[0] == "edit prompt" and probes.count("other subject (locality)") == 3
+    assert probes[0] == "edit prompt" and probes.count("bleed: other subject, same phrasing") == 3
+    assert "Miles Davis works for" in rows  # another subject in the typed phrasing, not another relation
 
 
 def test_failed_edit_is_reported_with_p_new(inspector, tiny_model):
@@ -244,10 +257,12 @@ def test_trace_map_cleared_or_marked_when_inputs_change(inspector):
     inspector.subject.value = "Miles Davis"
     inspector.run_trace()
     assert len(inspector.trace_out.outputs) == 1
+    shown = inspector.figure
     for box in inspector.kind_boxes.values():
         box.value = False
-    inspector.run_trace()  # an error: the old map goes
-    assert inspector.error and inspector.figure is None and inspector.trace_out.outputs == ()
+    inspector.run_trace()  # an error: the map of the earlier settings stays, marked out of date
+    assert inspector.error and inspector.figure is shown and len(inspector.trace_out.outputs) == 1
+    assert "kinds" in inspector.trace_stale.value and "color:#b00" in inspector.status.value
 
 
 def test_new_example_clears_the_map(tiny_model):
@@ -363,3 +378,142 @@ def test_outputs_are_set_not_captured(inspector):
     inspector.value.value = "ie"
     inspector.undo_edit()
     assert captured == []
+
+
+# --------------------------------------------------------------------------- issue 22: one state (problems 1, 6, 7)
+
+
+def _edit(ins, new="Greek"):
+    ins.rome_kwargs = {"hparams": _rome_hparams()}
+    ins.new_object.value = new
+    ins.retrace.value = False
+    edit = ins.apply_edit()
+    assert edit is not None, ins.error
+    return edit
+
+
+def test_recreated_inspector_shows_the_badge_and_undoes(tiny_model):
+    """Problem 1: re-running the Inspector cell on an edited model: the badge shows and Undo works."""
+    from workbench.loading import model_fingerprint
+
+    before = model_fingerprint(tiny_model)
+    first = Inspector(tiny_model, prompt=PROMPT, subject=SUBJECT, samples=2)
+    edit = _edit(first)
+    again = Inspector(tiny_model, prompt=PROMPT, subject=SUBJECT, samples=2)
+    assert "edited model: 1 edit(s) applied" in again.badge.value and "Greek" in again.badge.value
+    assert again.edits == [edit] and not again.undo_button.disabled
+    again.run_trace()
+    assert "[edited model]" in again.figure.layout.title.text
+    assert again.undo_edit() is edit and not edit.is_applied(tiny_model)
+    assert model_fingerprint(tiny_model) == before and again.badge.value == ""
+    assert "edit was applied or undone" in again.trace_stale.value
+    first.render()  # the first widget reads the same model: its badge goes too
+    assert first.badge.value == "" and first.undo_button.disabled
+
+
+def test_old_error_goes_when_a_valid_run_starts(inspector):
+    """Problem 6: an old error stayed under the Edit tab's buttons during the next (valid) run."""
+    inspector.rome_kwargs = {"hparams": _rome_hparams()}
+    inspector.new_object.value = ""
+    assert inspector.apply_edit() is None and "new object" in inspector.edit_status.value
+    during: list[str] = []
+    inspector.edit_progress.observe(lambda ch: during.append(inspector.edit_status.value), names="value")
+    inspector.new_object.value = "Greek"
+    inspector.retrace.value = False
+    assert inspector.apply_edit() is not None
+    assert during and not any("new object" in s for s in during)
+
+
+def test_badge_says_editing_while_the_edit_runs(inspector):
+    """Problem 6: the badge said "1 edit(s) applied" while the edit was still running."""
+    seen: list[str] = []
+    inspector.edit_progress.observe(lambda ch: seen.append(inspector.badge.value), names="value")
+    _edit(inspector)
+    assert seen and all("editing the model" in b and "edit(s) applied" not in b for b in seen[:-1])
+    assert "1 edit(s) applied" in inspector.badge.value
+
+
+def test_progress_label_after_an_error(inspector):
+    """Problem 6: after an error the progress label stayed at "1/3 tracing hidden… 0.0 s"."""
+    inspector.noise.value = "loud"  # not a noise rule: the first kind's trace raises
+    assert inspector.run_trace() is None and inspector.error
+    assert "1/3" not in inspector.progress_label.value and "stopped by an error" in inspector.progress_label.value
+    assert inspector.progress.bar_style == "danger"
+
+
+def test_too_long_prompt_empties_the_token_bar(inspector, tiny_model):
+    """Problem 6: after a too-long prompt the token bar showed the previous prompt's tokens."""
+    assert inspector.token_buttons
+    inspector.prompt.value = " ".join(["word"] * (tiny_model.cfg.n_ctx + 5)) + " " + SUBJECT
+    assert inspector.token_buttons == [] and inspector.token_bar.children == ()
+    assert "n_ctx" in inspector.status.value
+    assert inspector.run_trace() is None and "n_ctx" in inspector.error
+
+
+def test_cancelled_rerun_keeps_the_previous_map(inspector):
+    """Problem 6: cancelling a re-run discarded the previous valid map."""
+    inspector.run_trace()
+    shown = inspector.figure
+    inspector.samples.value = 3
+    inspector.progress.observe(lambda ch: inspector.cancel() if ch["new"] == 1 else None, names="value")
+    assert inspector.run_trace() is None
+    assert inspector.figure is shown and len(inspector.trace_out.outputs) == 1
+    assert "previous" in inspector.status.value and "samples" in inspector.trace_stale.value
+
+
+def test_out_of_date_note_names_what_changed(tiny_model):
+    """Problem 6: the "out of date" wording was garbled after switching the example."""
+    ins = Inspector(tiny_model, _facts(), samples=2)
+    _edit(ins)
+    ins.fact_picker.value = 1
+    note = ins.edit_stale.value
+    assert note.count("out of date") == 1 and "prompt or subject" in note and "new object" in note
+    assert "since this was computed" not in note
+
+
+def test_one_value_toggle(inspector):
+    """Problem 6: the figure's own p/IE buttons could disagree with the Inspector's toggle."""
+    inspector.run_trace()
+    assert not inspector.figure.layout.updatemenus
+    inspector.value.value = "ie"
+    assert inspector.figure.data[0].colorbar.title.text == "IE"
+
+
+def test_empty_prompt_is_named(inspector):
+    """Problem 6: an empty prompt was reported as "subject must occur exactly once in the prompt ''"."""
+    inspector.prompt.value = ""
+    assert "type a prompt" in inspector.status.value
+    assert inspector.run_trace() is None and inspector.error == "ValueError: type a prompt"
+
+
+def test_locality_as_in_the_evaluation(tiny_model):
+    """Problem 7: after an edit, other subjects of the relation in both phrasings (bleed) and the
+    subject's other relations (locality), from the perspective helpers."""
+    from workbench.facts import load_facts
+    from workbench.perspective import phrasings
+
+    facts = load_facts("toy-facts")
+    fact = facts[0]
+    ins = Inspector(tiny_model, facts, samples=2)
+    ph = phrasings(fact)
+    others = {f.subject for f in facts if f.relation_id == fact.relation_id and f.subject != fact.subject}
+    prompts = ins.neighbour_prompts(fact)
+    assert any(p == ph.relation_template.format(s) for p in prompts for s in others)  # the leak's prompts
+    rows = ins.state.probe_rows(fact)
+    probes = [probe for _, probe in rows]
+    assert probes.count("bleed: other subject, subject-first") == 3
+    assert probes.count("bleed: other subject, relation-first") == 3
+    rel_template = ph.relation_template
+    bleed_rel = [p for p, probe in rows if probe.endswith("relation-first")]
+    assert all(fact.subject not in p for p in bleed_rel)
+    assert any(p == rel_template.format(other.subject) for p in bleed_rel for other in facts
+               if other.relation_id == fact.relation_id)
+    other_relations = [p for p, probe in rows if probe.startswith("locality")]
+    assert other_relations and all(fact.subject in p for p in other_relations)
+    assert {f.relation_id for f in facts if f.prompt in other_relations} <= {f.relation_id for f in facts} - {
+        fact.relation_id}
+    # a typed prompt in one of the relation's phrasings is that relation
+    ins.prompt.value, ins.subject.value = rel_template.format("Varo Keltin"), "Varo Keltin"
+    typed = ins.current_fact()
+    assert typed.relation_id == fact.relation_id
+    assert any(probe.endswith("relation-first") for _, probe in ins.state.probe_rows(typed))

@@ -17,7 +17,8 @@ Only ``deltas`` is required. Deltas must have the parameter's shape (any float d
 they are cast to the parameter's dtype and device when applied).
 
 Per-model state lives on the wrapped Hugging Face module (attribute
-``_workbench_applied_edits``), so the bridge and its HF model see the same state:
+``_workbench_applied_edits``; :func:`applied_edits` lists them), so the bridge and its HF model
+see the same state:
 applying an edit that is already applied, or reverting one that is not, raises
 :class:`EditStateError`; edits that touch the same parameter must be reverted in the
 reverse order of application (otherwise restoring one copy would erase the other edit).
@@ -101,12 +102,18 @@ def param_name(model, param: torch.Tensor) -> str:
 
 
 def _state(hf) -> list:
-    """The list of (edit_id, {name: original tensor}, {name: checksum}) applied to ``hf``, oldest first."""
+    """The list of (edit_id, {name: original tensor}, {name: checksum}, edit) applied to ``hf``, oldest first."""
     state = hf.__dict__.get(_STATE_ATTR)
     if state is None:
         state = []
         object.__setattr__(hf, _STATE_ATTR, state)
     return state
+
+
+def applied_edits(model) -> list["Edit"]:
+    """The edits applied to ``model`` (bridge or HF module) now, oldest first: read from the model
+    itself, so that any code holding the model (a new notebook widget, a later cell) sees them."""
+    return [entry[3] for entry in _state(_hf(model))]
 
 
 def _checksum(t: torch.Tensor) -> float:
@@ -232,7 +239,7 @@ class Edit:
                     originals[name] = param.detach().clone()
                     param.add_(self.deltas[name].to(device=param.device, dtype=param.dtype))
                 checksums = {name: _checksum(p) for name, p in params.items()}
-                state.append((self.id, originals, checksums))
+                state.append((self.id, originals, checksums, self))
             except BaseException:
                 for name, orig in originals.items():
                     params[name].copy_(orig)
@@ -249,7 +256,7 @@ class Edit:
         index = next((i for i, entry in enumerate(state) if entry[0] == self.id), None)
         if index is None:
             raise EditStateError(f"{self!r} is not applied to this model; nothing to revert")
-        _, originals, checksums = state[index]
+        _, originals, checksums, _ = state[index]
         later = [e for e in state[index + 1:] if set(e[1]) & set(originals)]
         if later:
             raise EditStateError(

@@ -3,7 +3,9 @@
 :class:`MendHyperParams` holds the network, edit and training settings. Presets: ``MEND_GPT2_XL``
 and ``MEND_GPT_J`` (the originals' edited weights and learning rates, eric-mitchell/mend
 ``config/model/gpt2xl.yaml`` / ``gptj.yaml`` and ``config/alg/mend.yaml``), ``MEND_TOY`` for the
-bundled model; :func:`mend_hparams_for` picks one for a model and :data:`MEND_PRESETS` names them.
+bundled model; they are registered with :mod:`workbench.editing.presets` (``mend:gpt2-xl``,
+``mend:gpt-j``, ``mend:toy-facts``, and ``mend:generic`` for other models: the last three blocks),
+and :func:`mend_hparams_for` picks one by the model's identity (its config, not its folder name).
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Sequence
 
-from .edit import _hf
-from .hparams import HyperParameterError, unknown_keys_error
+from .presets import HyperParameterError, register_presets, resolve, unknown_keys_error
 
 EARLY_STOP_KEYS = ("loss", "edit_success")
 """What picks the best editor during training: ``"loss"``, the lowest validation loss cedit·edit +
@@ -148,13 +149,13 @@ MEND_SOURCES: dict[str, str] = {
 """Preset key -> the original files its values come from."""
 
 
+register_presets("mend", by_model={k: (f"mend:{k}", v) for k, v in MEND_PRESETS.items()},
+                 generic=lambda model: ("mend:generic", MendHyperParams()),
+                 sources={f"mend:{k}": v for k, v in MEND_SOURCES.items()})
+
+
 def mend_hparams_for(model) -> MendHyperParams:
-    """The preset for ``model``: by its spec/name, else the defaults (last three blocks)."""
-    spec = str(getattr(model, "workbench_spec", "") or "").lower()
-    name = str(getattr(getattr(_hf(model), "config", None), "_name_or_path", "") or "").lower()
-    for key, preset in MEND_PRESETS.items():
-        if key in spec or key in name:
-            return preset
-    if "gpt-j" in spec or "gptj" in spec:
-        return MEND_GPT_J
-    return MendHyperParams()
+    """MEND's preset for ``model`` by its identity (:func:`workbench.editing.presets.resolve`): GPT-2 XL,
+    GPT-J, the bundled model; any other model gets the defaults (the last three blocks) with an
+    :class:`~workbench.editing.presets.UnknownModelWarning` (an error under strict presets)."""
+    return resolve("mend", model).hparams

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import html
 import json
 from typing import Any
 
 import ipywidgets as widgets
-import pandas as pd
 
 
 class FigureView:
@@ -39,18 +37,3 @@ def _show(out: widgets.Output, *objs: Any) -> None:
     _clear(out)
     for obj in objs:
         out.append_display_data(_displayable(obj))
-
-
-def _stale_note(why: str) -> str:
-    return ("<div class='workbench-stale' style='background:#fff6e5;border-left:4px solid #e6a100;padding:4px 10px'>"
-            f"out of date: {html.escape(why)} since this was computed; run again</div>")
-
-
-def _html_table(df: pd.DataFrame | None) -> Any:
-    from IPython.display import HTML
-
-    if df is None:
-        return HTML("")
-    return HTML(df.to_html(float_format=lambda x: f"{x:.3f}", border=0))
-
-
