@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from workbench.architecture import FAMILY_NAMES
 from workbench.tracing import TraceResult, trace, trace_dataset, window_layers
 from workbench.tracing.api import TraceParameterError
 
@@ -20,8 +21,8 @@ def model64():
     return random_model(n_layers=3, d_model=64, n_heads=4, seed=0, device="cpu", dtype=torch.float64)
 
 
-def relative_error(model, nu: float, window: int = 1) -> dict[str, float]:
-    kw = dict(subject=SUBJECT, samples=3, noise=nu, window=window)
+def relative_error(model, nu: float, window: int = 1, samples: int = 3) -> dict[str, float]:
+    kw = dict(subject=SUBJECT, samples=samples, noise=nu, window=window)
     exact = trace(model, PROMPT, engine="batched", **kw)
     approx = trace(model, PROMPT, method="attribution", **kw)
     return {k: float(np.abs(exact.ie(k) - approx.ie(k)).max() / np.abs(exact.ie(k)).max()) for k in exact.kinds}
@@ -35,6 +36,18 @@ def test_equals_the_exact_effect_to_first_order(model64):
     for kind in coarse:
         assert fine[kind] < 0.05, (kind, fine)
         assert fine[kind] < coarse[kind] / 5, (kind, coarse, fine)
+
+
+@pytest.mark.parametrize("model_type", FAMILY_NAMES)
+def test_first_order_on_every_family(model_type):
+    """The hook points' gradients are the right ones in every family (parallel blocks, rotary, GQA)."""
+    from workbench.architecture import random_bridge
+
+    model = random_bridge(model_type, n_layers=2, d_model=64, n_heads=4, initializer_range=0.3,
+                          dtype=torch.float64, device="cpu")
+    coarse, fine = relative_error(model, 1e-2, samples=2), relative_error(model, 1e-3, samples=2)
+    for kind in coarse:
+        assert fine[kind] < 0.1 and fine[kind] < coarse[kind] / 3, (model_type, kind, coarse, fine)
 
 
 def test_windows_sum_their_layers(model64):
@@ -106,3 +119,21 @@ def test_dataset_sweep_records_the_method(toy_model, tmp_path):
     assert trace_dataset(toy_model, facts, **kw).method == "exact"
     with pytest.raises(StoreError):  # an attribution folder refuses an exact sweep (and the other way)
         trace_dataset(toy_model, facts, out=tmp_path / "a", **kw)
+
+
+def test_agreement_ranks_cells_from_the_corruption_on(model64):
+    from dataclasses import replace
+
+    from workbench.tracing.attribution import agreement
+
+    kw = dict(subject=SUBJECT, samples=2, noise=0.5)
+    exact = trace(model64, PROMPT, **kw)
+    first = min(exact.corrupted_span.positions)
+    same = agreement(exact, exact)
+    assert set(same) == set(exact.kinds)
+    assert all(a.spearman == pytest.approx(1.0) and a.top_cell_same for a in same.values())
+    assert same["hidden"].cells == (len(exact.tokens) - first) * model64.cfg.n_layers
+    flipped = replace(exact, scores={k: 2 * exact.p_corrupt - v for k, v in exact.scores.items()})
+    assert all(a.spearman == pytest.approx(-1.0) and not a.top_cell_same for a in agreement(exact, flipped).values())
+    with pytest.raises(ValueError, match="different prompts"):
+        agreement(exact, trace(model64, "Miles Davis plays the trumpet", **kw))

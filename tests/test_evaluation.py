@@ -73,6 +73,25 @@ def test_score_probes_keys_range_and_request_view(tiny_model):
         score_fact(tiny_model, Fact(subject="A B", template="{} speaks", target_true="French"))
 
 
+@pytest.mark.parametrize("new, old", [("is is", "French"), ("is French", "Polish Greek"), ("French Polish", "is is")])
+def test_accuracy_variants_on_multi_token_objects(tiny_model, new, old):
+    """`_acc` (every object token is the argmax), `_tok` (share of them) and `_score` (mean token log-prob of
+    o* above o's) of multi-token objects, re-derived by one plain forward pass per (prompt, object)."""
+    assert len(object_token_ids(tiny_model, new)) == 2 and len(object_token_ids(tiny_model, old)) >= 1
+    fact = Fact(subject="Varo Keltin", template="The mother tongue of {} is", target_true=old, target_new=new,
+                relation_id="P103", entity_prompts=("Varo Keltin speaks",),
+                relation_prompts=("The mother tongue of Varo Keltin is", "The native language of Varo Keltin is"))
+    res = score_probes(tiny_model, fact, probes(fact), "relation")
+    for family, prompts in (("relation_reliability", fact.relation_prompts[:1]),
+                            ("relation_generality", fact.relation_prompts[1:]), ("entity_reliability", ("Varo Keltin speaks",))):
+        direct = [(_direct(tiny_model, p, new), _direct(tiny_model, p, old)) for p in prompts]
+        assert res[f"{family}_acc"] == pytest.approx(np.mean([n[1] for n, _ in direct]))
+        assert res[f"{family}_tok"] == pytest.approx(np.mean([n[2] for n, _ in direct]))
+        assert res[f"{family}_score"] == pytest.approx(np.mean([n[0] > o[0] for n, o in direct]))
+    if new == "is French":  # the first token is the model's argmax, the second is not: the variants differ
+        assert res["relation_reliability_acc"] == 0.0 and res["relation_reliability_tok"] == 0.5
+
+
 # ------------------------------------------------------------------ evaluate
 def _fake(model, fact, locus="subject"):
     """A deterministic stand-in edit (fast) that depends on the request prompt: nudges one W_out row."""

@@ -127,3 +127,13 @@ def test_cli_edit_with_stats_npz(tiny_model, npz_dir, tmp_path, capsys):
     assert main(["edit", "--model", str(folder), "--device", "cpu", "--subject", "Varo Keltin", "--prompt",
                  "The mother tongue of {} is", "--new-object", "Tuvan", "--stats-npz", str(tmp_path / "none")]) == 1
     assert stats_mod.NPZ_KEYS == ("mom2.mom2", "mom2.count")
+
+
+def test_shared_stats_for_workers_read_the_npz_once(tiny_model, npz_dir):
+    from workbench.evaluation.methods import with_shared_stats
+
+    out = with_shared_stats(tiny_model, [resolve_method("rome"), resolve_method("memit")],
+                            {"rome": {"stats": str(npz_dir), "layer": 2}, "memit": {"stats": str(npz_dir),
+                                                                                    "layers": [0, 1]}})
+    assert set(out["rome"]["stats"]) == {2} and set(out["memit"]["stats"]) == {0, 1}
+    assert torch.equal(out["memit"]["stats"][1].mom2, npz_layer_stats(npz_dir, 1).mom2)

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import itertools
 import json
@@ -112,13 +113,22 @@ def _hash_texts(texts: Sequence[str]) -> str:
     return h.hexdigest()[:12]
 
 
-def _bundled_world_text() -> list[str]:
-    from ..toyworld.world import World
-
+def _bundled_world() -> tuple[tuple[str, ...], str]:
+    """The bundled world's training text and its hash, generated once per version of ``world.json``
+    (ROME and MEMIT resolve their covariance corpus on every edit; generating it takes ~0.5 s)."""
     path = assets_dir() / BUNDLED / "world.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: the bundled world's text needs the bundled model assets")
-    return World.load(str(path)).training_text(seed=1)
+    stat = path.stat()
+    return _world_text(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _world_text(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, ...], str]:
+    from ..toyworld.world import World
+
+    texts = tuple(World.load(path).training_text(seed=1))
+    return texts, _hash_texts(texts)
 
 
 WIKIPEDIA = ("wikipedia", "20200501.en")
@@ -180,8 +190,8 @@ def resolve_corpus(model, corpus) -> tuple[str, Iterator[str] | list[str]]:
         return f"texts-{_hash_texts(texts)}", texts
     text = str(corpus)
     if text in (BUNDLED, "world", "toy-world"):
-        texts = _bundled_world_text()
-        return f"toyworld-{_hash_texts(texts)}", texts
+        texts, digest = _bundled_world()
+        return f"toyworld-{digest}", list(texts)
     path = Path(text).expanduser()
     if path.is_file():
         texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -19,7 +19,7 @@ from ..identity import model_identity
 from ..perspective import (DEFAULT_LOCUS, PERSPECTIVES, Phrasings, Probes, bleed_subjects, other_relations,
                            phrasings, probes, relation_index, request_fact, subject_index)
 from .methods import (BASELINE, METHODS, _takes, check_method_kwargs, default_methods, make_edit, preset_name,
-                      resolve_method, resolved_hparams, stats_key, with_shared_stats)
+                      resolve_method, resolved_hparams, stats_key, usable_methods, with_shared_stats)
 from .scoring import score_probes
 from .statistics import summarize
 
@@ -34,7 +34,7 @@ def _scalars(info: dict) -> dict[str, Any]:
 def evaluate_one(model, fact: Fact, method: str | Callable | tuple[str, Callable] | None, request: str,
                  locus: str | None, probe_set: Probes, *, method_kwargs: dict | None = None,
                  ph: Phrasings | None = None, batch_size: int = 64, raise_errors: bool = False,
-                 prepend_bos: bool | None = None) -> dict[str, Any]:
+                 prepend_bos: bool | None = None, preset: str | None = None) -> dict[str, Any]:
     """Edit ``fact`` posed from ``request`` keyed at ``locus``, score ``probe_set``, revert: one row.
 
     ``method`` is a registered name, a callable, a ``(name, callable)`` pair, or ``None`` for
@@ -43,7 +43,8 @@ def evaluate_one(model, fact: Fact, method: str | Callable | tuple[str, Callable
     left as it was (the edit is applied inside a ``with`` block). A failing method gives a row
     with ``failed=True`` and the ``error``, unless ``raise_errors``. ``prepend_bos``: one BOS
     convention for the edit and the scores (default: the model's editing convention,
-    :func:`workbench.editing.hparams.editing_prepend_bos`), recorded in the row.
+    :func:`workbench.editing.hparams.editing_prepend_bos`), recorded in the row. ``preset``: the
+    method's preset name when the caller resolved it already (:func:`evaluate` does, once per method).
     """
     from ..editing.hparams import editing_prepend_bos
     from ..spans import bos_convention
@@ -51,14 +52,14 @@ def evaluate_one(model, fact: Fact, method: str | Callable | tuple[str, Callable
     bos = editing_prepend_bos(model, prepend_bos)
     with bos_convention(model, bos):
         row = _evaluate_one(model, fact, method, request, locus, probe_set, method_kwargs, ph, batch_size,
-                            raise_errors, bos)
+                            raise_errors, bos, preset)
     row["prepend_bos"] = bos
     return row
 
 
 def _evaluate_one(model, fact: Fact, method, request: str, locus: str | None, probe_set: Probes,
                   method_kwargs: dict | None, ph: Phrasings | None, batch_size: int, raise_errors: bool,
-                  bos: bool) -> dict[str, Any]:
+                  bos: bool, preset: str | None = None) -> dict[str, Any]:
     ph = ph or phrasings(fact)
     if method is None:
         name, fn = BASELINE, None
@@ -71,7 +72,7 @@ def _evaluate_one(model, fact: Fact, method, request: str, locus: str | None, pr
     row: dict[str, Any] = {"method": name, "request": request, "locus": locus, "fact_id": fact.id,
                            "subject": fact.subject, "relation_id": fact.relation_id, "request_prompt": req.prompt,
                            "target_true": fact.target_true, "target_new": fact.target_new,
-                           "preset": "-" if fn is None else preset_name(name, model, method_kwargs),
+                           "preset": "-" if fn is None else (preset or preset_name(name, model, method_kwargs)),
                            "model_identity": model_identity(model).label,
                            "n_bleed": len(probe_set.bleed), "n_controls": len(probe_set.controls),
                            "n_other_relations": len(probe_set.relations), "failed": False, "error": None}
@@ -106,7 +107,8 @@ def _evaluate_item(model, item: tuple, settings: dict) -> dict[str, Any]:
     name, fn, request, locus, fact, ph, ps = item
     row = evaluate_one(model, fact, None if fn is None else (name, fn), request, locus, ps,
                        method_kwargs=settings["method_kwargs"].get(name), ph=ph, batch_size=settings["batch_size"],
-                       raise_errors=settings["raise_errors"], prepend_bos=settings["prepend_bos"])
+                       raise_errors=settings["raise_errors"], prepend_bos=settings["prepend_bos"],
+                       preset=settings.get("presets", {}).get(name))
     every = settings["check_every"]
     if fn is not None and not row["failed"] and every:
         n = model.__dict__["_workbench_edits"] = model.__dict__.get("_workbench_edits", 0) + 1
@@ -285,9 +287,10 @@ def _evaluate(model, facts, methods, requests, loci, n, out, seed, method_kwargs
     chosen = select_facts(facts, n, seed)
     check_unique_ids(chosen, "facts")  # rows (and the prompts each row is scored on) are looked up by fact id
     index, by_subject = relation_index(facts), subject_index(facts)
-    resolved = [resolve_method(m) for m in (methods if methods is not None else default_methods())]
-    for name, _ in resolved:  # one resolution per method up front: an unknown model warns (or, strict, fails) here
-        resolved_hparams(name, model, method_kwargs.get(name))
+    asked = [resolve_method(m) for m in (methods if methods is not None else default_methods())]
+    resolved = usable_methods(model, asked, method_kwargs, explicit=methods is not None)  # e.g. no MEND editor
+    # one preset resolution per method, here: an unknown model warns (or, strict, fails) before any edit
+    presets = {name: preset_name(name, model, method_kwargs.get(name)) for name, _ in resolved}
     bos = editing_prepend_bos(model, prepend_bos)
     cells = cells_for(requests, loci)
     fingerprint = model_fingerprint(model)
@@ -316,7 +319,7 @@ def _evaluate(model, facts, methods, requests, loci, n, out, seed, method_kwargs
             prepared[str(fact.id)] = (ph, probes(fact, others, ph=ph, relations=relations))
     items = [(k, (name, fn, request, locus, fact, *prepared[str(fact.id)]))
              for k, ((name, fn, request, locus), fact) in enumerate(todo)]
-    settings = {"method_kwargs": method_kwargs, "batch_size": batch_size, "raise_errors": raise_errors,
+    settings = {"method_kwargs": method_kwargs, "presets": presets, "batch_size": batch_size, "raise_errors": raise_errors,
                 "prepend_bos": bos, "check_every": check_every, "fingerprint": fingerprint}
     if workers is not None and todo:  # computed once here, shipped to every worker
         settings["method_kwargs"] = with_shared_stats(model, resolved, method_kwargs)
