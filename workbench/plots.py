@@ -563,7 +563,7 @@ def plot_severed(result: Any | Sequence[Any], *, value: str = "p", title: str | 
 # --------------------------------------------------------------------------- edit evaluation
 
 _ROW_KEYS = ("method", "request", "locus")
-KNOWN_FAMILIES = ("entity", "relation", "request", "transfer", "bleed", "locality", "n")
+KNOWN_FAMILIES = ("entity", "relation", "request", "transfer", "bleed", "other_relations", "locality", "n")
 
 
 def edit_eval_long(df: pd.DataFrame) -> pd.DataFrame:
