@@ -7,14 +7,20 @@ For every ``--shapes`` entry, in one run, the three maps (hidden, mlp, attn) of 
 * ``batched`` -- TransformerBridge forward passes with (cell x sample) rows;
 * ``loop`` -- the original algorithm, one forward pass of S+1 rows per cell;
 
+* ``attribution`` -- ``trace(method="attribution")``, every cell's first-order estimate from one
+  forward and one backward pass of the corrupted runs (``--no-attribution`` skips it); its
+  agreement with the exact maps is the Spearman rank correlation of the indirect effects per
+  kind (hidden/mlp/attn) over the cells from the first corrupted token on.
+
 ``batched`` and ``loop`` are timed on ``--sample-cells`` random cells and extrapolated to all
 cells (they cost the same per cell); every engine's numbers are checked against the others.
-A table of wall times and speed-ups closes the output. ``--precision fast`` adds bfloat16
-autocast (CUDA) timings and drift.
+A table of wall times, speed-ups and agreement closes the output. ``--precision fast`` adds
+bfloat16 autocast (CUDA) timings and drift (on CPU ``fast`` is float32, the same as exact).
 
     python benchmarks/trace_speed.py                                    # CPU: gpt2 and llama shapes
     python benchmarks/trace_speed.py --shapes toy --repeats 5           # the bundled model
     python benchmarks/trace_speed.py --device cuda --shapes gpt2-xl gpt-j --precision exact fast
+    python benchmarks/trace_speed.py --shapes gpt2-xl gpt-j --layers 2 --repeats 1   # the widths, on a CPU
 
 Random weights, the bundled tokenizer's vocabulary (about 1.2k tokens, so the unembedding is
 cheaper than a real model's 50k). ``gpt2``/``gpt2-xl``: GPT-2 small / XL; ``llama``: a
@@ -42,7 +48,7 @@ SHAPES = {
 }
 
 
-def build(shape: str, device: str):
+def build(shape: str, device: str, layers: int | None = None):
     from workbench.architecture import random_bridge
     from workbench.facts import load_facts
     from workbench.loading import assets_dir, load_model
@@ -54,6 +60,8 @@ def build(shape: str, device: str):
             return model, fact.prompt, fact.subject, "bundled toy-facts model"
         shape = "gpt2"
     model_type, sizes = SHAPES[shape]
+    if layers:
+        sizes = {**sizes, "n_layers": layers}
     model = random_bridge(model_type, device=device, **sizes)
     return model, PROMPT, SUBJECT, f"random {shape} shape ({sizes['n_layers']}x{sizes['d_model']}, {model_type})"
 
@@ -73,7 +81,7 @@ def bench_shape(shape: str, args) -> list[dict]:
     from workbench.tracing.api import prepare
     from workbench.tracing.engine import KINDS, Plan, kind_plan
 
-    model, prompt, subject, what = build(shape, args.device)
+    model, prompt, subject, what = build(shape, args.device, args.layers)
     n_layers = model.cfg.n_layers
     kw = dict(subject=subject, samples=args.samples, kinds=KINDS, window=args.window)
     print(f"\n== {what}; prompt {prompt!r}; samples {args.samples}; window {args.window}", flush=True)
@@ -99,6 +107,8 @@ def bench_shape(shape: str, args) -> list[dict]:
             print(f"  max |p diff| vs exact {rows[-1]['diff']:.2e}; speed-up vs exact {exact['seconds'] / best:.2f}x")
             continue
         exact_scores = res.scores
+        if args.attribution:
+            rows.append(bench_attribution(model, prompt, subject, shape, res, kw, args))
         plan = Plan.concat([kind_plan(k, range(n_tokens), n_layers, args.window) for k in KINDS])
         flat = np.concatenate([res.scores[k].reshape(-1) for k in KINDS])
         pick = np.arange(len(plan))
@@ -122,6 +132,30 @@ def bench_shape(shape: str, args) -> list[dict]:
     return rows
 
 
+def bench_attribution(model, prompt: str, subject: str, shape: str, exact, kw: dict, args) -> dict:
+    """Time ``trace(method="attribution")`` and compare its maps with the exact ones."""
+    from workbench.tracing import trace
+
+    run = lambda: trace(model, prompt, method="attribution", precision="exact", **kw)  # noqa: E731
+    if args.warmup:
+        run()
+    walls, cpus = [], []
+    for _ in range(args.repeats):
+        res, wall, cpu = timed(run, args.device)
+        walls.append(wall)
+        cpus.append(cpu)
+    from workbench.tracing.attribution import agreement
+
+    agree = agreement(exact, res)
+    rho = {k: a.spearman for k, a in agree.items()}
+    top = {k: a.top_cell_same for k, a in agree.items()}
+    print(f"attribution: wall {', '.join(f'{w:.3f}' for w in walls)} s; Spearman vs exact "
+          + ", ".join(f"{k} {rho[k]:.2f} (top cell {'same' if top[k] else 'differs'})" for k in exact.kinds),
+          flush=True)
+    return {"shape": shape, "engine": "attribution", "precision": "exact", "seconds": min(walls), "cpu": min(cpus),
+            "runs": len(walls), "extrapolated": False, "diff": None, "rho": rho}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -135,7 +169,13 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: min(2, cores))")
     ap.add_argument("--sample-cells", type=int, default=24,
                     help="cells the batched and loop engines are timed on (extrapolated; 0 = all)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="override the shapes' number of layers (e.g. 2: GPT-J's width on a CPU)")
+    ap.add_argument("--no-attribution", dest="attribution", action="store_false",
+                    help="skip trace(method='attribution')")
     args = ap.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device is visible to torch {torch.__version__}")
     if "exact" not in args.precision:
         args.precision = ["exact", *args.precision]
 
@@ -145,13 +185,16 @@ def main(argv=None) -> int:
     print(f"device: {device}")
     rows = [r for shape in args.shapes for r in bench_shape(shape, args)]
 
-    print(f"\n| shape | engine | precision | wall s | cpu s | vs one forward per cell (wall / cpu) |   ({device})")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| shape | engine | precision | wall s | cpu s | vs one forward per cell (wall / cpu) | "
+          f"vs exact: max abs diff, or Spearman hidden/mlp/attn |   ({device})")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         loop = next(x for x in rows if x["shape"] == r["shape"] and x["engine"] == "loop")
         note = " (extrapolated)" if r["extrapolated"] else f" (best of {r['runs']})"
+        agree = ("/".join(f"{v:.2f}" for v in r["rho"].values()) if r.get("rho") is not None
+                 else f"{r['diff']:.1e}")
         print(f"| {r['shape']} | {r['engine']} | {r['precision']} | {r['seconds']:.3f}{note} | {r['cpu']:.3f} | "
-              f"{loop['seconds'] / r['seconds']:.1f}x / {loop['cpu'] / r['cpu']:.1f}x |")
+              f"{loop['seconds'] / r['seconds']:.1f}x / {loop['cpu'] / r['cpu']:.1f}x | {agree} |")
     return 0
 
 

@@ -73,6 +73,25 @@ def test_score_probes_keys_range_and_request_view(tiny_model):
         score_fact(tiny_model, Fact(subject="A B", template="{} speaks", target_true="French"))
 
 
+@pytest.mark.parametrize("new, old", [("is is", "French"), ("is French", "Polish Greek"), ("French Polish", "is is")])
+def test_accuracy_variants_on_multi_token_objects(tiny_model, new, old):
+    """`_acc` (every object token is the argmax), `_tok` (share of them) and `_score` (mean token log-prob of
+    o* above o's) of multi-token objects, re-derived by one plain forward pass per (prompt, object)."""
+    assert len(object_token_ids(tiny_model, new)) == 2 and len(object_token_ids(tiny_model, old)) >= 1
+    fact = Fact(subject="Varo Keltin", template="The mother tongue of {} is", target_true=old, target_new=new,
+                relation_id="P103", entity_prompts=("Varo Keltin speaks",),
+                relation_prompts=("The mother tongue of Varo Keltin is", "The native language of Varo Keltin is"))
+    res = score_probes(tiny_model, fact, probes(fact), "relation")
+    for family, prompts in (("relation_reliability", fact.relation_prompts[:1]),
+                            ("relation_generality", fact.relation_prompts[1:]), ("entity_reliability", ("Varo Keltin speaks",))):
+        direct = [(_direct(tiny_model, p, new), _direct(tiny_model, p, old)) for p in prompts]
+        assert res[f"{family}_acc"] == pytest.approx(np.mean([n[1] for n, _ in direct]))
+        assert res[f"{family}_tok"] == pytest.approx(np.mean([n[2] for n, _ in direct]))
+        assert res[f"{family}_score"] == pytest.approx(np.mean([n[0] > o[0] for n, o in direct]))
+    if new == "is French":  # the first token is the model's argmax, the second is not: the variants differ
+        assert res["relation_reliability_acc"] == 0.0 and res["relation_reliability_tok"] == 0.5
+
+
 # ------------------------------------------------------------------ evaluate
 def _fake(model, fact, locus="subject"):
     """A deterministic stand-in edit (fast) that depends on the request prompt: nudges one W_out row."""
@@ -105,7 +124,7 @@ def test_evaluate_cells_baseline_resume(tiny_model, tmp_path):
         ent, rel = ft_rows.loc[("entity", f.id)], ft_rows.loc[("relation", f.id)]
         assert ent["request_prompt"] == f"{f.subject}'s mother tongue is" or ent["request_prompt"].startswith(f.subject)
         assert rel["request_prompt"] == f.prompt and ent["edit_norm"] != rel["edit_norm"]
-        assert ent["preset"] == "ft-toy+custom"
+        assert ent["preset"] == "ft-generic+custom"
     # the baseline rows are the unedited model's scores on the same probes
     row = details[(details["method"] == BASELINE) & (details["request"] == "entity")].iloc[0]
     assert row["locality_locality_acc"] == score_fact(tiny_model, FACTS[0])["locality_locality_acc"]
@@ -145,7 +164,10 @@ def test_evaluate_refuses_other_facts_kwargs_or_hparams_in_one_folder(tiny_model
     kw = dict(methods=("ft",), requests=("entity",), out=out, progress=False, n_boot=10)
     evaluate(tiny_model, FACTS[:2], method_kwargs={"ft": {"steps": 1}}, **kw)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["key"]["methods"]["ft"]["hparams"]["preset"] == "ft-toy+custom"
+    assert cfg["key"]["methods"]["ft"]["hparams"]["preset"] == "ft-generic+custom"
+    assert cfg["key"]["model_identity"]["key"] is None and cfg["key"]["model_identity"]["signature"]["n_layers"] == 3
+    rows = [json.loads(line) for line in (out / "details.jsonl").read_text().splitlines() if line.strip()]
+    assert {r["model_identity"] for r in rows} == {"unknown gpt2 (L3, d_model 64, heads 4, d_mlp 256, vocab 1089, ctx 64)"}
     assert cfg["key"]["probe_bank"] and cfg["key"]["seed"] == 0
     same_ids = [f.with_new("Klingon") for f in FACTS[:2]]
     with pytest.raises(StoreMismatchError, match="facts_hash"):
@@ -274,7 +296,7 @@ def test_failed_kn_calibration_is_recorded_as_failed(tiny_model):
     rows = df.attrs["details"]
     kn_rows = rows[rows["method"] == "kn"]
     assert kn_rows["failed"].all() and kn_rows["error"].str.startswith("KNCalibrationError").all()
-    assert (kn_rows["preset"] == "kn-calibrated").all()
+    assert (kn_rows["preset"] == "kn-calibrated+custom").all()  # the preset with changed fields
     t1 = paper_table(df, "relation")
     assert t1.loc["KN", "failed"] == len(FACTS) and t1.loc["KN", "n"] == 0
 
@@ -374,19 +396,24 @@ def test_reproduce_cli_parser():
 # ------------------------------------------------------------------ bundled model
 @needs_bundled
 def test_bundled_methods_raise_request_reliability(toy_model):
-    """Each method makes its own request prompt predict o* far more often than the unedited model."""
+    """Each method makes its own request prompt predict o* far more often than the unedited model (the original
+    KN's fixed arithmetic, -2 E[top] + E[o*], rarely does on the bundled model: 17 % / 8 % of 12 facts)."""
     facts = load_facts("toy-facts")
     before = model_fingerprint(toy_model)
-    df = evaluate(toy_model, facts, methods=("ft", "kn", "rome", "memit"), n=3, progress=False, check_every=1,
-                  raise_errors=True, n_boot=20)
+    df = evaluate(toy_model, facts, methods=("ft", "kn", "kn-subject", "rome", "memit"), n=3, progress=False,
+                  check_every=1, raise_errors=True, n_boot=20, strict_presets=True)
     assert model_fingerprint(toy_model) == before  # every edit reverted
     for request, locus in (("entity", "subject"), ("relation", "relation")):
         assert df.loc[(BASELINE, request, "-"), ("request", "reliability_acc")] <= 25
         for method in ("ft", "rome", "memit"):
             assert df.loc[(method, request, locus), ("request", "reliability_acc")] >= 60, (method, request)
-        assert df.loc[("kn", request, locus), ("request", "reliability_acc")] >= 30, request
+    assert df.loc[("kn-subject", "relation", "relation"), ("request", "reliability_acc")] >= 30
     details = df.attrs["details"]
-    assert set(details["preset"]) >= {"ft-toy", "kn-original", "rome:toy-facts", "memit:toy-facts"}
+    kn_rows = details[details["method"] == "kn"]
+    assert (kn_rows["info_n_neurons"] >= 1).all() and not kn_rows["failed"].any()
+    assert set(details["preset"]) >= {"ft-toy", "kn-original", "kn-subject", "rome:toy-facts", "memit:toy-facts"}
+    assert set(details["model_identity"]) == {"toy-facts"}
+    assert {"KN", "KN (subject locus)"} <= set(paper_table(df, "entity").index)  # the ablation is its own row
 
 
 @needs_bundled

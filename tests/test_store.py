@@ -369,3 +369,32 @@ def test_folder_from_before_row_checksums_is_refused_clearly(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(Exception, match="config.json has no checksum"):
         _open(tmp_path)
+
+
+def test_append_cut_short_in_another_process_loses_nothing(tmp_path):
+    """Issue 21, across processes: a process that dies half-way through writing a row (here: its disk fills
+    up and it exits without cleaning up) must not make the next process's row unreadable."""
+    _fill(tmp_path, 2)
+    script = f"""
+import errno, os, sys
+sys.path.insert(0, {str(ROOT)!r})
+from workbench.store import ResultStore
+store = ResultStore.open({str(tmp_path)!r}, kind="test", key={KEY!r}, id_fields=("i",))
+real = os.write
+def half(fd, data):
+    real(fd, bytes(data[: len(data) // 2]))
+    os._exit(3)  # dies mid-row: no truncate, no cleanup
+os.write = half
+store.append({{"i": 2, "value": 4}})
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert not (tmp_path / "rows.jsonl").read_bytes().endswith(b"\n")  # a torn row really is there
+    with pytest.warns(RuntimeWarning, match="damaged"):
+        store = _open(tmp_path)
+    with store:
+        assert 2 not in store
+        store.append({"i": 2, "value": 4})
+        store.append({"i": 3, "value": 9})
+    with _open(tmp_path) as store:
+        assert store.damaged == 0 and [r["value"] for r in store.rows()] == [0, 1, 4, 9]

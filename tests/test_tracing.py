@@ -128,7 +128,7 @@ def test_batched_equals_one_forward_per_cell(peaky):
 @pytest.mark.parametrize("window,corrupt,noise,replace,max_batch", [
     (1, "subject", "s3", False, None),
     (2, "relation", "s3", False, 5),
-    (10, "subject", "u0.4", False, 13),
+    (3, "subject", "u0.4", False, 13),  # the whole depth (a larger window is refused)
     (3, "subject", 0.5, True, None),
 ])
 def test_incremental_equals_batched(peaky, window, corrupt, noise, replace, max_batch):

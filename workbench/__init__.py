@@ -9,6 +9,8 @@ from __future__ import annotations
 from .editing import (Edit, EditError, EditStateError, FTHyperParams, KNHyperParams, MEMITHyperParams, ROMEHyperParams,
                       ft, kn, layer_stats, memit, rome)
 from .editing import MendEditor, MendHyperParams, mend, train_mend
+from .editing import UnknownModelError, UnknownModelWarning, set_strict_presets, strict_presets
+from .identity import model_identity, register_known_model
 from .evaluation import evaluate, full_table, paper_table, probes, relation_templates, score_fact, write_tables
 from .facts import Fact, FactFormatError, load_facts
 from .loading import ModelLoadError, load_model, model_info, random_model, save_hf
@@ -24,7 +26,8 @@ __version__ = "0.2.0"
 
 __all__ = [
     "Edit", "EditError", "EditStateError", "FTHyperParams", "KNHyperParams", "MEMITHyperParams", "ROMEHyperParams",
-    "ft", "kn", "layer_stats", "memit", "rome", "mend", "train_mend", "MendEditor", "MendHyperParams",
+    "ft", "kn", "layer_stats", "model_identity", "register_known_model", "strict_presets", "set_strict_presets",
+    "UnknownModelError", "UnknownModelWarning", "memit", "rome", "mend", "train_mend", "MendEditor", "MendHyperParams",
     "evaluate", "full_table", "paper_table", "probes", "relation_templates", "score_fact", "write_tables",
     "plot_aie", "plot_attention", "plot_edit_eval", "plot_severed", "plot_trace", "Inspector",
     "Fact", "FactFormatError", "load_facts",

@@ -17,8 +17,20 @@ COMMANDS = ("info", "predict", "train_toy", "train_mend", "trace", "sweep", "edi
 """Modules of :mod:`workbench.commands`, in the order ``--help`` lists them."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (what is wrong, and where the help is), exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text: object) -> str:
+    """``text`` on one line (tracebacks of libraries put newlines in their messages)."""
+    return " ".join(str(text).split())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="workbench",
         description="Locate facts in language models by causal tracing, and edit them.",
     )
@@ -84,16 +96,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        from .editing.presets import strict_presets
+
+        with strict_presets(bool(getattr(args, "strict_presets", False))):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError, OSError) as err:  # OSError: e.g. --out naming a file
+    except (ValueError, RuntimeError, OSError) as err:  # the workbench's own errors name the input and the fix
         if getattr(args, "debug", False):
             raise
-        print(f"workbench {args.command}: error: {err}", file=sys.stderr)
+        print(f"workbench {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 1
-
+    except Exception as err:  # noqa: BLE001 - anything else is still one line, not a traceback
+        if getattr(args, "debug", False):
+            raise
+        print(f"workbench {args.command}: error: {type(err).__name__}: {_one_line(err)} (rerun with --debug for "
+              f"the traceback)", file=sys.stderr)
+        return 1
 
 if __name__ == "__main__":
     sys.exit(main())

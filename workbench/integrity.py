@@ -36,7 +36,7 @@ from typing import Any, Mapping
 
 import torch
 
-__all__ = ["CHECKSUM_FIELD", "IntegrityError", "WriteError", "atomic_write", "canonical_json", "file_sha256",
+__all__ = ["CHECKSUM_FIELD", "IntegrityError", "WriteError", "atomic_write", "canonical_json", "check_writable", "file_sha256",
            "load_torch", "read_safetensors", "record_checksum", "save_torch", "seal", "tensor_digest", "verify",
            "write_error", "write_safetensors"]
 
@@ -163,6 +163,23 @@ def atomic_write(path: str | os.PathLike, data: bytes, *, what: str = "file", mk
             tmp.unlink()
         except OSError:
             pass
+        raise write_error(path, err, what) from None
+    return path
+
+
+def check_writable(path: str | os.PathLike, *, what: str = "file") -> Path:
+    """Refuse, before any long computation, a target ``path`` that cannot be written: a folder, a missing or
+    read-only parent folder (tried by creating and removing a file there, which also holds for root)."""
+    path = Path(path)
+    if path.is_dir():
+        raise write_error(path, OSError(errno.EISDIR, "Is a directory"), what)
+    parent = path.parent
+    probe = parent / f".{path.name}.{os.getpid()}.probe"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        probe.unlink()
+    except OSError as err:
         raise write_error(path, err, what) from None
     return path
 

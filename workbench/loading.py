@@ -109,6 +109,31 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def check_device(device: str | torch.device) -> str:
+    """``device`` as a string, refused with a clear :class:`ModelLoadError` when this machine lacks it (``cuda``
+    on a CPU-only build of torch or without a visible GPU, ``cuda:3`` with two GPUs, ``mps`` off Apple)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ModelLoadError(f"device {str(device)!r} is not a torch device ({' '.join(str(err).split())}); use "
+                             f"'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support (a CPU build)" if torch.version.cuda is None
+                   else "no NVIDIA GPU is visible")
+            raise ModelLoadError(f"device {str(device)!r} is not available: {why}; use --device cpu (or leave "
+                                 f"--device out: cuda where available, else cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {str(device)!r} does not exist: this machine has "
+                                 f"{torch.cuda.device_count()} GPU(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ModelLoadError(f"device {str(device)!r} is not available on this machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "meta"):
+        if not getattr(getattr(torch, dev.type, None), "is_available", lambda: False)():
+            raise ModelLoadError(f"device {str(device)!r} is not available on this machine; use --device cpu")
+    return str(device)
+
+
 def resolve_spec(spec: str | os.PathLike) -> tuple[str, Path | None]:
     """Classify a spec: ``("bundled"|"folder"|"hub", local_path_or_None)``."""
     text = str(spec)
@@ -176,8 +201,8 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars on every load are noise in notebooks
+    device = check_device(device) if device is not None else default_device()
     kind, path = resolve_spec(spec)
-    device = str(device or default_device())
     dtype = dtype or torch.float32
     if kind == "hub":
         name = str(spec)

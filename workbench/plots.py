@@ -151,7 +151,13 @@ def _trace_title(result: Any, tokens: Sequence[str], corrupted: Sequence[int]) -
             f" p_clean {float(result.p_clean):.3f}, p_corrupt {float(result.p_corrupt):.3f}"
             f"<br><sup>corrupted ({_html.escape(str(getattr(result, 'corrupt', '')), quote=False)}): "
             f"{_html.escape(repr(span), quote=False)} — tokens marked *; {getattr(result, 'samples', '?')} samples,"
-            f" noise {float(getattr(result, 'noise_level', float('nan'))):.3g}</sup>")
+            f" noise {float(getattr(result, 'noise_level', float('nan'))):.3g}{_method_note([result])}</sup>")
+
+
+def _method_note(results: Sequence[Any]) -> str:
+    """Says so where the maps are attribution patching's first-order estimates, not restorations."""
+    methods = sorted({getattr(r, "method", "exact") for r in results} - {"exact"})
+    return f"; {', '.join(methods)}: first-order estimates" if methods else ""
 
 
 def traces_title(rows: Sequence[tuple[str, Any]]) -> str:
@@ -183,6 +189,7 @@ def traces_title(rows: Sequence[tuple[str, Any]]) -> str:
     if len(settings) == 1:
         samples, noise = settings.pop()
         tail += f"; {samples} samples, noise {noise:.3g}"
+    tail += _method_note(results)
     return head + "".join(f"<br><sup>{line}</sup>" for line in lines + [tail])
 
 

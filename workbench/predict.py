@@ -52,7 +52,9 @@ def next_token_probs(model, prompts: Sequence[str], prepend_bos: bool | None = N
 
 
 def top_tokens(model, prompt: str, k: int = 5, prepend_bos: bool | None = None) -> list[tuple[str, float]]:
-    """The ``k`` most likely next tokens of ``prompt`` with their probabilities."""
+    """The ``k`` most likely next tokens of ``prompt`` with their probabilities (``k`` >= 1)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1 (how many tokens to show), not {k!r}")
     probs = next_token_probs(model, [prompt], prepend_bos)[0]
     values, ids = probs.topk(k)
     return [(model.tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, ids)]

@@ -74,7 +74,31 @@ def check_workers(workers: int | None, ray_address: str | None = None) -> None:
         return
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, not {workers!r}")
+    if ray_address is not None:
+        check_ray_address(ray_address)
     require_ray()
+
+
+def check_ray_address(address: str, timeout: float = 3.0) -> None:
+    """Fail within ``timeout`` seconds when nothing listens at a Ray cluster address (``HOST:PORT`` or
+    ``ray://HOST:PORT``; ``"auto"``/``"local"`` are left to Ray), instead of Ray's minutes of retries."""
+    import socket
+
+    text = str(address).strip()
+    if text in ("auto", "local", ""):
+        return
+    hostport = text.split("://", 1)[1] if "://" in text else text
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"--ray {address!r} is not a cluster address: give HOST:PORT (e.g. 10.0.0.5:6379 after "
+                         f"`ray start --head`), ray://HOST:PORT, or 'auto'")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return
+    except OSError as err:
+        raise ValueError(f"cannot reach the Ray cluster at {address} ({err.strerror or err}); start it with `ray "
+                         f"start --head` on that machine, check the address and port, or leave --ray out to start "
+                         f"a local Ray for this run") from None
 
 
 def connect(ray_address: str | None = None):

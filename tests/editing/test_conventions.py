@@ -10,7 +10,8 @@ from workbench.editing.context import MEMIT_SEED_WORDS, context_templates
 from workbench.editing.hparams import (MEMIT_GPT2_XL, MEMIT_GPT_J, MEMIT_TOY, ROME_GPT2_XL, ROME_GPT_J, ROME_TOY,
                                        editing_prepend_bos, memit_hparams_for)
 from workbench.facts import Fact
-from workbench.loading import assets_dir, random_model
+from workbench import identity
+from workbench.loading import assets_dir, hf_model, random_model
 from workbench.spans import bos_convention, default_prepend_bos
 
 # these edits take a step or two on a random model: they are about token ids, not about reaching
@@ -78,6 +79,9 @@ def test_presets_follow_the_originals(tiny_model, monkeypatch):
     assert ROME_TOY.prepend_bos is None and MEMIT_TOY.prepend_bos is None  # the bundled model: its own (BOS)
     assert editing_prepend_bos(tiny_model) is True  # an unknown model: TransformerLens's default
     monkeypatch.setattr(tiny_model, "workbench_spec", "gpt2-xl", raising=False)
+    assert editing_prepend_bos(tiny_model) is True  # a name is not an identity
+    monkeypatch.setattr(identity, "_REGISTERED", [])  # identity by config: make the tiny config GPT-2 XL's
+    identity.register_known_model("gpt2-xl", hf_model(tiny_model).config.to_dict())
     assert editing_prepend_bos(tiny_model) is False
     assert editing_prepend_bos(tiny_model, True) is True
     edit = rome(tiny_model, FACT, layer=1, hparams={**HP, "v_loss_layer": None})

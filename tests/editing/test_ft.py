@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from workbench.editing import Edit
+from workbench.editing import Edit, HyperParameterError
 from workbench.editing.ft import FT_GPT2_XL, FTHyperParams, ft
 from workbench.evaluation import score_objects
 from workbench.facts import Fact
@@ -73,7 +73,7 @@ def test_ft_errors_leave_model_alone(tiny_model):
         ft(tiny_model, Fact(subject="Varo Keltin", template="{} speaks", target_true="French"))
     with pytest.raises(ValueError):
         ft(tiny_model, FACT, locus="object")
-    with pytest.raises(TypeError):
+    with pytest.raises(HyperParameterError, match="no_such_field"):
         ft(tiny_model, FACT, hparams={"no_such_field": 1})
     assert model_fingerprint(tiny_model) == before
     assert FTHyperParams().to_dict()["steps"] == 25
@@ -86,7 +86,7 @@ def test_ft_gpt2_xl_preset_trains_weight_and_bias_within_bound(tiny_model):
     assert all(0 < float(d.abs().max()) <= 5e-4 + 1e-9 for d in edit.deltas.values())
     assert edit.hparams["preset"] == "ft-gpt2-xl" and edit.hparams["lr"] == 5e-4 and edit.hparams["train_bias"]
     assert FT_GPT2_XL.layer == 0 and FT_GPT2_XL.norm_constraint == FT_GPT2_XL.lr == 5e-4
-    assert ft(tiny_model, FACT, layer=0, steps=1).hparams["preset"] == "ft-toy"
+    assert ft(tiny_model, FACT, layer=0, steps=1).hparams["preset"] == "ft-generic"  # an unknown model
     with pytest.raises(ValueError):
         ft(tiny_model, FACT, preset="ft-nothing")
 

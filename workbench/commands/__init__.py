@@ -32,11 +32,37 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (``-k 0`` or ``--top -3`` would print nothing, or everything)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_scale_args(parser: argparse.ArgumentParser) -> None:
     """``--workers`` / ``--ray``: run on Ray actors (the ``[scale]`` extra; see :mod:`workbench.scale`)."""
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
+    parser.add_argument("--workers", type=positive_int, default=None, metavar="N",
                         help="run on N Ray workers (one per GPU where the cluster has GPUs, else CPU workers); "
                              "needs pip install 'workbench[scale]'")
     parser.add_argument("--ray", default=None, metavar="ADDRESS", dest="ray_address",
                         help="address of a running Ray cluster (e.g. 'auto' or HEAD_IP:6379 after `ray start "
                              "--head`); default: a local Ray started for this run")
+
+
+def add_presets_arg(parser: argparse.ArgumentParser) -> None:
+    """``--strict-presets``: an unknown model (identified by its config) is an error, not a warning
+    and the methods' generic presets (:func:`workbench.editing.presets.strict_presets`)."""
+    parser.add_argument("--strict-presets", action="store_true",
+                        help="refuse a model whose config is not a known model's (GPT-2 XL, GPT-J, the bundled "
+                             "model, or one registered) instead of warning and using generic presets")
+
+
+def add_stats_arg(parser: argparse.ArgumentParser) -> None:
+    """``--stats-npz``: the originals' published covariance statistics (``layer_stats`` ``.npz`` files)."""
+    parser.add_argument("--stats-npz", default=None, metavar="PATH",
+                        help="ROME/MEMIT covariance from the originals' layer_stats .npz files: a folder holding "
+                             "them (e.g. .../gpt2-xl/wikipedia_stats) or one file (one layer)")

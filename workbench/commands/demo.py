@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import add_model_arg
+from . import add_model_arg, add_presets_arg
 
 
 def register(sub) -> None:
@@ -12,6 +12,7 @@ def register(sub) -> None:
                     "maps over a small sweep, run severed traces and one ROME edit, and write everything into "
                     "one self-contained HTML file that opens offline in a browser.")
     add_model_arg(p)
+    add_presets_arg(p)
     p.add_argument("--out", "-o", default="report.html", help="HTML file to write (default report.html)")
     p.add_argument("--facts", default=None,
                    help="facts file (CounterFact or known_1000 JSON); default: the bundled world's facts")

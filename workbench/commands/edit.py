@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import add_bos_arg, add_model_arg
+from . import add_bos_arg, add_model_arg, add_presets_arg, add_stats_arg, positive_int
 
 
 def register(sub) -> None:
@@ -23,8 +23,12 @@ def register(sub) -> None:
     p.add_argument("--cache-dir", default=None, help="covariance cache folder (default: the user cache dir)")
     p.add_argument("--save", default=None, metavar="EDIT.safetensors", help="write the edit (deltas + metadata)")
     p.add_argument("--save-model", default=None, metavar="DIR", help="write the edited model as a Hugging Face folder")
-    p.add_argument("-k", type=int, default=5, help="how many predictions to show (default 5)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --save-model replace the model files of a non-empty folder")
+    p.add_argument("-k", type=positive_int, default=5, help="how many predictions to show (default 5)")
     add_bos_arg(p)
+    add_presets_arg(p)
+    add_stats_arg(p)
     p.set_defaults(func=run)
 
 
@@ -38,25 +42,36 @@ def _show(model, prompt: str, k: int, title: str, prepend_bos: bool | None = Non
 
 def run(args) -> int:
     from ..editing import memit, rome
-    from ..editing.hparams import editing_prepend_bos, memit_hparams_for, rome_hparams_for
-    from ..editing.stats import layer_stats
+    from ..editing.hparams import editing_prepend_bos
+    from ..editing.presets import resolve
+    from ..editing.stats import layer_stats, npz_layer_stats
     from ..loading import load_model
 
     from ..facts import check_template
 
     check_template(args.prompt, "--prompt")
+    if args.save:  # before the edit is computed: a path that cannot be written fails now, not after minutes
+        from ..integrity import check_writable
+
+        check_writable(args.save, what="edit file")
+    if args.save_model and not args.overwrite:
+        from pathlib import Path
+
+        out = Path(args.save_model)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ValueError(f"--save-model {out} is {'a file' if not out.is_dir() else 'not empty'}; give a new or "
+                             f"empty folder, or pass --overwrite to replace the model files in it")
     model = load_model(args.model, device=args.device)
     request = {"prompt": args.prompt, "subject": args.subject, "target_new": {"str": args.new_object}}
     prompt = args.prompt.format(args.subject)
-    hp = (rome_hparams_for if args.method == "rome" else memit_hparams_for)(model)
-    if args.layer:
-        hp.layers = list(args.layer)
-    if args.n_tokens:
-        hp.mom2_n_tokens = args.n_tokens
-    if args.corpus:
-        hp.mom2_dataset = args.corpus
+    chosen = resolve(args.method, model, overrides={"layers": args.layer, "mom2_n_tokens": args.n_tokens,
+                                                    "mom2_dataset": args.corpus})
+    hp = chosen.hparams
+    print(f"model: {(chosen.identity.label if chosen.identity else '-')}; {args.method.upper()} preset {chosen.preset}")
     stats = None
-    if hp.mom2_adjustment:
+    if args.stats_npz:
+        stats = {l: npz_layer_stats(args.stats_npz, l, model) for l in hp.layers}
+    elif hp.mom2_adjustment:
         stats = {l: layer_stats(model, l, corpus=hp.mom2_dataset, n_tokens=hp.mom2_n_tokens, cache_dir=args.cache_dir)
                  for l in hp.layers}
     bos = editing_prepend_bos(model, args.prepend_bos, hp.prepend_bos)
@@ -73,7 +88,7 @@ def run(args) -> int:
         if args.save_model:
             from ..loading import save_hf
 
-            print(f"edited model written to {save_hf(model, args.save_model)}")
+            print(f"edited model written to {save_hf(model, args.save_model, overwrite=args.overwrite)}")
     if args.save:
         print(f"edit written to {edit.save(args.save)}")
     return 0

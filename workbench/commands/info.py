@@ -1,4 +1,4 @@
-"""``workbench info``: the size of a model."""
+"""``workbench info``: the size of a model and its identity (what presets it gets, :mod:`workbench.identity`)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..identity import model_identity
     from ..loading import load_model, model_info
 
-    info = model_info(load_model(args.model, device=args.device))
+    model = load_model(args.model, device=args.device)
+    info = {**model_info(model), "identity": model_identity(model).label}
     width = max(map(len, info))
     for key, value in info.items():
         print(f"{key:<{width}}  {value:,}" if isinstance(value, int) else f"{key:<{width}}  {value}")

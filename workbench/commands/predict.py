@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from . import add_model_arg
+from . import add_model_arg, positive_int
 
 
 def register(sub) -> None:
     p = sub.add_parser("predict", help="top-k next tokens of a prompt with their probabilities")
     add_model_arg(p)
     p.add_argument("prompt", help="the prompt text")
-    p.add_argument("-k", type=int, default=5, help="how many tokens to show (default 5)")
+    p.add_argument("-k", type=positive_int, default=5, help="how many tokens to show (default 5)")
     p.set_defaults(func=run)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 
-from . import add_bos_arg, add_model_arg, add_scale_args, nonnegative_int
+from . import add_bos_arg, add_model_arg, add_presets_arg, add_scale_args, add_stats_arg, nonnegative_int
 
 
 def _split(text: str) -> list[str]:
@@ -43,8 +43,11 @@ def register(sub) -> None:
     p.add_argument("--loci", default="paired",
                    help="'paired' (entity->subject, relation->relation; default) or comma-separated key loci "
                         "from subject,relation,relation_before_subject, evaluated for every request")
-    p.add_argument("--kn-preset", default=None, help="KN preset: kn-original (default) or kn-calibrated")
-    p.add_argument("--ft-preset", default=None, help="FT preset: ft-toy, ft-gpt2-xl (default: by model)")
+    p.add_argument("--kn-preset", default=None,
+                   help="KN preset: kn-original (default), kn-subject or kn-calibrated (the kn-subject rows are "
+                        "their own method, kn-subject)")
+    p.add_argument("--ft-preset", default=None,
+                   help="FT preset: ft-gpt2-xl, ft-gpt-j, ft-toy, ft-generic (default: by the model's identity)")
     p.add_argument("--mend-editor", default=None,
                    help="MEND editor (file or `workbench train-mend` output folder; default: the one shipped for "
                         "the bundled model)")
@@ -57,6 +60,8 @@ def register(sub) -> None:
                         "datasets name (default: the bundled world for toy-facts, else wikitext, which needs the hub)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_bos_arg(p)
+    add_presets_arg(p)
+    add_stats_arg(p)
     add_scale_args(p)
     p.set_defaults(func=run)
 
@@ -67,8 +72,11 @@ def run(args) -> int:
     from ..loading import load_model
     from ..scale import check_workers
 
+    from ..evaluation.methods import check_method_kwargs
+
     start = time.perf_counter()
     check_workers(args.workers, args.ray_address)  # before loading anything
+    check_method_kwargs({"kn": {"preset": args.kn_preset}, "ft": {"preset": args.ft_preset}})
     model = load_model(args.model, device=args.device)
     facts = load_facts(args.facts)
     methods = _split(args.methods) if args.methods else None
@@ -86,13 +94,20 @@ def run(args) -> int:
         for m in ("rome", "memit"):
             if methods is None or m in methods:
                 kwargs[m] = {"hparams": {"mom2_dataset": args.corpus}}
+    if args.stats_npz:
+        from ..editing.stats import check_npz_source
+
+        check_npz_source(args.stats_npz)  # a missing path fails here, not once per edit
+        for m in ("rome", "memit"):
+            if methods is None or m in methods:
+                kwargs.setdefault(m, {})["stats"] = args.stats_npz
     if args.mend_editor:
         kwargs["mend"] = {"editor": args.mend_editor}
     summary = evaluate(model, facts, methods=methods, requests=requests, loci=loci, n=args.n or None, out=args.out,
                        seed=args.seed, method_kwargs=kwargs, bleed_subjects_per_fact=args.bleed_subjects,
                        other_relations_per_fact=args.other_relations,
                        raise_errors=bool(args.debug), progress=not args.no_progress, prepend_bos=args.prepend_bos,
-                       workers=args.workers, ray_address=args.ray_address)
+                       workers=args.workers, ray_address=args.ray_address, strict_presets=args.strict_presets)
     written = write_tables(summary, args.out, model_name=f" ({args.model})")
     for request, title in (("relation", "Table 1: relation-based requests"), ("entity", "Table 2: entity-based requests")):
         if request in requests:
@@ -102,4 +117,26 @@ def run(args) -> int:
         print(f"{failed} edit(s) failed; see the 'error' field of {args.out}/details.jsonl")
     print("wrote " + ", ".join(str(p) for p in written))
     print(f"reproduce took {time.perf_counter() - start:.0f} s")
+    dead = all_failed(summary.attrs.get("details"))
+    if dead:
+        import sys
+
+        what = "; ".join(f"{m}: all {n} edit(s) failed (first error: {e})" for m, n, e in dead)
+        print(f"workbench reproduce: error: {what}; see {args.out}/details.jsonl", file=sys.stderr)
+        return 1
     return 0
+
+
+def all_failed(details) -> list[tuple[str, int, str]]:
+    """``(method, n, first error)`` for each method every one of whose edits failed in ``details``."""
+    from ..evaluation import BASELINE
+
+    if details is None or len(details) == 0 or "failed" not in details:
+        return []
+    out = []
+    for method, rows in details[details["method"] != BASELINE].groupby("method", sort=False):
+        if len(rows) and rows["failed"].astype(bool).all():
+            errors = rows["error"].dropna() if "error" in rows else []
+            first = " ".join(str(errors.iloc[0]).split())[:200] if len(errors) else "no error recorded"
+            out.append((str(method), len(rows), first))
+    return out

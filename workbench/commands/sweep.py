@@ -37,9 +37,11 @@ def run(args) -> int:
     res = trace_dataset(model, facts, corrupt=args.corrupt, kinds=tuple(args.kinds), out=args.out,
                         samples=args.samples, noise=parse_noise_arg(args.noise), window=args.window, seed=args.seed,
                         precision=args.precision, replace=args.replace, engine=args.engine, prepend_bos=args.prepend_bos,
-                        progress=not args.no_progress, workers=args.workers, ray_address=args.ray_address)
+                        progress=not args.no_progress, workers=args.workers, ray_address=args.ray_address,
+                        method=args.method)
     print(f"{res.n_facts} facts, {res.n_skipped} skipped (clean prediction wrong); corrupted: {res.corrupt}; "
-          f"noise level {res.noise_level:.4g}; mean p_clean {res.p_clean:.4f}, p_corrupt {res.p_corrupt:.4f}")
+          f"noise level {res.noise_level:.4g}; mean p_clean {res.p_clean:.4f}, p_corrupt {res.p_corrupt:.4f}"
+          + ("" if res.method == "exact" else f"; method {res.method} (first-order estimates)"))
     print("samples per bucket:", ", ".join(f"{k}: {v}" for k, v in res.counts.items()))
     with pd.option_context("display.width", 200, "display.max_columns", 60, "display.precision", 4):
         for kind in res.kinds:

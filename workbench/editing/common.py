@@ -96,7 +96,7 @@ def follows_bos_convention(method: Callable) -> Callable:
     tokenizes inside follows it (:func:`workbench.spans.bos_convention`); the method records it.
     """
     from ..spans import bos_convention
-    from .hparams import editing_prepend_bos
+    from .presets import editing_prepend_bos
 
     @functools.wraps(method)
     def run(model, *args: Any, prepend_bos: bool | None = None, hparams: Any = None, **kwargs: Any):

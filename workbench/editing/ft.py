@@ -26,19 +26,21 @@ every token, exactly as the changed weight will, and ``locus`` is only recorded.
 so the gradient reaches ``W_out`` only through that token's key; the saved edit is still a
 plain weight change.
 
-Presets (:data:`FT_PRESETS`; the one used is ``hparams["preset"]`` of the edit):
+Presets (registered with :mod:`workbench.editing.presets`, by model identity; the one used is
+``hparams["preset"]`` of the edit):
 
-* ``"ft-toy"`` (the bundled model's, chosen on it): ROME's layer for the model
-  (``rome_hparams_for(model).layers[0]``), weight only, Adam lr 1e-2, at most 25 steps, L-inf
-  bound 1e-2 per entry (the bundled model's layer-0 ``W_out`` entries have std ~0.10), early stop
-  at loss 0.01 (the bound was chosen by a 20-fact sweep on an earlier bundled model: 5e-3 reached
-  60% reliability, 2e-2 cost locality; its reliability on this one is in docs/results.md);
-* ``"ft-gpt2-xl"`` (:data:`FT_GPT2_XL`): ROME's constrained FT-L for GPT-2 XL: weight *and*
-  bias of ``c_proj`` at layer 0, lr = bound = 5e-4, 25 steps. (The original's loss scores
-  every target token at the prompt's last position; here the target is teacher-forced,
-  which is the same for one-token objects.)
-
-:func:`ft_hparams_for` picks ``ft-gpt2-xl`` for GPT-2 XL and ``ft-toy`` otherwise.
+* ``"ft-gpt2-xl"`` (:data:`FT_GPT2_XL`) and ``"ft-gpt-j"`` (:data:`FT_GPT_J`): ROME's constrained
+  FT-L (kmeng01/rome ``hparams/FT/gpt2-xl_constr.json``, ``hparams/FT/EleutherAI_gpt-j-6B_constr.json``):
+  every parameter of the MLP output projection (weight *and* bias) at layer 0, Adam lr 5e-4, no
+  weight decay, 25 steps, an L-inf bound of 5e-4 (GPT-2 XL) / 5e-5 (GPT-J) around the original
+  values, early stop at loss 1e-2. (The original's loss scores every target token at the prompt's
+  last position; here the target is teacher-forced, which is the same for one-token objects.)
+* ``"ft-toy"`` (the bundled model's, chosen on it): layer 0 (ROME's layer for the model), weight
+  only, Adam lr 1e-2, at most 25 steps, L-inf bound 1e-2 per entry (the bundled model's layer-0
+  ``W_out`` entries have std ~0.10), early stop at loss 0.01 (the bound was chosen by a 20-fact
+  sweep on an earlier bundled model: 5e-3 reached 60% reliability, 2e-2 cost locality; its
+  reliability on this one is in docs/results.md);
+* ``"ft-generic"`` (unknown models, with a warning): ``ft-toy``'s values at ROME's generic layer.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from ..predict import object_token_ids
 from ..spans import tokenize
 from .common import check_locus, follows_bos_convention, locus_position
 from .edit import Edit, named_parameters, reports_outcome
+from .presets import register_presets, resolve
 
 
 @dataclass
@@ -76,25 +79,41 @@ class FTHyperParams:
         return asdict(self)
 
 
-FT_TOY = FTHyperParams()
+FT_TOY = FTHyperParams(layer=0)
+# Source: kmeng01/rome hparams/FT/gpt2-xl_constr.json (layers [0], num_steps 25, lr 5e-4, weight_decay 0,
+# kl_factor 0, norm_constraint 5e-4, rewrite_module_tmp transformer.h.{}.mlp.c_proj: weight and bias)
 FT_GPT2_XL = FTHyperParams(layer=0, lr=5e-4, steps=25, norm_constraint=5e-4, early_stop_loss=1e-2,
-                           train_bias=True, preset="ft-gpt2-xl")
-FT_PRESETS: dict[str, FTHyperParams] = {"ft-toy": FT_TOY, "ft-gpt2-xl": FT_GPT2_XL}
+                           train_bias=True, prepend_bos=False, preset="ft-gpt2-xl")
+# Source: kmeng01/rome hparams/FT/EleutherAI_gpt-j-6B_constr.json (layers [0], num_steps 25, lr 5e-4,
+# weight_decay 0, kl_factor 0, norm_constraint 5e-5, rewrite_module_tmp transformer.h.{}.mlp.fc_out)
+FT_GPT_J = FTHyperParams(layer=0, lr=5e-4, steps=25, norm_constraint=5e-5, early_stop_loss=1e-2,
+                         train_bias=True, prepend_bos=False, preset="ft-gpt-j")
+FT_GENERIC = replace(FT_TOY, layer=None, preset="ft-generic")
+FT_PRESETS: dict[str, FTHyperParams] = {"ft-toy": FT_TOY, "ft-gpt2-xl": FT_GPT2_XL, "ft-gpt-j": FT_GPT_J,
+                                        "ft-generic": FT_GENERIC}
+"""Every FT preset by name."""
 FT_DEFAULTS = FT_TOY
 
 
+def _ft_check(model, hp: FTHyperParams) -> FTHyperParams:
+    """``layer=None`` becomes ROME's layer for the model; the layer must exist."""
+    if hp.layer is None:
+        hp = replace(hp, layer=int(resolve("rome", model, quiet=True).hparams.layers[0]))
+    if not 0 <= hp.layer < model.cfg.n_layers:
+        raise ValueError(f"layer {hp.layer} is outside the model's {model.cfg.n_layers} layers")
+    return hp
+
+
+register_presets("ft", by_model={"gpt2-xl": ("ft-gpt2-xl", FT_GPT2_XL), "gpt-j": ("ft-gpt-j", FT_GPT_J),
+                                 "toy-facts": ("ft-toy", FT_TOY)},
+                 named=dict(FT_PRESETS), generic=lambda model: ("ft-generic", FT_GENERIC), check=_ft_check,
+                 sources={"ft-gpt2-xl": "kmeng01/rome hparams/FT/gpt2-xl_constr.json",
+                          "ft-gpt-j": "kmeng01/rome hparams/FT/EleutherAI_gpt-j-6B_constr.json"})
+
+
 def ft_hparams_for(model) -> FTHyperParams:
-    """The FT preset for ``model``: ``ft-gpt2-xl`` for GPT-2 XL, else ``ft-toy``."""
-    from .hparams import _model_key
-
-    return FT_GPT2_XL if _model_key(model) == "gpt2-xl" else FT_TOY
-
-
-def default_layer(model) -> int:
-    """ROME's edit layer for ``model`` (its preset, or GPT-2 XL's relative depth)."""
-    from .hparams import rome_hparams_for
-
-    return int(rome_hparams_for(model).layers[0])
+    """The FT preset for ``model`` (by its identity): ``ft-gpt2-xl``, ``ft-gpt-j``, ``ft-toy``, else ``ft-generic``."""
+    return resolve("ft", model).hparams
 
 
 @follows_bos_convention
@@ -109,25 +128,15 @@ def ft(model, fact: Fact, new_object: str | None = None, *, layer: int | None = 
         layer: the block whose MLP output projection is trained (default: ROME's layer).
         locus: one of :data:`~workbench.editing.common.LOCI`; recorded, and used for ``positions="locus"``.
         hparams: :class:`FTHyperParams` or a dict of its fields; ``overrides`` change single fields.
-        preset: a name of :data:`FT_PRESETS` to start from (default :func:`ft_hparams_for`).
+        preset: a name of :data:`FT_PRESETS` to start from (default: the model's, by its identity).
         prepend_bos: BOS before every prompt (default: ``hparams.prepend_bos``, else the model's
             convention, :func:`workbench.editing.hparams.editing_prepend_bos`); recorded in ``hparams``.
 
     Returns:
         An :class:`Edit` (method ``"ft"``) whose ``info`` has the loss per step.
     """
-    if preset is not None and preset not in FT_PRESETS:
-        raise ValueError(f"unknown FT preset {preset!r}; choose from {sorted(FT_PRESETS)}")
-    base = FT_PRESETS[preset] if preset is not None else ft_hparams_for(model)
-    hp = hparams if isinstance(hparams, FTHyperParams) else replace(base, **(hparams or {}))
-    hp = replace(hp, **overrides)
+    hp = resolve("ft", model, preset=preset, hparams=hparams, overrides={**overrides, "layer": layer}).hparams
     hp = replace(hp, prepend_bos=prepend_bos)
-    if layer is not None:
-        hp = replace(hp, layer=layer)
-    if hp.layer is None:
-        hp = replace(hp, layer=default_layer(model))
-    if not 0 <= hp.layer < model.cfg.n_layers:
-        raise ValueError(f"layer {hp.layer} is outside the model's {model.cfg.n_layers} layers")
     check_locus(locus)
     if hp.positions not in ("all", "locus"):
         raise ValueError(f"positions must be 'all' or 'locus', not {hp.positions!r}")

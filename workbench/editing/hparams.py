@@ -14,39 +14,35 @@ hook names, which are the same for every model the bridge loads. Additions:
 * ``prepend_bos`` — BOS before every prompt (``None``: the model's default). The originals
   never prepend it, so the GPT-2 XL and GPT-J presets say ``False``.
 
-Presets: ``gpt2-xl`` and ``gpt-j`` (``EleutherAI/gpt-j-6B``) with the papers' values
-(reference §4-§5), and ``toy-facts`` for the bundled model (see ``TOY_NOTES``).
+* ``mom2_n_samples`` — articles of an article corpus (``"wikipedia"``, ``"articles:FILE"``), as the originals.
+
+Presets, by model identity (:mod:`workbench.identity`; registered with
+:func:`workbench.editing.presets.register_presets`): ``gpt2-xl`` and ``gpt-j`` (``EleutherAI/gpt-j-6B``)
+with the originals' values (reference §4-§5; source files in comments), ``toy-facts`` for the bundled
+model (see ``TOY_NOTES``), and a generic preset for unknown models (warned about).
 """
 
 from __future__ import annotations
 
 import copy
-import difflib
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import Any, ClassVar
+
+from .common import EditError
+
+from .presets import HyperParameterError, editing_prepend_bos, register_presets, resolve, unknown_keys_error
 
 ORIGINAL_EXTRAS = frozenset({"rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp",
                              "ln_f_module", "lm_head_module"})
 """Fields of the originals' hparams JSON files that hook names replace here; ``from_dict`` skips them."""
 
 
-class HyperParameterError(ValueError):
-    """A hyperparameter is unknown or out of range; the message names it and, for a typo, the likely field."""
-
-
-def unknown_keys_error(cls_name: str, unknown: list[str], known: list[str]) -> HyperParameterError:
-    """The error for keys that are not fields, with a difflib suggestion for each."""
-    parts = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-        parts.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return HyperParameterError(f"unknown {cls_name} field(s): {', '.join(parts)}; known fields: {', '.join(known)}")
-
-
 @dataclass
 class _EditHyperParams:
     """Fields ROME and MEMIT share (the originals' names): the target optimisation, the covariance."""
+
+    IGNORED_KEYS: ClassVar[frozenset] = ORIGINAL_EXTRAS
 
     layers: list[int] = field(default_factory=lambda: [17])
     fact_token: str = "subject_last"
@@ -163,18 +159,29 @@ class MEMITHyperParams(_EditHyperParams):
 
 
 # ----------------------------------------------------------------------------- presets
+# The originals' values; v_loss_layer = L - 1. mom2_n_tokens is this package's count (the originals
+# count mom2_n_samples = 100,000 Wikipedia articles; see stats.py). mom2_dtype: the originals collect
+# in float32, here E[kk^T] is accumulated in float64 (more exact; the field is informational).
+# Source: kmeng01/rome hparams/ROME/gpt2-xl.json
 ROME_GPT2_XL = ROMEHyperParams(layers=[17], v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4,
                                kl_factor=0.0625, mom2_adjustment=True, v_loss_layer=47,
+                               context_template_length_params=[[5, 10], [10, 10]], mom2_dataset="wikipedia",
                                mom2_n_samples=100_000, mom2_n_tokens=10_000_000, prepend_bos=False)
+# Source: kmeng01/rome hparams/ROME/EleutherAI_gpt-j-6B.json
 ROME_GPT_J = ROMEHyperParams(layers=[5], v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5, clamp_norm_factor=4,
                              kl_factor=0.0625, mom2_adjustment=True, v_loss_layer=27,
+                             context_template_length_params=[[5, 10], [10, 10]], mom2_dataset="wikipedia",
                              mom2_n_samples=100_000, mom2_n_tokens=10_000_000, prepend_bos=False)
+# Source: kmeng01/memit hparams/MEMIT/gpt2-xl.json
 MEMIT_GPT2_XL = MEMITHyperParams(layers=[13, 14, 15, 16, 17], v_num_grad_steps=20, v_lr=0.5, v_weight_decay=0.5,
                                  clamp_norm_factor=0.75, kl_factor=0.0625, mom2_update_weight=20_000,
-                                 v_loss_layer=47, mom2_n_samples=100_000, mom2_n_tokens=10_000_000, prepend_bos=False)
+                                 layer_selection="all", v_loss_layer=47, mom2_dataset="wikipedia",
+                                 mom2_n_samples=100_000, mom2_n_tokens=10_000_000, prepend_bos=False)
+# Source: kmeng01/memit hparams/MEMIT/EleutherAI_gpt-j-6B.json
 MEMIT_GPT_J = MEMITHyperParams(layers=[3, 4, 5, 6, 7, 8], v_num_grad_steps=25, v_lr=0.5, v_weight_decay=0.5,
                                clamp_norm_factor=0.75, kl_factor=0.0625, mom2_update_weight=15_000,
-                               v_loss_layer=27, mom2_n_samples=100_000, mom2_n_tokens=10_000_000, prepend_bos=False)
+                               layer_selection="all", v_loss_layer=27, mom2_dataset="wikipedia",
+                               mom2_n_samples=100_000, mom2_n_tokens=10_000_000, prepend_bos=False)
 
 TOY_NOTES = """Bundled model (toy-facts, 6 layers) presets, read off the model's own traces (docs/results.md).
 Subject corrupted (3σ, 10 samples, 300 known facts), the MLP AIE at the last subject token is 0.420 at
@@ -193,24 +200,10 @@ the top-1 on the rewrite prompt for 98.5 %, on the paraphrases for 87.2 %, neigh
 ROME_TOY = ROMEHyperParams(layers=[0], v_num_grad_steps=60, mom2_n_tokens=200_000)
 MEMIT_TOY = MEMITHyperParams(layers=[0, 1], v_num_grad_steps=60, mom2_update_weight=100.0, mom2_n_tokens=200_000)
 
-ROME_PRESETS: dict[str, ROMEHyperParams] = {
-    "gpt2-xl": ROME_GPT2_XL, "gpt-j": ROME_GPT_J, "EleutherAI/gpt-j-6B": ROME_GPT_J, "toy-facts": ROME_TOY,
-}
-MEMIT_PRESETS: dict[str, MEMITHyperParams] = {
-    "gpt2-xl": MEMIT_GPT2_XL, "gpt-j": MEMIT_GPT_J, "EleutherAI/gpt-j-6B": MEMIT_GPT_J, "toy-facts": MEMIT_TOY,
-}
-
-
-def _model_key(model) -> str | None:
-    spec = str(getattr(model, "workbench_spec", "") or "")
-    name = spec.rstrip("/").split("/")[-1].lower()
-    if spec == "toy-facts" or name == "toy-facts":
-        return "toy-facts"
-    if name in ("gpt2-xl",):
-        return "gpt2-xl"
-    if name in ("gpt-j-6b", "gpt-j"):
-        return "gpt-j"
-    return None
+ROME_PRESETS: dict[str, ROMEHyperParams] = {"gpt2-xl": ROME_GPT2_XL, "gpt-j": ROME_GPT_J, "toy-facts": ROME_TOY}
+"""ROME's presets by model identity key (:mod:`workbench.identity`)."""
+MEMIT_PRESETS: dict[str, MEMITHyperParams] = {"gpt2-xl": MEMIT_GPT2_XL, "gpt-j": MEMIT_GPT_J, "toy-facts": MEMIT_TOY}
+"""MEMIT's presets by model identity key."""
 
 
 def _generic_layers(model, n: int) -> list[int]:
@@ -220,32 +213,51 @@ def _generic_layers(model, n: int) -> list[int]:
     return list(range(max(0, last - n + 1), last + 1))
 
 
+def _rome_generic(model) -> tuple[str, ROMEHyperParams]:
+    """GPT-2 XL's values at the same relative depth, the model's own BOS convention, 100k tokens."""
+    return "rome:generic", replace(ROME_GPT2_XL, layers=_generic_layers(model, 1), v_loss_layer=None,
+                                   mom2_dataset=None, mom2_n_tokens=100_000, prepend_bos=None)
+
+
+def _memit_generic(model) -> tuple[str, MEMITHyperParams]:
+    """GPT-2 XL's values, 5 layers ending at 17/48 depth, the model's own BOS convention, 100k tokens."""
+    n = min(5, int(model.cfg.n_layers))
+    return "memit:generic", replace(MEMIT_GPT2_XL, layers=_generic_layers(model, n), v_loss_layer=None,
+                                    mom2_dataset=None, mom2_n_tokens=100_000, prepend_bos=None)
+
+
+def check_for_model(model, hp):
+    """``hp`` checked against ``model``: layers in range, ``v_loss_layer`` the last layer (or None)."""
+    L = int(model.cfg.n_layers)
+    if not hp.layers or any(not 0 <= int(l) < L for l in hp.layers):
+        raise EditError(f"layers {hp.layers} out of range for a {L}-layer model")
+    if hp.v_loss_layer not in (None, L - 1):
+        raise EditError(f"v_loss_layer={hp.v_loss_layer}: only the last layer ({L - 1}, the model's own logits) "
+                        "is supported")
+    return hp
+
+
+_ALIASES = {"layer": ("layers", lambda v: [int(v)]), "layers": ("layers", lambda v: [int(l) for l in v])}
+register_presets("rome", by_model={k: (f"rome:{k}", v) for k, v in ROME_PRESETS.items()}, generic=_rome_generic,
+                 check=check_for_model, aliases=_ALIASES,
+                 sources={"rome:gpt2-xl": "kmeng01/rome hparams/ROME/gpt2-xl.json",
+                          "rome:gpt-j": "kmeng01/rome hparams/ROME/EleutherAI_gpt-j-6B.json"})
+register_presets("memit", by_model={k: (f"memit:{k}", v) for k, v in MEMIT_PRESETS.items()},
+                 generic=_memit_generic, check=check_for_model, aliases=_ALIASES,
+                 sources={"memit:gpt2-xl": "kmeng01/memit hparams/MEMIT/gpt2-xl.json",
+                          "memit:gpt-j": "kmeng01/memit hparams/MEMIT/EleutherAI_gpt-j-6B.json"})
+
+
 def rome_hparams_for(model) -> ROMEHyperParams:
-    """The preset for ``model`` (by its spec), else GPT-2 XL's values at the same relative depth."""
-    key = _model_key(model)
-    if key is not None:
-        return copy.deepcopy(ROME_PRESETS[key])
-    return replace(ROME_GPT2_XL, layers=_generic_layers(model, 1), v_loss_layer=None, mom2_n_tokens=100_000,
-                   prepend_bos=None)
+    """ROME's preset for ``model`` (by its identity, :func:`workbench.editing.presets.resolve`)."""
+    return resolve("rome", model).hparams
 
 
 def memit_hparams_for(model) -> MEMITHyperParams:
-    """The preset for ``model`` (by its spec), else GPT-2 XL's values, 5 layers ending at 17/48 depth."""
-    key = _model_key(model)
-    if key is not None:
-        return copy.deepcopy(MEMIT_PRESETS[key])
-    n = min(5, int(model.cfg.n_layers))
-    return replace(MEMIT_GPT2_XL, layers=_generic_layers(model, n), v_loss_layer=None, mom2_n_tokens=100_000,
-                   prepend_bos=None)
+    """MEMIT's preset for ``model`` (by its identity, :func:`workbench.editing.presets.resolve`)."""
+    return resolve("memit", model).hparams
 
 
-def editing_prepend_bos(model, *choices: bool | None) -> bool:
-    """The BOS convention of an edit: the first of ``choices`` that is not ``None``, else the
-    model's ROME preset's (``False`` for GPT-2 XL and GPT-J, as the originals), else the model's
-    TransformerLens default."""
-    from ..spans import default_prepend_bos
-
-    for choice in (*choices, rome_hparams_for(model).prepend_bos):
-        if choice is not None:
-            return bool(choice)
-    return default_prepend_bos(model)
+__all__ = ["HyperParameterError", "unknown_keys_error", "ROMEHyperParams", "MEMITHyperParams", "editing_prepend_bos",
+           "rome_hparams_for", "memit_hparams_for", "check_for_model", "ROME_PRESETS", "MEMIT_PRESETS",
+           "ROME_GPT2_XL", "ROME_GPT_J", "MEMIT_GPT2_XL", "MEMIT_GPT_J", "ROME_TOY", "MEMIT_TOY", "TOY_NOTES"]

@@ -30,8 +30,9 @@ from .common import (EditError, activations_at, check_locus, compute_keys, compu
                      follows_bos_convention, normalize_request)
 from .context import flatten
 from .edit import Edit, reports_outcome
-from .hparams import MEMITHyperParams, memit_hparams_for
-from .rome import resolve_cov, resolve_hparams, resolve_templates
+from .hparams import HyperParameterError, MEMITHyperParams
+from .presets import resolve
+from .rome import resolve_cov, resolve_templates
 from .stats import LayerStats
 
 log = logging.getLogger(__name__)
@@ -40,13 +41,15 @@ log = logging.getLogger(__name__)
 @follows_bos_convention
 @reports_outcome
 def memit(model, facts: Sequence[Fact | dict], *, layers: Sequence[int] | None = None, locus: str = "subject",
-          hparams: MEMITHyperParams | dict | None = None, stats: dict | LayerStats | None = None,
-          prepend_bos: bool | None = None, verbose: bool = False, progress: bool = True) -> Edit:
+          hparams: MEMITHyperParams | dict | None = None, stats: dict | LayerStats | str | None = None,
+          prepend_bos: bool | None = None, preset: str | None = None, verbose: bool = False,
+          progress: bool = True) -> Edit:
     """Compute one MEMIT edit for all ``facts`` (each needs a ``target_new``).
 
     ``layers`` overrides ``hparams.layers``; ``locus`` is one of :data:`~workbench.editing.common.LOCI`;
+    ``hparams``/``preset`` as in :func:`workbench.editing.rome.rome`;
     ``stats``: ``{layer: LayerStats | tensor}`` (computed with :func:`layer_stats` for
-    the missing layers); ``prepend_bos`` as in :func:`workbench.editing.rome.rome`. Returns an
+    the missing layers) or the path of the originals' ``.npz`` statistics (a folder, or a file for one layer); ``prepend_bos`` as in :func:`workbench.editing.rome.rome`. Returns an
     unapplied :class:`Edit`.
     """
     check_locus(locus)
@@ -55,9 +58,13 @@ def memit(model, facts: Sequence[Fact | dict], *, layers: Sequence[int] | None =
     if not facts:
         raise EditError("memit needs at least one fact")
     requests = [normalize_request(f) for f in facts]
-    hp = resolve_hparams(model, hparams, MEMITHyperParams, memit_hparams_for, list(layers) if layers else None)
+    if layers is not None and len(list(layers)) == 0:
+        raise HyperParameterError("memit(layers=[]) names no layer to edit; give at least one layer index, or "
+                                  "leave layers out for the preset's")
+    hp = resolve("memit", model, preset=preset, hparams=hparams,
+                 overrides={"layers": list(layers) if layers else None}).hparams
     hp.prepend_bos = prepend_bos
-    if isinstance(stats, (LayerStats, torch.Tensor)):
+    if isinstance(stats, (LayerStats, torch.Tensor)):  # a path (the originals' .npz) serves every layer
         if len(hp.layers) != 1:
             raise EditError("pass stats as {layer: LayerStats} for several layers")
         stats = {hp.layers[0]: stats}

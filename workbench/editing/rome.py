@@ -23,6 +23,7 @@ weight's own layout.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -35,31 +36,11 @@ from .common import (EditError, activations_at, check_locus, compute_keys, compu
                      follows_bos_convention, normalize_request, request_summary)
 from .context import as_groups, context_templates, flatten
 from .edit import Edit, reports_outcome
-from .hparams import ROMEHyperParams, rome_hparams_for
-from .stats import LayerStats, layer_stats
+from .hparams import ROMEHyperParams
+from .presets import resolve
+from .stats import LayerStats, layer_stats, npz_layer_stats
 
 log = logging.getLogger(__name__)
-
-
-def resolve_hparams(model, hparams, cls, default_fn, layers: list[int] | None):
-    if hparams is None:
-        hp = default_fn(model)
-    elif isinstance(hparams, dict):
-        hp = cls.from_dict({**default_fn(model).to_dict(), **hparams})
-    elif isinstance(hparams, cls):
-        hp = hparams.with_()
-    else:
-        raise TypeError(f"hparams must be {cls.__name__}, a dict or None, not {type(hparams).__name__}")
-    if layers is not None:
-        hp.layers = list(layers)
-    hp.validate()  # unknown keys, duplicate layers, v_num_grad_steps < 1, ... (HyperParameterError)
-    L = int(model.cfg.n_layers)
-    if not hp.layers or any(not 0 <= int(l) < L for l in hp.layers):
-        raise EditError(f"layers {hp.layers} out of range for a {L}-layer model")
-    if hp.v_loss_layer not in (None, L - 1):
-        raise EditError(f"v_loss_layer={hp.v_loss_layer}: only the last layer ({L - 1}, the model's own logits) "
-                        "is supported")
-    return hp
 
 
 def resolve_templates(model, hp, fingerprint: str) -> list[list[str]]:
@@ -70,11 +51,15 @@ def resolve_templates(model, hp, fingerprint: str) -> list[list[str]]:
 
 
 def resolve_cov(model, layer: int, stats, hp, fingerprint: str) -> tuple[torch.Tensor, dict]:
-    """C (float64) for ``layer`` from ``stats`` (LayerStats, tensor, {layer: ...}) or :func:`layer_stats`."""
+    """C (float64) for ``layer`` from ``stats`` (LayerStats, tensor, the path of the originals' ``.npz``
+    statistics, {layer: ...}) or :func:`layer_stats`."""
     if isinstance(stats, dict):
         stats = stats.get(layer)
+    if isinstance(stats, (str, os.PathLike)):
+        stats = npz_layer_stats(stats, layer, model)
     if stats is None:
-        stats = layer_stats(model, layer, corpus=hp.mom2_dataset, n_tokens=hp.mom2_n_tokens, fingerprint=fingerprint)
+        stats = layer_stats(model, layer, corpus=hp.mom2_dataset, n_tokens=hp.mom2_n_tokens,
+                            n_samples=hp.mom2_n_samples, fingerprint=fingerprint)
     if isinstance(stats, LayerStats):
         if stats.layer != layer:
             raise EditError(f"stats are for layer {stats.layer}, the edit is at layer {layer}")
@@ -99,21 +84,24 @@ def compute_u(model, request: dict, layer: int, templates: list[str], locus: str
 @reports_outcome
 def rome(model, fact: Fact | dict, new_object: str | None = None, *, layer: int | None = None,
          locus: str = "subject", hparams: ROMEHyperParams | dict | None = None,
-         stats: LayerStats | torch.Tensor | dict | None = None, prepend_bos: bool | None = None,
-         verbose: bool = False) -> Edit:
+         stats: LayerStats | torch.Tensor | dict | str | None = None, prepend_bos: bool | None = None,
+         preset: str | None = None, verbose: bool = False) -> Edit:
     """Compute a ROME edit making ``fact``'s prompt predict ``new_object`` (default ``fact.target_new``).
 
     ``fact``: a :class:`Fact` or a CounterFact ``requested_rewrite`` dict. ``layer``
     overrides ``hparams.layers``. ``locus``: ``"subject"`` (the original) or
-    ``"relation"`` (keys and δ at the relation's last token). ``stats``: covariance to
-    use (a :class:`LayerStats`, a [d_mlp, d_mlp] tensor, or ``{layer: ...}``); computed
-    and cached with :func:`layer_stats` when omitted. ``prepend_bos``: BOS before every prompt
+    ``"relation"`` (keys and δ at the relation's last token). ``hparams``: a
+    :class:`ROMEHyperParams` or a dict of fields over the preset (``preset``: a name such as
+    ``"rome:gpt2-xl"``; default: the model's, by its identity, :func:`workbench.editing.presets.resolve`).
+    ``stats``: covariance to use (a :class:`LayerStats`, a [d_mlp, d_mlp] tensor, the path of an
+    original ``.npz`` statistics file or folder, or ``{layer: ...}``); computed and cached with
+    :func:`layer_stats` when omitted. ``prepend_bos``: BOS before every prompt
     (default: ``hparams.prepend_bos``, else the model's preset's, else TransformerLens's default;
     recorded in ``edit.hparams``). Returns an unapplied :class:`Edit`.
     """
     check_locus(locus)
     request = normalize_request(fact, new_object)
-    hp = resolve_hparams(model, hparams, ROMEHyperParams, rome_hparams_for, [layer] if layer is not None else None)
+    hp = resolve("rome", model, preset=preset, hparams=hparams, overrides={"layer": layer}).hparams
     hp.prepend_bos = prepend_bos
     fingerprint = model_fingerprint(model)
     groups = resolve_templates(model, hp, fingerprint)

@@ -10,8 +10,8 @@ Sample count. The originals count ``mom2_n_samples`` = 100,000 *Wikipedia articl
 count is ``n_tokens``: the corpus is tokenized, texts are joined with the BOS/EOS
 token between them (as GPT-2 saw its training data) and cut into rows of ``seq_len``
 tokens; exactly ``n_tokens`` keys are accumulated (the first ``n_tokens`` of that
-stream). ``hparams.mom2_n_tokens`` is that number; ``mom2_n_samples`` is kept for
-reference only.
+stream). ``hparams.mom2_n_tokens`` is that number; ``mom2_n_samples`` counts the articles
+of an article corpus (below).
 
 Corpus (``corpus=``):
 
@@ -19,8 +19,18 @@ Corpus (``corpus=``):
   model; the world is read from ``assets/toy-facts/world.json``).
 * a list of strings, or a path to a text file (one text per non-empty line).
 * a Hugging Face ``datasets`` name, ``"name"`` or ``"name:config"`` (``"text"`` column,
-  train split), where the hub is reachable. Default for other models:
-  ``"wikitext:wikitext-103-raw-v1"``.
+  train split), where the hub is reachable. Default for models without a preset corpus:
+  ``"wikitext:wikitext-103-raw-v1"`` (texts joined by BOS, counted in tokens).
+* ``"wikipedia"``: the originals' corpus, Hugging Face ``wikipedia`` ``20200501.en``, *one article
+  per row* (each truncated to the model's context, no BOS, as the originals' ``TokenizedDataset``),
+  counted in articles: the first ``n_samples`` (the presets' ``mom2_n_samples`` = 100,000; the
+  originals draw a seeded random sample of that size). The GPT-2 XL and GPT-J presets use it, so
+  their statistics are the originals' kind; where the hub is unreachable it fails with a message
+  naming the two offline ways: ``"articles:FILE"`` (the same shape from a local JSON-lines file, one
+  ``{"text": ...}`` article per line) or the originals' published statistics.
+* the originals' published statistics (``rome``'s ``layer_stats`` ``.npz`` files, keys
+  ``mom2.mom2`` -- the *sum* of k kᵀ -- and ``mom2.count``): :func:`npz_layer_stats`, or a path
+  passed as ``stats=`` to ``rome``/``memit``/``evaluate`` (``--stats-npz``).
 
 Cache. Results go to ``cache_dir`` (default: ``platformdirs.user_cache_dir("workbench")/stats``;
 ``WORKBENCH_CACHE`` overrides), one safetensors file per (model fingerprint, layer,
@@ -37,7 +47,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
+import itertools
+import json
 import logging
 import os
 import time
@@ -55,6 +68,8 @@ from ..loading import BUNDLED, assets_dir, is_bundled_name, model_fingerprint
 log = logging.getLogger(__name__)
 
 DEFAULT_HUB_CORPUS = "wikitext:wikitext-103-raw-v1"
+ALL_TOKENS = 2 ** 62
+"""``n_tokens`` of an article corpus: every token of its articles (they are counted instead)."""
 _MEMORY: dict[tuple, "LayerStats"] = {}
 
 
@@ -98,13 +113,58 @@ def _hash_texts(texts: Sequence[str]) -> str:
     return h.hexdigest()[:12]
 
 
-def _bundled_world_text() -> list[str]:
-    from ..toyworld.world import World
-
+def _bundled_world() -> tuple[tuple[str, ...], str]:
+    """The bundled world's training text and its hash, generated once per version of ``world.json``
+    (ROME and MEMIT resolve their covariance corpus on every edit; generating it takes ~0.5 s)."""
     path = assets_dir() / BUNDLED / "world.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: the bundled world's text needs the bundled model assets")
-    return World.load(str(path)).training_text(seed=1)
+    stat = path.stat()
+    return _world_text(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _world_text(path: str, mtime_ns: int, size: int) -> tuple[tuple[str, ...], str]:
+    from ..toyworld.world import World
+
+    texts = tuple(World.load(path).training_text(seed=1))
+    return texts, _hash_texts(texts)
+
+
+WIKIPEDIA = ("wikipedia", "20200501.en")
+"""The originals' covariance corpus (``rome/layer_stats.py``: ``load_dataset("wikipedia", "20200501.en")``)."""
+
+
+class Articles:
+    """Texts to take one per row (truncated to the context), counted in articles, as the originals."""
+
+    def __init__(self, texts) -> None:
+        self.texts = texts
+
+    def __iter__(self):
+        return iter(self.texts)
+
+
+def _article_file(path: Path) -> list[str]:
+    """Articles of a JSON-lines file: one object with a ``"text"`` field per line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"article file {path} does not exist; give a JSON-lines file with one "
+                                '{"text": ...} article per line')
+    texts = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            text = row["text"]
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path}, line {n}: not a JSON object with a 'text' field (one article per line, "
+                             "as a Hugging Face dataset row)") from None
+        if str(text).strip():
+            texts.append(str(text))
+    if not texts:
+        raise ValueError(f"{path} holds no article with text")
+    return texts
 
 
 def corpus_id(model, corpus) -> str:
@@ -114,7 +174,14 @@ def corpus_id(model, corpus) -> str:
 
 
 def resolve_corpus(model, corpus) -> tuple[str, Iterator[str] | list[str]]:
-    """``(corpus_id, texts)`` for a corpus spec; the id (a content hash, but for hub datasets) enters the cache key."""
+    """``(corpus_id, texts)`` for a corpus spec; the id (a content hash, but for hub datasets) enters the cache
+    key. Article corpora (``"wikipedia"``, ``"articles:FILE"``) come as :class:`Articles`."""
+    if isinstance(corpus, str) and corpus.startswith("articles:"):
+        path = Path(corpus.split(":", 1)[1]).expanduser()
+        texts = _article_file(path)
+        return f"articles-{path.stem}-{_hash_texts(texts)}", Articles(texts)
+    if corpus == "wikipedia":
+        return "wikipedia-20200501.en", Articles(_hub_texts(*WIKIPEDIA))
     if corpus is None:
         spec = getattr(model, "workbench_spec", None)
         corpus = BUNDLED if spec is not None and is_bundled_name(spec, note=False) else DEFAULT_HUB_CORPUS
@@ -123,8 +190,8 @@ def resolve_corpus(model, corpus) -> tuple[str, Iterator[str] | list[str]]:
         return f"texts-{_hash_texts(texts)}", texts
     text = str(corpus)
     if text in (BUNDLED, "world", "toy-world"):
-        texts = _bundled_world_text()
-        return f"toyworld-{_hash_texts(texts)}", texts
+        texts, digest = _bundled_world()
+        return f"toyworld-{digest}", list(texts)
     path = Path(text).expanduser()
     if path.is_file():
         texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -141,6 +208,12 @@ def _hub_texts(name: str, config: str | None) -> Iterator[str]:
     from ..loading import hub_reachable
 
     ok, reason = hub_reachable()
+    if not ok and (name, config) == WIKIPEDIA:
+        raise RuntimeError(
+            f"the covariance corpus is Wikipedia ({name} {config}, one article per row, as the originals), but "
+            f"the Hugging Face hub is unreachable ({reason}). Offline, use the originals' published statistics "
+            "(stats='DIR_OR_FILE.npz', CLI --stats-npz) or a local copy of the articles "
+            "(corpus / mom2_dataset 'articles:FILE.jsonl', one {\"text\": ...} per line)")
     if not ok:
         raise RuntimeError(
             f"corpus {name!r} is a Hugging Face dataset but the hub is unreachable ({reason}). "
@@ -154,9 +227,18 @@ def _hub_texts(name: str, config: str | None) -> Iterator[str]:
             yield t
 
 
-def token_rows(model, texts, seq_len: int) -> Iterator[list[int]]:
-    """Texts joined by BOS/EOS and cut into rows of ``seq_len`` token ids (deterministic)."""
+def token_rows(model, texts, seq_len: int, n_samples: int | None = None) -> Iterator[list[int]]:
+    """Texts joined by BOS/EOS and cut into rows of ``seq_len`` token ids (deterministic); for
+    :class:`Articles`, one row per article (its first ``seq_len`` tokens, no BOS), the first ``n_samples``."""
     tok = model.tokenizer
+    if isinstance(texts, Articles):
+        for i, text in enumerate(texts):
+            if n_samples is not None and i >= n_samples:
+                return
+            ids = tok(text, add_special_tokens=False)["input_ids"][:seq_len]
+            if ids:
+                yield ids
+        return
     sep = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     buf: list[int] = []
     for text in texts:
@@ -258,8 +340,11 @@ def _exclusive(path: Path, verbose: bool) -> Iterator[None]:
 
 def layer_stats(model, layer: int, *, corpus=None, n_tokens: int = 100_000, cache_dir: str | Path | None = None,
                 batch_size: int = 8, seq_len: int | None = None, save_every: int = 20, progress: bool = True,
-                force: bool = False, fingerprint: str | None = None, verbose: bool = True) -> LayerStats:
-    """E[k kᵀ] of ``blocks.{layer}.mlp.hook_post`` over the first ``n_tokens`` tokens of ``corpus``.
+                force: bool = False, fingerprint: str | None = None, verbose: bool = True,
+                n_samples: int = 100_000) -> LayerStats:
+    """E[k kᵀ] of ``blocks.{layer}.mlp.hook_post`` over the first ``n_tokens`` tokens of ``corpus``
+    (for an article corpus, ``"wikipedia"`` or ``"articles:FILE"``: over every token of its first
+    ``n_samples`` articles, each cut to the context, as the originals).
 
     Cached on disk by (model fingerprint, layer, corpus, n_tokens) under ``cache_dir``
     (printed); a partial computation resumes. ``force`` recomputes from scratch.
@@ -270,13 +355,18 @@ def layer_stats(model, layer: int, *, corpus=None, n_tokens: int = 100_000, cach
         raise ValueError(f"layer {layer} is out of range for a {model.cfg.n_layers}-layer model")
     fp = fingerprint or model_fingerprint(model)
     corpus_id, texts = resolve_corpus(model, corpus)
+    if isinstance(texts, Articles):  # counted in articles: every token of the first n_samples, whole context
+        corpus_id = f"{corpus_id}-a{int(n_samples)}"
+        texts = Articles(itertools.islice(texts, int(n_samples)))
+        n_tokens = ALL_TOKENS
+        seq_len = int(seq_len or model.cfg.n_ctx)
     seq_len = int(seq_len or min(int(model.cfg.n_ctx), 256))
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = (fp, layer, corpus_id, n_tokens, str(cache))
     if key in _MEMORY and not force:
         return _MEMORY[key]
     folder = cache / fp
-    path = folder / f"layer{layer}_{corpus_id}_n{n_tokens}.safetensors"
+    path = folder / f"layer{layer}_{corpus_id}_n{'all' if n_tokens == ALL_TOKENS else n_tokens}.safetensors"
     partial = path.with_name(path.stem + ".partial.safetensors")
     meta = {"layer": layer, "corpus": corpus_id, "n_tokens": n_tokens, "fingerprint": fp, "seq_len": seq_len,
             "hook": key_hook(layer), "spec": getattr(model, "workbench_spec", None)}
@@ -316,10 +406,10 @@ def _layer_stats_locked(model, layer, path, partial, meta, key, texts, corpus_id
 
     from ..progress import progress_bar
 
-    bar = progress_bar(total=n_tokens, initial=count, unit="tok", desc=f"layer_stats L{layer}", enabled=progress,
-                       leave=False)
+    bar = progress_bar(total=None if n_tokens == ALL_TOKENS else n_tokens, initial=count, unit="tok",
+                       desc=f"layer_stats L{layer}", enabled=progress, leave=False)
     device = model.cfg.device
-    rows = token_rows(model, texts, seq_len)
+    rows = token_rows(model, texts, seq_len)  # an article corpus comes already cut to its n_samples
     skipped = 0
     batch: list[list[int]] = []
     n_batches = 0
@@ -362,7 +452,7 @@ def _layer_stats_locked(model, layer, path, partial, meta, key, texts, corpus_id
         bar.close()
     if count == 0:
         raise ValueError(f"corpus {corpus_id} produced no tokens")
-    if count < n_tokens and verbose:
+    if count < n_tokens != ALL_TOKENS and verbose:
         log.warning("layer_stats: corpus %s has only %d tokens (< %d asked); using all of them", corpus_id, count,
                     n_tokens)
     _save(path, mom2_sum, count, meta)
@@ -377,3 +467,80 @@ def _layer_stats_locked(model, layer, path, partial, meta, key, texts, corpus_id
 def clear_memory_cache() -> None:
     """Forget in-memory stats (the disk cache stays)."""
     _MEMORY.clear()
+
+
+# --------------------------------------------------------------------------- the originals' .npz statistics
+NPZ_KEYS = ("mom2.mom2", "mom2.count")
+"""Keys of an original ``layer_stats`` file (``CombinedStat(mom2=SecondMoment())``'s ``state_dict``:
+``mom2.mom2`` the *sum* of k kᵀ, ``mom2.count`` the number of keys; also ``mom2.constructor``, ``sample_size``)."""
+
+
+def check_npz_source(source: str | os.PathLike) -> Path:
+    """``source`` as a path that exists (a ``.npz`` file or a folder), else a :class:`FileNotFoundError`."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; give an original layer_stats .npz file or the folder "
+                                "holding them (e.g. data/stats/gpt2-xl/wikipedia_stats)")
+    return path
+
+
+def npz_file_for(source: str | os.PathLike, layer: int) -> Path:
+    """The ``.npz`` file of ``layer`` in ``source``: the file itself (its name must not name another
+    layer), or the one file under the folder named like ``...h.{layer}.mlp...mom2....npz``."""
+    import re
+
+    path = check_npz_source(source)
+    pattern = re.compile(rf"(^|[._]){int(layer)}\.mlp\.")
+    if path.is_file():
+        named = re.search(r"(?:^|[._])(\d+)\.mlp\.", path.name)
+        if named and int(named.group(1)) != int(layer):
+            raise ValueError(f"{path} holds layer {named.group(1)}'s statistics, not layer {layer}'s")
+        return path
+    found = sorted(p for p in path.rglob("*.npz") if pattern.search(p.name) and "mom2" in p.name)
+    if len(found) != 1:
+        what = "no file" if not found else f"{len(found)} files ({', '.join(p.name for p in found[:4])})"
+        raise FileNotFoundError(f"{path} has {what} of layer {layer}'s statistics; the originals name them like "
+                                f"transformer.h.{layer}.mlp.c_proj_float32_mom2_100000.npz")
+    return found[0]
+
+
+def npz_layer_stats(source: str | os.PathLike, layer: int, model=None) -> LayerStats:
+    """E[k kᵀ] of ``layer`` from the originals' published statistics (``rome/layer_stats.py``'s ``.npz``:
+    ``mom2.mom2`` / ``mom2.count``); ``source`` is the file or a folder holding one per layer. With
+    ``model``, the matrix must be [d_mlp, d_mlp] of that layer. The corpus id carries the file's SHA-256."""
+    import numpy as np
+
+    path = npz_file_for(source, layer)
+    stat = path.stat()
+    key = ("npz", str(path.resolve()), stat.st_size, stat.st_mtime_ns, int(layer))
+    if key in _MEMORY:
+        return _MEMORY[key]
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in NPZ_KEYS if k not in data.files]
+            if missing:
+                raise ValueError(f"{path} is not an original layer_stats file: it lacks {missing} "
+                                 f"(has {sorted(data.files)})")
+            total = torch.from_numpy(np.asarray(data["mom2.mom2"], dtype=np.float64))
+            count = int(data["mom2.count"])
+            sample_size = int(data["sample_size"]) if "sample_size" in data.files and data["sample_size"].shape == () \
+                and np.issubdtype(data["sample_size"].dtype, np.number) else None
+    except (OSError, ValueError, EOFError) as err:
+        if isinstance(err, ValueError) and "layer_stats" in str(err):
+            raise
+        raise ValueError(f"{path} is not a readable .npz file ({type(err).__name__}: {err})") from None
+    if total.ndim != 2 or total.shape[0] != total.shape[1]:
+        raise ValueError(f"{path}: mom2.mom2 has shape {tuple(total.shape)}, not a square [d_mlp, d_mlp] matrix")
+    if model is not None:
+        d_mlp = mlp_weights(model, layer).d_mlp
+        if total.shape[0] != d_mlp:
+            raise ValueError(f"{path}: a [{total.shape[0]}, {total.shape[0]}] matrix, but layer {layer} of the "
+                             f"model has {d_mlp} MLP units; these statistics are another model's")
+    if count <= 0 or not torch.isfinite(total).all():
+        raise ValueError(f"{path}: non-positive mom2.count ({count}) or non-finite values")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    stats = LayerStats(mom2=total / count, n_tokens=count, layer=int(layer), corpus=f"npz-{digest[:12]}",
+                       fingerprint="npz", path=path,
+                       info={"source": "npz", "sha256": digest, "sample_size": sample_size, "cached": True})
+    _MEMORY[key] = stats
+    return stats

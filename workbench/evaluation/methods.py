@@ -2,7 +2,8 @@
 
 A method is registered by name as ``"module:function"`` (imported when first used) or as a
 callable; :func:`preset_name` and :func:`resolved_hparams` say which hyperparameters a built-in
-method will use on a model, so result folders key on them.
+method will use on a model (through :func:`workbench.editing.presets.resolve_call`, the one
+resolution the methods use too), so result folders key on them.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import warnings
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from ..facts import Fact
 
@@ -20,6 +21,7 @@ BASELINE = "unedited"
 METHODS: dict[str, str] = {
     "ft": "workbench.editing.ft:ft",
     "kn": "workbench.editing.kn:kn",
+    "kn-subject": "workbench.editing.kn:kn_subject",
     "mend": "workbench.editing.mend:mend",
     "rome": "workbench.editing.rome:rome",
     "memit": "workbench.editing.memit:memit",
@@ -29,10 +31,12 @@ METHODS: dict[str, str] = {
 BATCH_METHODS: set[str] = {"memit"}
 """Registered methods that take a list of facts (they get a one-fact batch: one fact per edit)."""
 
-PAPER_ORDER = ("ft", "kn", "mend", "rome", "memit")
-"""The paper's row order; :func:`default_methods` is the registered ones in this order."""
+PAPER_ORDER = ("ft", "kn", "kn-subject", "mend", "rome", "memit")
+"""The paper's row order (with the ``kn-subject`` ablation beside KN); :func:`default_methods` is the
+registered ones in this order."""
 
-METHOD_LABELS = {"ft": "FT", "kn": "KN", "rome": "ROME", "memit": "MEMIT", "mend": "MEND", BASELINE: "Unedited"}
+METHOD_LABELS = {"ft": "FT", "kn": "KN", "kn-subject": "KN (subject locus)", "rome": "ROME", "memit": "MEMIT",
+                 "mend": "MEND", BASELINE: "Unedited"}
 
 
 def register_method(name: str, target: str | Callable, *, batch: bool = False, label: str | None = None) -> None:
@@ -103,83 +107,100 @@ def _params(fn: Callable) -> set[str]:
         return set()
 
 
+def _resolved(name: str, model, kwargs: dict | None):
+    from ..editing.presets import resolve_call
+
+    return resolve_call(name, model, kwargs)
+
+
+def check_method_kwargs(method_kwargs: dict[str, dict] | None) -> None:
+    """Refuse a ``preset`` a method does not have (per the preset registry, :mod:`workbench.editing.presets`)
+    before any edit runs, where every edit of the method would fail; the message lists the presets there are."""
+    from ..editing.presets import HyperParameterError, has_presets, preset_table
+
+    for name, kwargs in (method_kwargs or {}).items():
+        preset = (kwargs or {}).get("preset")
+        if preset is None or not has_presets(name):
+            continue
+        table = preset_table(name)
+        if preset not in table.named and preset not in table.by_model:
+            raise HyperParameterError(f"{name} has no preset {preset!r}; choose from {', '.join(sorted(table.named))}")
+
+
 def preset_name(name: str, model, kwargs: dict | None) -> str:
-    """The hyperparameter preset a method runs with: its preset name, or ``"custom"`` when
-    ``kwargs`` override hyperparameters."""
+    """The hyperparameter preset a method runs with: its preset name (``+custom`` when ``kwargs``
+    override hyperparameters); for a method without registered presets ``"default"`` or ``"custom"``."""
+    from ..editing.presets import NOT_HYPERPARAMETERS, UnknownModelError, choose_preset, has_presets
+
     kwargs = kwargs or {}
+    if has_presets(name):
+        try:
+            return _resolved(name, model, kwargs).preset
+        except UnknownModelError:
+            raise
+        except Exception:  # noqa: BLE001 - kwargs the method rejects: its rows record the error as failed
+            try:
+                return choose_preset(name, model, preset=kwargs.get("preset"), quiet=True)[0] + "+invalid"
+            except Exception:  # noqa: BLE001 - e.g. an unknown preset name
+                return "invalid"
     if "preset" in kwargs:
         return str(kwargs["preset"])
-    tuning = {k for k in kwargs if k not in ("progress", "verbose", "stats", "prepend_bos")}
-    if name in ("rome", "memit"):
-        from ..editing.hparams import _model_key
-
-        base = f"{name}:{_model_key(model) or 'generic'}"
-        return base if not tuning else f"{base}+custom"
-    if name == "ft":
-        from ..editing.ft import ft_hparams_for
-
-        base = ft_hparams_for(model).preset
-        return base if not tuning else f"{base}+custom"
-    if name == "kn":
-        from ..editing.kn import KNHyperParams
-
-        base = KNHyperParams().preset
-        return base if not tuning else f"{base}+custom"
-    return "custom" if tuning else "default"
+    return "custom" if any(k not in NOT_HYPERPARAMETERS for k in kwargs) else "default"
 
 
 def resolved_hparams(name: str, model, kwargs: dict | None = None) -> dict | None:
     """The hyperparameters (with the preset's name) a built-in method will use with ``kwargs`` on ``model``
-    (``None``: a custom callable, or kwargs the method will reject anyway, which its rows record as failed)."""
-    from dataclasses import fields, replace
+    (``None``: a method without registered presets, or kwargs the method will reject anyway, which its
+    rows record as failed). An unknown model under strict presets raises here."""
+    from ..editing.presets import UnknownModelError
 
-    kw = dict(kwargs or {})
     try:
-        if name in ("rome", "memit"):
-            from ..editing.hparams import MEMITHyperParams, ROMEHyperParams, memit_hparams_for, rome_hparams_for
-            from ..editing.rome import resolve_hparams
-
-            if name == "rome":
-                layers = [kw["layer"]] if kw.get("layer") is not None else None
-                hp = resolve_hparams(model, kw.get("hparams"), ROMEHyperParams, rome_hparams_for, layers)
-            else:
-                layers = list(kw["layers"]) if kw.get("layers") else None
-                hp = resolve_hparams(model, kw.get("hparams"), MEMITHyperParams, memit_hparams_for, layers)
-            return {**hp.to_dict(), "preset": preset_name(name, model, kwargs)}
-        if name in ("ft", "kn"):
-            from ..editing.ft import FT_PRESETS, FTHyperParams, default_layer, ft_hparams_for
-            from ..editing.kn import KN_PRESETS, KNHyperParams
-
-            cls = FTHyperParams if name == "ft" else KNHyperParams
-            presets = FT_PRESETS if name == "ft" else KN_PRESETS
-            if kw.get("preset") is not None:
-                base = presets[kw["preset"]]
-            else:
-                base = ft_hparams_for(model) if name == "ft" else KN_PRESETS["kn-original"]
-            given = kw.get("hparams")
-            hp = given if isinstance(given, cls) else replace(base, **(given or {}))
-            names = {f.name for f in fields(cls)} - {"preset"}
-            hp = replace(hp, **{k: v for k, v in kw.items() if k in names})
-            if name == "ft" and hp.layer is None:
-                hp = replace(hp, layer=default_layer(model))
-            return {**hp.to_dict(), "preset": preset_name(name, model, kwargs)}
+        resolved = _resolved(name, model, kwargs)
+    except UnknownModelError:
+        raise
     except Exception:  # noqa: BLE001 - the method raises the same error per row, recorded there
         return None
-    return None
+    return None if resolved is None else resolved.to_dict()
 
 
 def with_shared_stats(model, resolved: Sequence[tuple[str, Callable]], method_kwargs: dict[str, dict]
                       ) -> dict[str, dict]:
-    """``method_kwargs`` plus ``stats={layer: LayerStats}`` for ROME and MEMIT (unless given):
-    their covariance statistics, computed (or read from the cache) once, here, for the workers."""
-    from ..editing.stats import layer_stats
+    """``method_kwargs`` plus ``stats={layer: LayerStats}`` for ROME and MEMIT (unless given, or given as
+    the path of the originals' ``.npz`` statistics, which is read here): their covariance statistics,
+    computed (or read from the cache) once, here, for the workers."""
+    import os
+
+    from ..editing.stats import layer_stats, npz_layer_stats
 
     out = {k: dict(v or {}) for k, v in method_kwargs.items()}
     for name, _ in resolved:
         kw = out.setdefault(name, {})
-        hp = resolved_hparams(name, model, kw) if name in ("rome", "memit") and "stats" not in kw else None
+        given = kw.get("stats")
+        if name not in ("rome", "memit") or (given is not None and not isinstance(given, (str, os.PathLike))):
+            continue
+        hp = resolved_hparams(name, model, kw)
         if hp is None or (name == "rome" and not hp["mom2_adjustment"]):
             continue
+        if given is not None:
+            kw["stats"] = {int(layer): npz_layer_stats(given, int(layer), model) for layer in hp["layers"]}
+            continue
         kw["stats"] = {int(layer): layer_stats(model, int(layer), corpus=hp["mom2_dataset"],
-                                               n_tokens=hp["mom2_n_tokens"]) for layer in hp["layers"]}
+                                               n_tokens=hp["mom2_n_tokens"], n_samples=hp["mom2_n_samples"])
+                       for layer in hp["layers"]}
     return out
+
+
+def stats_key(stats, layers) -> object:
+    """What the evaluation's store key records of a ``stats=`` argument: for the originals' ``.npz``
+    statistics (a path), the SHA-256 of each used layer's file; for loaded statistics, their corpus ids."""
+    import os
+
+    from ..editing.stats import LayerStats, npz_layer_stats
+
+    if isinstance(stats, (str, os.PathLike)):
+        return {"npz": {int(l): npz_layer_stats(stats, int(l)).info["sha256"] for l in layers}}
+    if isinstance(stats, dict):
+        return {int(l): (v.corpus if isinstance(v, LayerStats) else stats_key(v, [l])) for l, v in stats.items()}
+    if isinstance(stats, LayerStats):
+        return stats.corpus
+    return type(stats).__name__

@@ -15,10 +15,11 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 
 from ..facts import Fact, check_unique_ids, facts_hash
+from ..identity import model_identity
 from ..perspective import (DEFAULT_LOCUS, PERSPECTIVES, Phrasings, Probes, bleed_subjects, other_relations,
                            phrasings, probes, relation_index, request_fact, subject_index)
-from .methods import (BASELINE, METHODS, _takes, default_methods, make_edit, preset_name, resolve_method,
-                      resolved_hparams, with_shared_stats)
+from .methods import (BASELINE, METHODS, _takes, check_method_kwargs, default_methods, make_edit, preset_name,
+                      resolve_method, resolved_hparams, stats_key, with_shared_stats)
 from .scoring import score_probes
 from .statistics import summarize
 
@@ -33,7 +34,7 @@ def _scalars(info: dict) -> dict[str, Any]:
 def evaluate_one(model, fact: Fact, method: str | Callable | tuple[str, Callable] | None, request: str,
                  locus: str | None, probe_set: Probes, *, method_kwargs: dict | None = None,
                  ph: Phrasings | None = None, batch_size: int = 64, raise_errors: bool = False,
-                 prepend_bos: bool | None = None) -> dict[str, Any]:
+                 prepend_bos: bool | None = None, preset: str | None = None) -> dict[str, Any]:
     """Edit ``fact`` posed from ``request`` keyed at ``locus``, score ``probe_set``, revert: one row.
 
     ``method`` is a registered name, a callable, a ``(name, callable)`` pair, or ``None`` for
@@ -42,7 +43,8 @@ def evaluate_one(model, fact: Fact, method: str | Callable | tuple[str, Callable
     left as it was (the edit is applied inside a ``with`` block). A failing method gives a row
     with ``failed=True`` and the ``error``, unless ``raise_errors``. ``prepend_bos``: one BOS
     convention for the edit and the scores (default: the model's editing convention,
-    :func:`workbench.editing.hparams.editing_prepend_bos`), recorded in the row.
+    :func:`workbench.editing.hparams.editing_prepend_bos`), recorded in the row. ``preset``: the
+    method's preset name when the caller resolved it already (:func:`evaluate` does, once per method).
     """
     from ..editing.hparams import editing_prepend_bos
     from ..spans import bos_convention
@@ -50,14 +52,14 @@ def evaluate_one(model, fact: Fact, method: str | Callable | tuple[str, Callable
     bos = editing_prepend_bos(model, prepend_bos)
     with bos_convention(model, bos):
         row = _evaluate_one(model, fact, method, request, locus, probe_set, method_kwargs, ph, batch_size,
-                            raise_errors, bos)
+                            raise_errors, bos, preset)
     row["prepend_bos"] = bos
     return row
 
 
 def _evaluate_one(model, fact: Fact, method, request: str, locus: str | None, probe_set: Probes,
                   method_kwargs: dict | None, ph: Phrasings | None, batch_size: int, raise_errors: bool,
-                  bos: bool) -> dict[str, Any]:
+                  bos: bool, preset: str | None = None) -> dict[str, Any]:
     ph = ph or phrasings(fact)
     if method is None:
         name, fn = BASELINE, None
@@ -70,7 +72,8 @@ def _evaluate_one(model, fact: Fact, method, request: str, locus: str | None, pr
     row: dict[str, Any] = {"method": name, "request": request, "locus": locus, "fact_id": fact.id,
                            "subject": fact.subject, "relation_id": fact.relation_id, "request_prompt": req.prompt,
                            "target_true": fact.target_true, "target_new": fact.target_new,
-                           "preset": "-" if fn is None else preset_name(name, model, method_kwargs),
+                           "preset": "-" if fn is None else (preset or preset_name(name, model, method_kwargs)),
+                           "model_identity": model_identity(model).label,
                            "n_bleed": len(probe_set.bleed), "n_controls": len(probe_set.controls),
                            "n_other_relations": len(probe_set.relations), "failed": False, "error": None}
     t0 = time.perf_counter()
@@ -104,7 +107,8 @@ def _evaluate_item(model, item: tuple, settings: dict) -> dict[str, Any]:
     name, fn, request, locus, fact, ph, ps = item
     row = evaluate_one(model, fact, None if fn is None else (name, fn), request, locus, ps,
                        method_kwargs=settings["method_kwargs"].get(name), ph=ph, batch_size=settings["batch_size"],
-                       raise_errors=settings["raise_errors"], prepend_bos=settings["prepend_bos"])
+                       raise_errors=settings["raise_errors"], prepend_bos=settings["prepend_bos"],
+                       preset=settings.get("presets", {}).get(name))
     every = settings["check_every"]
     if fn is not None and not row["failed"] and every:
         n = model.__dict__["_workbench_edits"] = model.__dict__.get("_workbench_edits", 0) + 1
@@ -189,15 +193,19 @@ def evaluation_key(model, facts: Sequence[Fact], resolved: Sequence[tuple[str, C
         kwargs = method_kwargs.get(name) or {}
         target = METHODS.get(name)
         hparams = resolved_hparams(name, model, kwargs) if target else None
+        recorded = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in kwargs.items()}
+        if "stats" in kwargs:  # the statistics' content, not a path or an object's repr
+            recorded["stats"] = stats_key(kwargs["stats"], (hparams or {}).get("layers") or [])
         methods[name] = {"function": target if isinstance(target, str) else "custom callable",
-                         "kwargs": {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in kwargs.items()},
-                         "hparams": hparams}
-        if isinstance(hparams, dict) and "mom2_dataset" in hparams and hparams.get("mom2_adjustment", True):
+                         "kwargs": recorded, "hparams": hparams}
+        if (isinstance(hparams, dict) and "mom2_dataset" in hparams and hparams.get("mom2_adjustment", True)
+                and "stats" not in kwargs):
             from ..editing.stats import corpus_id
 
             # by content: a corpus file replaced in place must not reuse rows computed with the old text
             methods[name]["corpus"] = corpus_id(model, hparams["mom2_dataset"])
     return {"model_spec": getattr(model, "workbench_spec", None),
+            "model_identity": model_identity(model).to_dict(),
             "model_fingerprint": fingerprint or model_fingerprint(model),
             "facts_hash": facts_hash(facts), "n_facts": len(facts), "seed": seed,
             "probe_bank": probe_bank_version(), "bleed_subjects_per_fact": bleed_subjects_per_fact,
@@ -212,7 +220,7 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | N
              check_every: int = 50,
              raise_errors: bool = False, progress: bool = True, batch_size: int = 64,
              n_boot: int = 1000, prepend_bos: bool | None = None, workers: int | None = None,
-             ray_address: str | None = None) -> pd.DataFrame:
+             ray_address: str | None = None, strict_presets: bool | None = None) -> pd.DataFrame:
     """Edit each fact with each (method, request perspective, key locus), score, revert; summarize.
 
     Args:
@@ -247,23 +255,41 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | N
             statistics are computed here once and shared. Same store, same results. An edit
             whose worker kept dying gets a failed row with the ``error``, not stored (a rerun
             retries it).
+        strict_presets: an unknown model (:mod:`workbench.identity`) is an error before any edit,
+            instead of a warning and the methods' generic presets (default: the process-wide
+            setting, :func:`workbench.editing.presets.strict_presets`).
 
     Returns:
         The summary (:func:`summarize`): rows (method, request, locus), columns (family,
         measure_variant) in percent; ``attrs["details"]`` the per-edit rows, ``attrs["long"]``
         every cell's mean, interval and ``n``.
     """
+    from ..editing.presets import strict_presets as strict_context
+    from ..editing.presets import strict_presets_on
+
+    strict = strict_presets_on() if strict_presets is None else bool(strict_presets)
+    with strict_context(strict):
+        return _evaluate(model, facts, methods, requests, loci, n, out, seed, method_kwargs or {}, baseline,
+                         bleed_subjects_per_fact, other_relations_per_fact, check_every, raise_errors, progress,
+                         batch_size, n_boot, prepend_bos, workers, ray_address)
+
+
+def _evaluate(model, facts, methods, requests, loci, n, out, seed, method_kwargs, baseline, bleed_subjects_per_fact,
+              other_relations_per_fact, check_every, raise_errors, progress, batch_size, n_boot, prepend_bos,
+              workers, ray_address) -> pd.DataFrame:
     from ..editing.hparams import editing_prepend_bos
     from ..loading import model_fingerprint
     from ..progress import progress_bar
     from ..scale import check_workers, map_facts
 
     check_workers(workers, ray_address)
+    check_method_kwargs(method_kwargs)
     chosen = select_facts(facts, n, seed)
     check_unique_ids(chosen, "facts")  # rows (and the prompts each row is scored on) are looked up by fact id
     index, by_subject = relation_index(facts), subject_index(facts)
     resolved = [resolve_method(m) for m in (methods if methods is not None else default_methods())]
-    method_kwargs = method_kwargs or {}
+    # one preset resolution per method, here: an unknown model warns (or, strict, fails) before any edit
+    presets = {name: preset_name(name, model, method_kwargs.get(name)) for name, _ in resolved}
     bos = editing_prepend_bos(model, prepend_bos)
     cells = cells_for(requests, loci)
     fingerprint = model_fingerprint(model)
@@ -292,7 +318,7 @@ def evaluate(model, facts: Sequence[Fact], methods: Sequence[str | Callable] | N
             prepared[str(fact.id)] = (ph, probes(fact, others, ph=ph, relations=relations))
     items = [(k, (name, fn, request, locus, fact, *prepared[str(fact.id)]))
              for k, ((name, fn, request, locus), fact) in enumerate(todo)]
-    settings = {"method_kwargs": method_kwargs, "batch_size": batch_size, "raise_errors": raise_errors,
+    settings = {"method_kwargs": method_kwargs, "presets": presets, "batch_size": batch_size, "raise_errors": raise_errors,
                 "prepend_bos": bos, "check_every": check_every, "fingerprint": fingerprint}
     if workers is not None and todo:  # computed once here, shipped to every worker
         settings["method_kwargs"] = with_shared_stats(model, resolved, method_kwargs)

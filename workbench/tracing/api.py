@@ -16,6 +16,11 @@ from .window import resolve_window
 
 AnswerSpec = Union[str, int, None]
 
+METHODS = ("exact", "attribution")
+"""How :func:`trace` computes its cells: ``"exact"`` restores each one (the engines of
+:mod:`~workbench.tracing.engine`); ``"attribution"`` estimates them all to first order
+(:mod:`~workbench.tracing.attribution`)."""
+
 
 class TraceParameterError(ValueError):
     """A tracing parameter is out of its domain; the message names the parameter and what is allowed."""
@@ -29,9 +34,29 @@ def _integer(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def check_window(window) -> int | None:
-    """``window`` (layers restored around each layer by mlp/attn cells) as an int >= 1; ``None`` passes."""
-    return None if window is None else _integer("window", window, 1)
+def check_window(window, n_layers: int | None = None) -> int | None:
+    """``window`` (layers restored around each layer by mlp/attn cells) as an int in 1..``n_layers``;
+    ``None`` passes."""
+    if window is None:
+        return None
+    window = _integer("window", window, 1)
+    if n_layers is not None and window > n_layers:
+        raise TraceParameterError(f"window={window} is larger than the model's {n_layers} layers: every cell would "
+                                  f"restore every layer and the maps would be flat; use 1..{n_layers} (default "
+                                  f"min(10, ceil(n_layers / 2)))")
+    return window
+
+
+def check_method(method: str, engine: str = "auto") -> str:
+    """The engine that computes ``method``'s cells (``engine`` itself for ``"exact"``)."""
+    if method not in METHODS:
+        raise TraceParameterError(f"method must be one of {METHODS}, not {method!r}")
+    if method == "attribution":
+        if engine not in ("auto", "attribution"):
+            raise TraceParameterError(f"method='attribution' has its own engine; engine={engine!r} runs exact cells "
+                                      "(pass method='exact' for it)")
+        return "attribution"
+    return engine
 
 
 def check_samples(samples) -> int:
@@ -67,8 +92,14 @@ class Prepared:
     def resolve_answer(self, model, answer: AnswerSpec) -> int:
         if answer is None:
             return int(self.engine.clean_probs.argmax())
-        if isinstance(answer, (int, np.integer)):
+        if isinstance(answer, (int, np.integer)) and not isinstance(answer, (bool, np.bool_)):
+            vocab = len(self.engine.clean_probs)
+            if not 0 <= int(answer) < vocab:
+                raise TraceParameterError(f"answer token id {answer} is outside the vocabulary (0..{vocab - 1})")
             return int(answer)
+        if not isinstance(answer, str) or not answer.strip():
+            raise TraceParameterError(f"answer must be a non-blank object string or a token id, not {answer!r} "
+                                      f"(leave it out to score the clean top-1 token)")
         return object_token_ids(model, answer)[0]
 
 
@@ -126,7 +157,8 @@ def trace(model, prompt: str, *, subject: str | None = None, corrupt: SpanSpec =
           kinds: Sequence[str] = KINDS, samples: int = 10, noise: NoiseSpec = "s3", window: int | None = None,
           answer: AnswerSpec = None, seed: int = 1, prepend_bos: bool | None = None, precision: str = "exact",
           template: str | None = None, replace: bool = False, engine: str = "auto",
-          max_batch: int | None = None, noise_subjects: Sequence[str] | None = None) -> TraceResult:
+          max_batch: int | None = None, noise_subjects: Sequence[str] | None = None,
+          method: str = "exact") -> TraceResult:
     """Causal trace of ``prompt``: p_restored for every (token, layer) cell of each kind.
 
     ``corrupt``: ``"subject"``, ``"relation"`` (needs ``subject``), a substring, a (start,
@@ -148,8 +180,15 @@ def trace(model, prompt: str, *, subject: str | None = None, corrupt: SpanSpec =
     hooks are attached to the bridge), or ``"loop"`` (one forward per cell, the original
     algorithm); ``result.engine`` records the one used. ``prepend_bos`` is recorded as
     ``result.prepend_bos``. ``max_batch`` caps rows per forward pass (otherwise set by free memory).
+
+    ``method``: ``"exact"`` (default) restores every cell; ``"attribution"`` estimates every
+    cell to first order from one forward and one backward pass of the corrupted runs
+    (attribution patching, :mod:`workbench.tracing.attribution`: each cell is p_corrupt + the
+    mean over samples of (clean state - corrupted state) · d p / d state; an mlp/attn cell sums
+    its window's layers). Same result class, ``result.method`` says which.
     """
     kinds = tuple(kinds)
+    engine = check_method(method, engine)
     window = resolve_window(model, window)
     for kind in kinds:
         if kind not in KINDS:
@@ -162,14 +201,15 @@ def trace(model, prompt: str, *, subject: str | None = None, corrupt: SpanSpec =
 
 def _trace_prepared(model, prep: Prepared, prompt: str, corrupt, kinds: tuple, window: int,
                     answer: AnswerSpec, seed: int) -> TraceResult:
-    window = check_window(window)
     eng = prep.engine
     n, L = len(prep.tokens), model.cfg.n_layers
+    window = check_window(window, L)
     answer_id = prep.resolve_answer(model, answer)
     p_clean = float(eng.clean_probs[answer_id])
     p_corrupt = eng.p_corrupt(answer_id)
     plans = [kind_plan(kind, range(n), L, window) for kind in kinds]
     flat = eng.run(Plan.concat(plans), answer_id) if plans else np.zeros(0, np.float32)
+    _check_finite(model, prep, p_corrupt, flat)
     scores = {kind: flat[i * n * L:(i + 1) * n * L].reshape(n, L).copy() for i, kind in enumerate(kinds)}
     return TraceResult(
         prompt=prompt, tokens=list(prep.tokens.str_tokens), corrupt=corrupt, corrupted_span=prep.corrupted_span,
@@ -177,8 +217,17 @@ def _trace_prepared(model, prep: Prepared, prompt: str, corrupt, kinds: tuple, w
         answer=_decode(model, answer_id), p_clean=p_clean, p_corrupt=p_corrupt, scores=scores, kinds=kinds,
         noise_level=prep.noise_level, samples=eng.S, window=window, seed=seed,
         model_spec=getattr(model, "workbench_spec", None), prepend_bos=prep.tokens.has_bos, engine=eng.name,
-        noise_rule=prep.noise_rule,
+        noise_rule=prep.noise_rule, method="attribution" if eng.name == "attribution" else "exact",
     )
+
+
+def _check_finite(model, prep: Prepared, p_corrupt: float, flat: np.ndarray) -> None:
+    """Refuse a trace whose corrupted runs overflowed (e.g. ``noise=1e300``): its map would be NaN."""
+    if not (np.isfinite(p_corrupt) and np.isfinite(flat).all()):
+        raise TraceParameterError(
+            f"noise level {prep.noise_level:.4g} ({prep.noise_rule or 'given'}) overflows the corrupted runs "
+            f"({getattr(model.cfg, 'dtype', 'float32')}): the map would be NaN; use a smaller noise, e.g. 's3' (3 x "
+            f"the subject embeddings' std)")
 
 
 def _severed_token(prep: Prepared, token: str | int, n: int) -> int:
@@ -224,6 +273,7 @@ def severed_trace(model, prompt: str, *, subject: str | None = None, corrupt: Sp
     answer_id = prep.resolve_answer(model, answer)
     p_corrupt = eng.p_corrupt(answer_id)
     flat = eng.run(severed_plan(t, L), answer_id)
+    _check_finite(model, prep, p_corrupt, flat)
     return SeveredResult(
         prompt=prompt, tokens=list(prep.tokens.str_tokens), token=t, answer_id=answer_id,
         answer=_decode(model, answer_id), p_clean=float(eng.clean_probs[answer_id]), p_corrupt=p_corrupt,

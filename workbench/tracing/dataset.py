@@ -42,7 +42,7 @@ from ..facts import Fact, check_fit, facts_hash, load_facts
 from ..loading import model_fingerprint
 from ..predict import object_token_ids
 from ..store import ResultStore
-from .api import _trace_prepared, check_noise, check_samples, check_window, prepare
+from .api import _trace_prepared, check_method, check_noise, check_samples, check_window, prepare
 from .engine import KINDS
 from .noise import NoiseSpec, noise_level
 from .results import BUCKETS, RELATION_BUCKETS, DatasetTraceResult, TraceResult, span_to_list
@@ -148,7 +148,7 @@ def trace_dataset(model, facts: Sequence[Fact] | str, *, corrupt: str = "subject
                   window: int | None = None, seed: int = 1, prepend_bos: bool | None = None, precision: str = "exact",
                   replace: bool = False, engine: str = "auto", max_batch: int | None = None,
                   known: str = "first_token", progress: bool = True, workers: int | None = None,
-                  ray_address: str | None = None) -> DatasetTraceResult:
+                  ray_address: str | None = None, method: str = "exact") -> DatasetTraceResult:
     """Trace every fact (``corrupt`` = ``"subject"`` or ``"relation"``) and average IE per bucket.
 
     ``facts``: :class:`Fact` objects or a source for :func:`workbench.load_facts`. The
@@ -158,7 +158,8 @@ def trace_dataset(model, facts: Sequence[Fact] | str, *, corrupt: str = "subject
     ``"strict"`` known-fact filter (module docstring). ``workers=N`` traces on N Ray actors
     (``ray_address``: a running cluster; :mod:`workbench.scale`): same store, same results;
     a fact whose worker kept dying gets a record with an ``error`` that is not stored, so a
-    rerun retries it. Other arguments as in :func:`trace`; every fact is traced with the
+    rerun retries it. Other arguments as in :func:`trace` (``method="attribution"``: first-order
+    estimates, recorded in the result and the folder's key); every fact is traced with the
     same dataset-level nu, recorded in the result.
     """
     from ..progress import progress_bar
@@ -177,7 +178,8 @@ def trace_dataset(model, facts: Sequence[Fact] | str, *, corrupt: str = "subject
     if known not in ("first_token", "strict"):
         raise ValueError(f"known must be 'first_token' or 'strict', not {known!r}")
     check_samples(samples)
-    check_window(window)
+    check_window(window, int(model.cfg.n_layers))
+    engine = check_method(method, engine)
     kind, value = check_noise(noise)
     check_fit(model, facts, prepend_bos)
     nu = noise_level(model, [f.subject for f in facts], noise) if kind == "std" else value
@@ -190,6 +192,8 @@ def trace_dataset(model, facts: Sequence[Fact] | str, *, corrupt: str = "subject
                         window=window, seed=seed, prepend_bos=prepend_bos, precision=precision, replace=replace)
         if known != "first_token":  # folders of first-token sweeps stay resumable
             key["known"] = known
+        if method != "exact":  # and so do folders of exact sweeps
+            key["method"] = method
         store = ResultStore.open(out, kind=STORE_KIND, key=key, id_fields=("index",), rows_name=ROWS_FILE)
     records: dict[int, dict] = {}
     try:
@@ -211,7 +215,7 @@ def trace_dataset(model, facts: Sequence[Fact] | str, *, corrupt: str = "subject
             store.close()
     records = [records[i] for i in range(len(facts))]
     result = _summarize(records, kinds, L, corrupt, nu)
-    result.noise_rule = rule
+    result.noise_rule, result.method = rule, method
     return result
 
 

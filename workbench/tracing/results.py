@@ -54,6 +54,7 @@ class TraceResult:
     prepend_bos: bool | None = None  # whether BOS was prepended to the prompt
     engine: str | None = None  # the engine that computed the scores
     noise_rule: str = ""  # how noise_level was obtained, e.g. "s3 over 300 subjects" or "given"
+    method: str = "exact"  # "exact" (restored cells) or "attribution" (first-order estimates)
 
     def ie(self, kind: str) -> np.ndarray:
         """Indirect effect p_restored - p_corrupt (float64) of ``kind``."""
@@ -69,7 +70,7 @@ class TraceResult:
             "scores": {k: np.asarray(v).tolist() for k, v in self.scores.items()}, "kinds": list(self.kinds),
             "noise_level": float(self.noise_level), "samples": int(self.samples), "window": int(self.window),
             "seed": int(self.seed), "model_spec": self.model_spec, "prepend_bos": self.prepend_bos,
-            "engine": self.engine, "noise_rule": self.noise_rule,
+            "engine": self.engine, "noise_rule": self.noise_rule, "method": self.method,
         }
 
     @classmethod
@@ -85,6 +86,7 @@ class TraceResult:
             kinds=tuple(data["kinds"]), noise_level=float(data["noise_level"]), samples=int(data["samples"]),
             window=int(data["window"]), seed=int(data["seed"]), model_spec=data.get("model_spec"),
             prepend_bos=data.get("prepend_bos"), engine=data.get("engine"), noise_rule=data.get("noise_rule", ""),
+            method=data.get("method", "exact"),
         )
 
     def save_json(self, path: str | os.PathLike) -> Path:
@@ -160,3 +162,4 @@ class DatasetTraceResult:
     noise_level: float
     per_fact: pd.DataFrame = field(repr=False)
     noise_rule: str = ""  # e.g. "s3 over 300 subjects" (one dataset-level nu for every fact) or "given"
+    method: str = "exact"  # "exact" (restored cells) or "attribution" (first-order estimates)

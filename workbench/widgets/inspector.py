@@ -118,9 +118,10 @@ class Inspector:
                                               layout=small)
         self.noise = widgets.Text(value=t.noise, description="noise", style=STYLE, layout=small,
                                   tooltip='"s3" (3 x embedding std), a number, or "u0.5" (uniform)')
-        self.window = widgets.BoundedIntText(value=t.window, min=1, max=1000, description="window", style=STYLE,
-                                             layout=small, tooltip="layers restored together by MLP/attention cells "
-                                                                   "(default min(10, ceil(n_layers/2)))")
+        self.window = widgets.BoundedIntText(value=t.window, min=1, max=int(model.cfg.n_layers),
+                                             description="window", style=STYLE, layout=small,
+                                             tooltip="layers restored together by MLP/attention cells "
+                                                     "(default min(10, ceil(n_layers/2)))")
         self.value = widgets.ToggleButtons(options=[("p_restored", "p"), ("IE", "ie")], value=s.value,
                                            description="colour", style=STYLE)
         self.run_button = widgets.Button(description="Run trace", button_style="primary", icon="play")
