@@ -768,11 +768,11 @@ def restore_fingerprint(model, token: str, restored: Iterable[str]) -> None:
     cache.key, cache.refs, cache.fingerprint = key, refs, fingerprint
 
 
-def model_info(model) -> dict:
-    """Size facts of a loaded model, for ``workbench info`` and reports, and how far its config was checked
-    (``config_check``: the config fields the weights' shapes cannot confirm, and whether a sealed manifest did)."""
+def model_info(model, config_check: bool = True) -> dict:
+    """Size facts of a loaded model, for ``workbench info`` and reports, and (``config_check``) how far its
+    config was checked: the config fields the weights' shapes cannot confirm, and whether a sealed manifest did."""
     cfg = model.cfg
-    unchecked = unchecked_config_fields(hf_model(model).config)
+    unchecked = unchecked_config_fields(hf_model(model).config) if config_check else []
     if not unchecked:
         check = "every size field confirmed by the weights' shapes"
     elif getattr(model, "workbench_manifest", False):
@@ -792,7 +792,7 @@ def model_info(model) -> dict:
                       if name != "lm_head.weight" or not hf_model(model).config.tie_word_embeddings),
         "device": str(next(hf_model(model).parameters()).device),
         "dtype": str(next(hf_model(model).parameters()).dtype).replace("torch.", ""),
-        "config_check": check,
+        **({"config_check": check} if config_check else {}),
     }
 
 
