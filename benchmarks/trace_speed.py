@@ -83,8 +83,11 @@ def bench_shape(shape: str, args) -> list[dict]:
 
     model, prompt, subject, what = build(shape, args.device, args.layers)
     n_layers = model.cfg.n_layers
-    kw = dict(subject=subject, samples=args.samples, kinds=KINDS, window=args.window)
-    print(f"\n== {what}; prompt {prompt!r}; samples {args.samples}; window {args.window}", flush=True)
+    from workbench.tracing.window import resolve_window
+
+    window = resolve_window(model, args.window)
+    kw = dict(subject=subject, samples=args.samples, kinds=KINDS, window=window)
+    print(f"\n== {what}; prompt {prompt!r}; samples {args.samples}; window {window}", flush=True)
     rows = []
     for precision in args.precision:
         if args.warmup:
@@ -109,7 +112,7 @@ def bench_shape(shape: str, args) -> list[dict]:
         exact_scores = res.scores
         if args.attribution:
             rows.append(bench_attribution(model, prompt, subject, shape, res, kw, args))
-        plan = Plan.concat([kind_plan(k, range(n_tokens), n_layers, args.window) for k in KINDS])
+        plan = Plan.concat([kind_plan(k, range(n_tokens), n_layers, window) for k in KINDS])
         flat = np.concatenate([res.scores[k].reshape(-1) for k in KINDS])
         pick = np.arange(len(plan))
         if args.sample_cells and args.sample_cells < len(plan):
@@ -163,8 +166,9 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", nargs="+", choices=("exact", "fast"), default=["exact"])
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of the incremental engine (default 2)")
     ap.add_argument("--samples", type=int, default=10)
-    ap.add_argument("--window", type=int, default=10,
-                    help="restoration window of the mlp/attn maps (default 10, the originals' value)")
+    ap.add_argument("--window", type=int, default=None,
+                    help="restoration window of the mlp/attn maps (default: the model's, min(10, ceil(n_layers / 2)): "
+                         "the originals' 10 on GPT-2 XL and GPT-J)")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed first run")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: min(2, cores))")
     ap.add_argument("--sample-cells", type=int, default=24,

@@ -118,7 +118,7 @@ class Inspector:
                                               layout=small)
         self.noise = widgets.Text(value=t.noise, description="noise", style=STYLE, layout=small,
                                   tooltip='"s3" (3 x embedding std), a number, or "u0.5" (uniform)')
-        self.window = widgets.BoundedIntText(value=t.window, min=1, max=int(s.model.cfg.n_layers),
+        self.window = widgets.BoundedIntText(value=t.window, min=1, max=int(self.state.model.cfg.n_layers),
                                              description="window", style=STYLE, layout=small,
                                              tooltip="layers restored together by MLP/attention cells "
                                                      "(default min(10, ceil(n_layers/2)))")
@@ -449,10 +449,10 @@ class Inspector:
             self._render_tokens()
             self._render_progress()
             self.status.value = views.trace_status(s)
-            self.trace_stale.value = views.stale_note(s.trace_stale(), "the map shown was")
+            self.trace_stale.value = views.stale_note(s.trace_stale(), "the map")
             self.edit_target.value = views.edit_target(s)
             self.edit_status.value = views.edit_status(s)
-            self.edit_stale.value = views.stale_note(s.edit_stale(), "the table and maps shown were")
+            self.edit_stale.value = views.stale_note(s.edit_stale(), "the table and maps")
             busy = s.busy
             self.run_button.disabled = self.apply_button.disabled = busy
             self.undo_button.disabled = busy or not s.applied_edits
