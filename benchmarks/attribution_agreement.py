@@ -24,25 +24,15 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 
 KINDS = ("hidden", "mlp", "attn")
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Rank correlation (average ranks for ties; NaN where either side is constant)."""
-    import pandas as pd
-
-    ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 def compare(model, facts, samples: int, window: int | None) -> dict:
     """Per kind: the Spearman correlations and top-cell matches over ``facts``; the two engines' seconds."""
     from workbench.tracing import trace
+    from workbench.tracing.attribution import agreement
 
     out = {k: {"rho": [], "top": []} for k in KINDS}
     kw = dict(samples=samples, window=window)
@@ -57,11 +47,9 @@ def compare(model, facts, samples: int, window: int | None) -> dict:
         t2 = time.perf_counter()
         times["exact"] += t1 - t0
         times["attribution"] += t2 - t1
-        first = min(exact.corrupted_span.positions)
-        for k in KINDS:
-            a, b = exact.ie(k)[first:].ravel(), approx.ie(k)[first:].ravel()
-            out[k]["rho"].append(spearman(a, b))
-            out[k]["top"].append(bool(np.argmax(a) == np.argmax(b)))
+        for k, agree in agreement(exact, approx).items():
+            out[k]["rho"].append(agree.spearman)
+            out[k]["top"].append(agree.top_cell_same)
     out["times"] = times
     return out
 

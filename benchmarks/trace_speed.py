@@ -48,14 +48,6 @@ SHAPES = {
 }
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Rank correlation with average ranks for ties (NaN where either side is constant)."""
-    import pandas as pd
-
-    ra, rb = pd.Series(a).rank().to_numpy(), pd.Series(b).rank().to_numpy()
-    return float("nan") if ra.std() == 0 or rb.std() == 0 else float(np.corrcoef(ra, rb)[0, 1])
-
-
 def build(shape: str, device: str, layers: int | None = None):
     from workbench.architecture import random_bridge
     from workbench.facts import load_facts
@@ -91,8 +83,11 @@ def bench_shape(shape: str, args) -> list[dict]:
 
     model, prompt, subject, what = build(shape, args.device, args.layers)
     n_layers = model.cfg.n_layers
-    kw = dict(subject=subject, samples=args.samples, kinds=KINDS, window=args.window)
-    print(f"\n== {what}; prompt {prompt!r}; samples {args.samples}; window {args.window}", flush=True)
+    from workbench.tracing.window import resolve_window
+
+    window = resolve_window(model, args.window)
+    kw = dict(subject=subject, samples=args.samples, kinds=KINDS, window=window)
+    print(f"\n== {what}; prompt {prompt!r}; samples {args.samples}; window {window}", flush=True)
     rows = []
     for precision in args.precision:
         if args.warmup:
@@ -117,7 +112,7 @@ def bench_shape(shape: str, args) -> list[dict]:
         exact_scores = res.scores
         if args.attribution:
             rows.append(bench_attribution(model, prompt, subject, shape, res, kw, args))
-        plan = Plan.concat([kind_plan(k, range(n_tokens), n_layers, args.window) for k in KINDS])
+        plan = Plan.concat([kind_plan(k, range(n_tokens), n_layers, window) for k in KINDS])
         flat = np.concatenate([res.scores[k].reshape(-1) for k in KINDS])
         pick = np.arange(len(plan))
         if args.sample_cells and args.sample_cells < len(plan):
@@ -152,9 +147,11 @@ def bench_attribution(model, prompt: str, subject: str, shape: str, exact, kw: d
         res, wall, cpu = timed(run, args.device)
         walls.append(wall)
         cpus.append(cpu)
-    first = min(exact.corrupted_span.positions)
-    rho = {k: spearman(exact.ie(k)[first:].ravel(), res.ie(k)[first:].ravel()) for k in exact.kinds}
-    top = {k: exact.top_cells(k, 1)[0][:2] == res.top_cells(k, 1)[0][:2] for k in exact.kinds}
+    from workbench.tracing.attribution import agreement
+
+    agree = agreement(exact, res)
+    rho = {k: a.spearman for k, a in agree.items()}
+    top = {k: a.top_cell_same for k, a in agree.items()}
     print(f"attribution: wall {', '.join(f'{w:.3f}' for w in walls)} s; Spearman vs exact "
           + ", ".join(f"{k} {rho[k]:.2f} (top cell {'same' if top[k] else 'differs'})" for k in exact.kinds),
           flush=True)
@@ -169,8 +166,9 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", nargs="+", choices=("exact", "fast"), default=["exact"])
     ap.add_argument("--repeats", type=int, default=2, help="timed runs of the incremental engine (default 2)")
     ap.add_argument("--samples", type=int, default=10)
-    ap.add_argument("--window", type=int, default=10,
-                    help="restoration window of the mlp/attn maps (default 10, the originals' value)")
+    ap.add_argument("--window", type=int, default=None,
+                    help="restoration window of the mlp/attn maps (default: the model's, min(10, ceil(n_layers / 2)): "
+                         "the originals' 10 on GPT-2 XL and GPT-J)")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the untimed first run")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: min(2, cores))")
     ap.add_argument("--sample-cells", type=int, default=24,

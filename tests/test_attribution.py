@@ -106,3 +106,21 @@ def test_dataset_sweep_records_the_method(toy_model, tmp_path):
     assert trace_dataset(toy_model, facts, **kw).method == "exact"
     with pytest.raises(StoreError):  # an attribution folder refuses an exact sweep (and the other way)
         trace_dataset(toy_model, facts, out=tmp_path / "a", **kw)
+
+
+def test_agreement_ranks_cells_from_the_corruption_on(model64):
+    from dataclasses import replace
+
+    from workbench.tracing.attribution import agreement
+
+    kw = dict(subject=SUBJECT, samples=2, noise=0.5)
+    exact = trace(model64, PROMPT, **kw)
+    first = min(exact.corrupted_span.positions)
+    same = agreement(exact, exact)
+    assert set(same) == set(exact.kinds)
+    assert all(a.spearman == pytest.approx(1.0) and a.top_cell_same for a in same.values())
+    assert same["hidden"].cells == (len(exact.tokens) - first) * model64.cfg.n_layers
+    flipped = replace(exact, scores={k: 2 * exact.p_corrupt - v for k, v in exact.scores.items()})
+    assert all(a.spearman == pytest.approx(-1.0) and not a.top_cell_same for a in agreement(exact, flipped).values())
+    with pytest.raises(ValueError, match="different prompts"):
+        agreement(exact, trace(model64, "Miles Davis plays the trumpet", **kw))

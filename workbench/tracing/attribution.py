@@ -29,10 +29,13 @@ Severing is not estimated (use an exact engine).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from .engine import Engine, Plan, run_chunked
+from .results import TraceResult
 
 SITES = ("resid_post", "mlp_out", "attn_out")
 
@@ -131,4 +134,39 @@ class AttributionEngine(Engine):
         out += (plan.clean_attn * mean["attn_out"][:, tok].T).sum(1)
         out[tok < min(self.corruption.positions)] = p_corrupt
         return out
+
+
+@dataclass
+class Agreement:
+    """How an estimated map ranks its cells against the exact one (one kind)."""
+
+    kind: str
+    spearman: float  # rank correlation of the indirect effects (NaN where a map is constant)
+    top_cell_same: bool  # the cell of largest indirect effect is the same
+    cells: int  # the cells compared: every layer of the tokens from the first corrupted one on
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties); NaN where either side is constant."""
+    import pandas as pd
+
+    ra = pd.Series(np.ravel(a)).rank().to_numpy()
+    rb = pd.Series(np.ravel(b)).rank().to_numpy()
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def agreement(exact: TraceResult, estimate: TraceResult) -> dict[str, Agreement]:
+    """Per kind of both results: the rank agreement of ``estimate`` (e.g. ``method="attribution"``)
+    with ``exact`` over the cells from the first corrupted token on (those before it are
+    ``p_corrupt`` in both and would inflate the correlation)."""
+    if exact.tokens != estimate.tokens:
+        raise ValueError("the two traces are of different prompts (their tokens differ)")
+    first = min(exact.corrupted_span.positions)
+    out = {}
+    for kind in (k for k in exact.kinds if k in estimate.kinds):
+        a, b = exact.ie(kind)[first:], estimate.ie(kind)[first:]
+        out[kind] = Agreement(kind, spearman(a, b), bool(np.argmax(a) == np.argmax(b)), int(a.size))
+    return out
 
