@@ -15,7 +15,9 @@ import torch
 import workbench as wb
 from workbench.editing.mend import (MEND_TOY, MendEditor, MendHyperParams, MendModelMismatch, collect_factors,
                                     default_inner_params, edit_rows, logits_of, mend, shipped_editor_path)
+from workbench.editing.hparams import HyperParameterError
 from workbench.editing.mend_train import toy_training_facts, train_mend
+from workbench.integrity import IntegrityError, load_torch
 from workbench.evaluation import evaluate, select_facts
 
 from .conftest import identical, snapshot
@@ -48,8 +50,11 @@ def tiny_editor(tiny_model, train_facts, tmp_path_factory):
 def test_hparams_validate_and_presets():
     with pytest.raises(ValueError, match="init"):
         MendHyperParams(init="zeros")
-    with pytest.raises(ValueError, match="unknown MEND hyperparameter"):
+    with pytest.raises(HyperParameterError, match="unknown MendHyperParams field"):
         MendHyperParams.from_dict({"edit_lr": 1e-4, "bogus": 1})
+    with pytest.raises(HyperParameterError, match="factor_positions"):
+        MendHyperParams(factor_positions="subject")
+    assert MendHyperParams().factor_positions == "all"  # the originals' choice is the default
     assert wb.editing.MEND_GPT2_XL.inner_params[:2] == ("transformer.h.45.mlp.c_proj.weight",
                                                        "transformer.h.45.mlp.c_fc.weight")
     assert len(wb.editing.MEND_GPT_J.inner_params) == 6
@@ -83,16 +88,61 @@ def test_running_stats_match_batch_stats(tiny_model):
     assert torch.allclose((net.m2_d / (net.count - 1)).sqrt().float(), rows_d.std(0), atol=1e-5)
 
 
+def test_factors_cover_every_position_by_default(tiny_model, tiny_editor):
+    """As the originals: the factors of every position with nonzero input and gradient, so that
+    Σ_t δ_t x_tᵀ is the weight's whole fine-tuning gradient; "target" keeps the target positions only."""
+    from workbench.editing.edit import _hf
+
+    modules = tiny_editor.check_model(tiny_model)
+    rows = edit_rows(tiny_model, [("The birthplace of Varo Keltin is", " Paris London")])
+    factors, _ = collect_factors(tiny_model, tiny_editor.weights, modules, rows)
+    target, _ = collect_factors(tiny_model, tiny_editor.weights, modules, rows, positions="target")
+    params = [m.weight for m in modules]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        logits = _hf(tiny_model)(input_ids=rows.ids).logits
+        logp = torch.log_softmax(logits[rows.tgt_row, rows.tgt_pos], -1)
+        grads = torch.autograd.grad(-logp.gather(1, rows.tgt_id[:, None]).mean(), params)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    n_tokens = int(rows.lengths[0])
+    for w, grad in zip(tiny_editor.weights, grads):
+        x, d = factors.x[w.name], factors.d[w.name]
+        full = x.T @ d if w.orientation == "in_out" else d.T @ x
+        torch.testing.assert_close(full, grad, rtol=1e-4, atol=1e-6)
+        assert factors.row[w.name].tolist() == [0] * len(x)
+        assert target.x[w.name].shape[0] == rows.tgt_id.numel()
+        if ".h.1." in w.name:  # before the last block: every position reaches the loss through attention
+            assert x.shape[0] == n_tokens > rows.tgt_id.numel()
+            partial = target.x[w.name].T @ target.d[w.name]
+            assert not torch.allclose(partial, grad, rtol=1e-3, atol=1e-6)
+        else:  # the last block's MLP only reaches the loss at the target positions
+            assert x.shape[0] == rows.tgt_id.numel()
+
+
 @pytest.mark.parametrize("obj", [" Paris", " Paris London Berlin"])
-def test_rank_at_most_target_tokens(tiny_model, tiny_editor, obj):
+def test_rank_at_most_factor_positions(tiny_model, tiny_editor, obj):
     fact = wb.Fact(subject="Varo Keltin", template="The birthplace of {} is", target_true="Rome")
     edit = mend(tiny_model, fact, obj, editor=tiny_editor)
     n_tokens = len(wb.predict.object_token_ids(tiny_model, obj))
-    assert edit.info["n_target_tokens"] == n_tokens
+    assert edit.info["n_target_tokens"] == n_tokens and edit.info["factor_positions"] == "all"
+    assert edit.info["n_factor_positions"] > n_tokens
     assert set(edit.param_names) == set(tiny_editor.names)
     for name, delta in edit.deltas.items():
         rank = int(torch.linalg.matrix_rank(delta.float()))
-        assert 1 <= rank <= n_tokens, (name, rank, n_tokens)
+        assert 1 <= rank <= edit.info["n_factor_positions"], (name, rank)
+        if ".h.2." in name:  # the last block: gradient at the target positions only
+            assert rank <= n_tokens
+
+
+def test_target_only_factors_stay_a_named_option(tiny_model, train_facts, tmp_path):
+    editor = quick_editor(tiny_model, train_facts, tmp_path, factor_positions="target")
+    fact = wb.Fact(subject="Varo Keltin", template="The birthplace of {} is", target_true="Rome")
+    edit = mend(tiny_model, fact, " Paris London", editor=editor)
+    assert edit.info["factor_positions"] == "target" and edit.info["n_factor_positions"] == 2
+    assert all(int(torch.linalg.matrix_rank(d.float())) <= 2 for d in edit.deltas.values())
 
 
 def test_edit_is_undoable_and_savable(tiny_model, tiny_editor, tmp_path):
@@ -138,6 +188,51 @@ def test_editor_save_load_and_wrong_model(tiny_model, tiny_editor, tmp_path):
         mend(wider, fact, editor=path)
 
 
+def test_editor_file_is_sealed_metadata_included(tiny_editor, tmp_path):
+    """A checksum over the whole editor record: a flipped tensor byte, a changed metadata field and
+    a file without a checksum are refused, naming the file."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tiny_editor.save(tmp_path / "ed.safetensors")
+    loaded = MendEditor.load(path)
+    assert loaded.content_hash == tiny_editor.content_hash and loaded.label == "ed.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 1  # inside the last tensor's data
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(IntegrityError, match="flipped.safetensors.*SHA-256"):
+        MendEditor.load(tmp_path / "flipped.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["workbench_mend"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert header["checksum"] == tiny_editor.content_hash
+    for name, meta in (("renamed", {**header, "model_fingerprint": "0" * 16}),
+                       ("unsealed", {k: v for k, v in header.items() if k != "checksum"})):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata={"workbench_mend": json.dumps(meta)})
+        with pytest.raises(IntegrityError, match=f"{name}.safetensors.*train"):
+            MendEditor.load(tmp_path / f"{name}.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(IntegrityError, match="cut.safetensors"):
+        MendEditor.load(tmp_path / "cut.safetensors")
+
+
+def test_damaged_checkpoint_is_a_clear_error(tiny_model, train_facts, tmp_path, capsys):
+    from workbench.cli import main
+
+    hp = MendHyperParams(**TINY)
+    train_mend(tiny_model, train_facts, hparams=hp, out=tmp_path, max_steps=2, progress=False)
+    ckpt = tmp_path / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:-100])  # truncated
+    with pytest.raises(IntegrityError, match="checkpoint.pt.*delete"):
+        train_mend(tiny_model, train_facts, hparams=hp, out=tmp_path, max_steps=4, progress=False)
+    out = tmp_path / "cli"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint at all")
+    assert main(["train-mend", "--out", str(out), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "checkpoint.pt" in err and "Traceback" not in err and "Unpickling" not in err
+
+
 @pytest.mark.parametrize("model_type", ["gpt2", "gptj", "gpt_neox", "gpt_neo", "llama", "mistral", "qwen2"])
 def test_low_rank_training_path_equals_applied_edit_on_families(family_models, train_facts, model_type, tmp_path):
     """The hooks used in training (y += -α (x X̃ᵀ) D̃) give the logits of the applied weight edit,
@@ -164,7 +259,7 @@ def test_low_rank_training_path_equals_applied_edit_on_families(family_models, t
         assert identical(model, before)
     assert torch.allclose(low_rank, applied, atol=1e-4, rtol=1e-4)
     for delta in edit.deltas.values():
-        assert int(torch.linalg.matrix_rank(delta.float())) <= rows.tgt_id.numel()
+        assert int(torch.linalg.matrix_rank(delta.float())) <= int(rows.lengths[0])
 
 
 def test_training_lowers_validation_edit_loss(toy_model, train_facts, tmp_path):
@@ -214,8 +309,25 @@ def test_toy_training_subjects_are_disjoint_from_the_world():
     words = {w for s in world.subjects for w in s.split(" ")}
     assert all(len(s.split(" ")) == 3 and set(s.split(" ")) <= words for s in subjects)  # known words, new names
     for f in facts[:20]:
-        assert f.target_new != f.target_true and len(f.paraphrases) == 5
+        assert f.target_new != f.target_true and len(f.paraphrases) == 26  # 3 clauses x (no opener + 8 openers) - 1
         assert all(f.subject not in p for p in f.neighborhood)
+
+
+def test_toy_training_shares_no_template_with_the_evaluation_probes():
+    """The shipped editor trains on biography-clause phrasings; the evaluation probes the relations'
+    six templates (both families, bleed and locality): no template in common."""
+    from workbench.editing.mend_train import probe_templates, training_templates
+
+    probed = probe_templates(wb.load_facts("toy-facts"))
+    assert len(probed) == 48  # 8 relations x 6 templates
+    held_out = training_templates(toy_training_facts())
+    assert len(held_out) == 8 * 27 and not held_out & probed
+    old = training_templates(toy_training_facts(templates="probes"))
+    assert old == probed  # what the earlier editor trained on: every probed template
+    kinds = {wb.perspective.phrasing(f.prompt, f.subject) for f in toy_training_facts(n_subjects=20)}
+    assert kinds == {"entity", "relation"}  # subject-first clauses and opener-first ones
+    report = json.loads((shipped_editor_path().parent / "report.json").read_text())
+    assert report["data"]["templates"] == "held-out" and report["data"]["probe_templates_shared"] == 0
 
 
 def test_kill_and_resume_matches_uninterrupted_run(toy_model, tmp_path):
@@ -233,7 +345,7 @@ def test_kill_and_resume_matches_uninterrupted_run(toy_model, tmp_path):
     while time.time() < deadline and proc.poll() is None:
         if ckpt.exists():
             try:
-                step = torch.load(ckpt, weights_only=False)["state"]["step"]
+                step = load_torch(ckpt)["state"]["step"]
             except Exception:  # noqa: BLE001 - replaced while reading
                 step = 0
             if step >= 3:
@@ -242,7 +354,7 @@ def test_kill_and_resume_matches_uninterrupted_run(toy_model, tmp_path):
     assert proc.poll() is None, f"training ended before it could be killed: {proc.stdout.read().decode()[-2000:]}"
     proc.kill()
     proc.wait()
-    killed_at = torch.load(ckpt, weights_only=False)["state"]["step"]
+    killed_at = load_torch(ckpt)["state"]["step"]
     assert 3 <= killed_at < steps
     resumed = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
@@ -328,3 +440,53 @@ def test_cli_lists_train_mend():
     parser = build_parser()
     args = parser.parse_args(["train-mend", "--out", "x", "--set", "lr=1e-5"])
     assert args.command == "train-mend" and args.set == ["lr=1e-5"]
+
+
+def test_results_key_on_the_editor_content_and_rows_name_it(toy_model, shipped, tmp_path):
+    """The evaluation's key holds the editor's SHA-256: an editor file replaced in place is refused
+    by the folder its predecessor filled; every row names the editor and its hash."""
+    import shutil
+
+    from workbench.store import StoreMismatchError
+
+    ed_dir = tmp_path / "my-editor"
+    ed_dir.mkdir()
+    shutil.copy(shipped_editor_path(), ed_dir / "editor.safetensors")
+    kw = dict(methods=("mend",), requests=("entity",), n=2, progress=False, n_boot=10, baseline=False,
+              out=tmp_path / "run", method_kwargs={"mend": {"editor": str(ed_dir)}})
+    evaluate(toy_model, wb.load_facts("toy-facts"), **kw)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["key"]["methods"]["mend"]["hparams"]["editor_sha256"] == shipped.content_hash
+    rows = [json.loads(line) for line in (tmp_path / "run" / "details.jsonl").read_text().splitlines() if line]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["preset"] == "mend:my-editor" and r["info_editor"] == "my-editor"
+        assert r["info_editor_sha256"] == shipped.content_hash and r["info_factor_positions"] == "all"
+    changed = MendEditor.load(ed_dir)
+    with torch.no_grad():
+        changed.alphas.mul_(2)
+    changed.save(ed_dir / "editor.safetensors")  # same path, other content
+    with pytest.raises(StoreMismatchError) as info:
+        evaluate(toy_model, wb.load_facts("toy-facts"), **kw)
+    assert "key.methods.mend.hparams.editor_sha256" in info.value.fields
+
+
+def test_an_editor_of_another_model_is_refused_up_front(toy_model, tiny_editor, tmp_path, capsys):
+    from workbench.cli import main
+    from workbench.evaluation.methods import resolve_method, usable_methods
+
+    path = tiny_editor.save(tmp_path / "tiny-editor.safetensors")
+    facts = wb.load_facts("toy-facts")
+    with pytest.raises(MendModelMismatch, match="MEND cannot edit this model.*another model"):
+        evaluate(toy_model, facts, methods=("mend",), n=2, progress=False, method_kwargs={"mend": {"editor": path}})
+    out = tmp_path / "repro"
+    assert main(["reproduce", "--out", str(out), "-n", "2", "--methods", "mend", "--mend-editor", str(path),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "another model" in err and "Traceback" not in err
+    assert not (out / "details.jsonl").exists() or not (out / "details.jsonl").read_text().strip()
+    # among the default methods, MEND without a fitting editor is left out with a warning
+    with pytest.warns(UserWarning, match="mend is left out"):
+        kept = usable_methods(toy_model, [resolve_method("mend"), resolve_method("ft")],
+                              {"mend": {"editor": path}}, explicit=False)
+    assert [name for name, _ in kept] == ["ft"]

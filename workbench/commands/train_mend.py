@@ -2,8 +2,9 @@
 
 The editor learns to turn the fine-tuning gradient of an edit into a weight update
 (:mod:`workbench.editing.mend_train`). ``--facts toy-train`` (the default for the bundled
-model) generates edits about new subjects that are not in the bundled world, so the editor
-never trains on a fact that ``evaluate`` scores; a CounterFact-style JSON file gives the
+model) generates edits about new subjects that are not in the bundled world, phrased with
+templates the evaluation never probes (the relations' biography clauses), so the editor never
+trains on a fact, prompt or template that ``evaluate`` scores; a CounterFact-style JSON file gives the
 training edits otherwise (its rewrite prompts, paraphrase and neighborhood prompts), and must
 not contain the facts the editor will be evaluated on. ``--out`` receives ``checkpoint.pt``
 (rerunning with the same ``--out`` resumes an interrupted run), ``editor.safetensors`` (the

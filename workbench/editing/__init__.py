@@ -19,6 +19,7 @@ from .memit import memit
 from .mend import mend
 from .mend_hparams import MEND_GPT2_XL, MEND_GPT_J, MEND_PRESETS, MEND_TOY, MendHyperParams, mend_hparams_for
 from .mend_net import MendEditor, MendModelMismatch
+from .mend_original import OriginalCheckpointError, load_original
 from .mend_train import MendTrainResult, toy_training_facts, train_mend
 from .presets import (UnknownModelError, UnknownModelWarning, register_presets, resolve, set_strict_presets,
                       strict_presets)
@@ -35,5 +36,5 @@ __all__ = [
     "ROME_GPT2_XL", "ROME_GPT_J", "ROME_TOY", "MEMIT_GPT2_XL", "MEMIT_GPT_J", "MEMIT_TOY",
     "ROME_PRESETS", "MEMIT_PRESETS",
     "mend", "train_mend", "MendEditor", "MendHyperParams", "MendModelMismatch", "MendTrainResult", "mend_hparams_for",
-    "toy_training_facts", "MEND_GPT2_XL", "MEND_GPT_J", "MEND_TOY", "MEND_PRESETS",
+    "toy_training_facts", "load_original", "OriginalCheckpointError", "MEND_GPT2_XL", "MEND_GPT_J", "MEND_TOY", "MEND_PRESETS",
 ]

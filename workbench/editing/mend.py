@@ -9,9 +9,13 @@ of blocks 25-27, the bundled model: blocks 3-5).
 **Rank-one factors.** For a linear map with input x_t and output y_t (per token), the gradient
 of the edit loss is ∇W = Σ_t δ_t x_tᵀ, δ_t = ∂L/∂y_t. A forward hook on each edited module
 records x_t, and a zero tensor added to its output (so that autograd gives ∂L/∂y_t without
-any weight requiring a gradient) records δ_t; both are kept at the *target tokens* only
-(the positions whose logits predict the new object's tokens), so ∇W is never formed and
-every update has rank at most the number of target tokens.
+any weight requiring a gradient) records δ_t. As in the originals (``algs/mend.py``), the
+factors are kept at **every position whose input and output gradient are both nonzero**
+(``factor_positions="all"``): the prompt's positions too, wherever attention carries them into
+the loss, so Σ_t δ_t x_tᵀ is the weight's full fine-tuning gradient. ``factor_positions="target"``
+keeps only the positions whose logits predict the new object's tokens (an earlier workbench's
+choice, kept as a named ablation). ∇W is never formed, and each update has rank at most the
+number of positions kept.
 
 The editor network that transforms the factors, and its persistence, are in
 :mod:`workbench.editing.mend_net`; the hyperparameters and presets in
@@ -109,14 +113,18 @@ def logits_of(model, ids: torch.Tensor) -> torch.Tensor:
     return _hf(model)(input_ids=ids).logits
 
 
-def collect_factors(model, weights: Sequence[EditedWeight], modules: Sequence[nn.Module], rows: EditRows
-                    ) -> tuple[Factors, Float[torch.Tensor, "rows"]]:
+def collect_factors(model, weights: Sequence[EditedWeight], modules: Sequence[nn.Module], rows: EditRows,
+                    positions: str = "all") -> tuple[Factors, Float[torch.Tensor, "rows"]]:
     """Forward and backward the edit loss (each row's mean target NLL, summed over rows, so every
-    row gets its own gradient) and keep x_t, δ_t of every edited weight at the target tokens.
+    row gets its own gradient) and keep x_t, δ_t of every edited weight.
 
-    The model's weights stay frozen: a zero tensor that requires a gradient is added to each
-    edited module's output, and its gradient is δ. Returns the factors and each row's NLL.
+    ``positions="all"`` (the originals): every position of each row's tokens where x_t and δ_t
+    are both nonzero, per weight; ``"target"``: the target-predicting positions only. The
+    model's weights stay frozen: a zero tensor that requires a gradient is added to each edited
+    module's output, and its gradient is δ. Returns the factors and each row's NLL.
     """
+    if positions not in ("all", "target"):
+        raise ValueError(f"positions must be 'all' or 'target', not {positions!r}")
     inputs: dict[str, torch.Tensor] = {}
     probes: dict[str, torch.Tensor] = {}
 
@@ -137,16 +145,22 @@ def collect_factors(model, weights: Sequence[EditedWeight], modules: Sequence[nn
     finally:
         for h in handles:
             h.remove()
-    x, d = {}, {}
+    x, d, row = {}, {}, {}
+    n_rows, width = rows.ids.shape
+    inside = torch.arange(width, device=rows.ids.device)[None, :] < rows.lengths[:, None]
     for w, g in zip(weights, grads):
-        x[w.name] = inputs[w.name][rows.tgt_row, rows.tgt_pos].float()
-        d[w.name] = (torch.zeros_like(probes[w.name]) if g is None else g)[rows.tgt_row, rows.tgt_pos].float()
-    return Factors(x, d, rows.tgt_row, int(rows.ids.shape[0])), nll.detach()
+        xs, ds = inputs[w.name].float(), (torch.zeros_like(probes[w.name]) if g is None else g).float()
+        if positions == "target":
+            r, t = rows.tgt_row, rows.tgt_pos
+        else:  # the originals' nz_mask, within each row's own tokens (row-major: rows ascending)
+            r, t = torch.nonzero(inside & (xs != 0).any(-1) & (ds != 0).any(-1), as_tuple=True)
+        x[w.name], d[w.name], row[w.name] = xs[r, t], ds[r, t], r
+    return Factors(x, d, row, int(n_rows)), nll.detach()
 
 
 # ----------------------------------------------------------------------------- the editor to use
 @lru_cache(maxsize=4)
-def _load_cached(path: str, mtime: float) -> MendEditor:
+def _load_cached(path: str, mtime_ns: int, size: int) -> MendEditor:
     return MendEditor.load(path)
 
 
@@ -173,7 +187,8 @@ def resolve_editor(model, editor: "MendEditor | str | os.PathLike | None") -> Me
             path = path / "editor.safetensors"
         if not path.exists():
             raise FileNotFoundError(f"{path}: no MEND editor there (build one with `workbench train-mend`)")
-    loaded = _load_cached(str(path.resolve()), path.stat().st_mtime)
+    stat = path.stat()
+    loaded = _load_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     return loaded.to(model.cfg.device)
 
 
@@ -206,8 +221,9 @@ def mend(model, fact: Fact | dict, new_object: str | None = None, *, editor: Men
             prompt).
         prepend_bos: BOS before the prompt (default: the convention the editor was trained with).
 
-    The delta of each weight is -α Σ_t δ̃_t x̃_tᵀ over the target tokens, so its rank is at most the
-    number of the new object's tokens.
+    The delta of each weight is -α Σ_t δ̃_t x̃_tᵀ over the positions the editor was trained with
+    (``factor_positions``: every position with nonzero input and gradient, or the target tokens),
+    so its rank is at most the number of those positions.
     """
     from ..loading import model_fingerprint
     from ..spans import bos_convention
@@ -226,7 +242,7 @@ def mend(model, fact: Fact | dict, new_object: str | None = None, *, editor: Men
     was_training = ed.training
     ed.eval()
     try:
-        factors, nll = collect_factors(model, ed.weights, modules, rows)
+        factors, nll = collect_factors(model, ed.weights, modules, rows, ed.hparams.factor_positions)
         with torch.no_grad():
             tf = ed.transform(factors)
             deltas = {w.name: ed.weight_delta(w, tf.x[w.name], tf.d[w.name]) for w in ed.weights}
@@ -236,11 +252,14 @@ def mend(model, fact: Fact | dict, new_object: str | None = None, *, editor: Men
         if not torch.isfinite(delta).all():
             raise EditError(f"MEND produced a non-finite update for {name} on {text!r}")
     n_tokens = int(rows.tgt_id.numel())
+    n_factors = {w.name: int(factors.row[w.name].numel()) for w in ed.weights}
     edit = Edit(
         deltas=deltas, method="mend", locus=locus, requests=[request],
         hparams={**ed.hparams.to_dict(), "prepend_bos": bos, "editor_fingerprint": ed.model_fingerprint,
-                 "edit_prompt": text},
-        info={"n_target_tokens": n_tokens, "edit_nll_before": float(nll[0]),
+                 "editor": ed.source or ed.label, "editor_sha256": ed.content_hash, "edit_prompt": text},
+        info={"n_target_tokens": n_tokens, "n_factor_positions": max(n_factors.values()),
+              "factor_positions": ed.hparams.factor_positions, "editor": ed.label[:79],
+              "editor_sha256": ed.content_hash, "edit_nll_before": float(nll[0]),
               "alphas": [float(a) for a in ed.alphas.detach()],
               "delta_norms": {n: float(d.norm()) for n, d in deltas.items()}},
         model_fingerprint=model_fingerprint(model),

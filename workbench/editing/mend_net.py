@@ -22,7 +22,6 @@ them as safetensors with their hyperparameters and the model's fingerprint.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -37,7 +36,8 @@ from .edit import _hf
 from .mend_hparams import MendHyperParams, mend_hparams_for
 
 _META_KEY = "workbench_mend"
-FORMAT = 1
+FORMAT = 2
+"""Editor file format: 2 = factors per weight (``factor_positions``), sealed by a SHA-256."""
 
 
 class MendModelMismatch(ValueError):
@@ -206,13 +206,21 @@ class GradientTransform(nn.Module):
 
 @dataclass
 class Factors:
-    """Per edited weight, the inputs x_t and output gradients δ_t at the target tokens, and each
-    token's row (edit) index."""
+    """Per edited weight, the inputs x_t and output gradients δ_t at the positions kept
+    (``factor_positions``), and each position's row (edit) index, rows ascending; ``n_rows`` edits."""
 
     x: dict[str, Float[torch.Tensor, "n d_in"]]
     d: dict[str, Float[torch.Tensor, "n d_out"]]
-    row: Int[torch.Tensor, "n"]
+    row: dict[str, Int[torch.Tensor, "n"]]
     n_rows: int
+
+
+def _slots(row: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, int]:
+    """Each entry's index within its row (``row`` ascending) and the longest row's length."""
+    counts = torch.bincount(row, minlength=n_rows)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(row.numel(), device=row.device) - starts[row]
+    return slot, int(counts.max()) if row.numel() else 0
 
 
 # ----------------------------------------------------------------------------- the editor
@@ -233,6 +241,8 @@ class MendEditor(nn.Module):
         self.model_fingerprint = model_fingerprint
         self.model_spec = model_spec
         self.info = dict(info or {})
+        self.source: str | None = None  # the file it was loaded from
+        self._hash: tuple[tuple[int, ...], str, dict] | None = None
         self.names = [w.name for w in self.weights]
         if len(set(self.names)) != len(self.names):
             raise ValueError(f"inner_params has duplicates: {self.names}")
@@ -319,18 +329,12 @@ class MendEditor(nn.Module):
         equals running with the edited weight and keeps the autograd path to the editor.
         """
         n_edits = transformed.n_rows
-        counts = torch.bincount(transformed.row, minlength=n_edits)
-        width = int(counts.max()) if len(counts) else 0
-        slot = torch.zeros_like(transformed.row)
-        seen = torch.zeros(n_edits, dtype=torch.long, device=slot.device)
-        for i, r in enumerate(transformed.row.tolist()):  # position of each token within its edit
-            slot[i] = seen[r]
-            seen[r] += 1
         padded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for w in self.weights:
-            tx, td = transformed.x[w.name], transformed.d[w.name]
-            px = tx.new_zeros(n_edits, width, w.d_in).index_put((transformed.row, slot), tx)
-            pd = td.new_zeros(n_edits, width, w.d_out).index_put((transformed.row, slot), td)
+            tx, td, row = transformed.x[w.name], transformed.d[w.name], transformed.row[w.name]
+            slot, width = _slots(row, n_edits)
+            px = tx.new_zeros(n_edits, width, w.d_in).index_put((row, slot), tx)
+            pd = td.new_zeros(n_edits, width, w.d_out).index_put((row, slot), td)
             padded[w.name] = (px[row_edit], pd[row_edit])
 
         def make(w: EditedWeight) -> Callable:
@@ -354,41 +358,64 @@ class MendEditor(nn.Module):
         return {"format": FORMAT, "hparams": self.hparams.to_dict(), "weights": [asdict(w) for w in self.weights],
                 "model_fingerprint": self.model_fingerprint, "model_spec": self.model_spec, "info": self.info}
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The state dict on the CPU (what :meth:`save` writes)."""
+        return {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
+
+    @property
+    def content_hash(self) -> str:
+        """SHA-256 over the whole editor (metadata and tensors, :func:`workbench.integrity.record_checksum`):
+        the checksum its file carries, so a result folder keyed on it refuses another editor."""
+        from ..integrity import record_checksum
+
+        versions = tuple(t._version for t in (*self.parameters(), *self.buffers()))  # bumped by in-place changes
+        meta = self.metadata()
+        if self._hash is None or self._hash[0] != versions or self._hash[2] != meta:
+            self._hash = (versions, record_checksum(meta, self.tensors()), meta)
+        return self._hash[1]
+
+    @property
+    def label(self) -> str:
+        """A short name for rows and reports: the file it was loaded from (its folder for an
+        ``editor.safetensors``), or ``"in memory"``."""
+        if self.source is None:
+            return "in memory"
+        path = Path(self.source)
+        return path.parent.name if path.name == "editor.safetensors" else path.name
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the editor as safetensors (tensors) with its hyperparameters, weights and model
-        fingerprint as JSON metadata."""
-        from safetensors.torch import save_file
+        fingerprint as JSON metadata, sealed by a SHA-256 over the whole record (atomic write)."""
+        from ..integrity import write_safetensors
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(self.metadata())})
-        os.replace(tmp, path)
-        return path
+        return write_safetensors(path, self.tensors(), self.metadata(), header_key=_META_KEY, what="MEND editor")
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None, device: str | torch.device | None = None) -> "MendEditor":
-        """Read an editor written by :meth:`save`; with ``model``, check it was trained for it."""
-        from safetensors import safe_open
+        """Read an editor written by :meth:`save`; with ``model``, check it was trained for it.
+
+        The file's SHA-256 over the whole record (metadata included) is verified first: a damaged
+        or edited file, or one without a checksum, is an :class:`~workbench.integrity.IntegrityError`
+        naming the file and the fix.
+        """
+        from ..integrity import IntegrityError, read_safetensors
 
         path = Path(path)
         if path.is_dir():
             path = path / "editor.safetensors"
         if not path.exists():
             raise FileNotFoundError(f"{path}: no MEND editor there (build one with `workbench train-mend`)")
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if _META_KEY not in header:
-            raise ValueError(f"{path} is a safetensors file but not a MEND editor (no {_META_KEY!r} metadata)")
-        meta = json.loads(header[_META_KEY])
+        fix = ("restore the file, or train the editor again (`workbench train-mend --out DIR`; an editor of "
+               "the originals' code loads with `workbench.editing.load_original`)")
+        tensors, meta = read_safetensors(path, header_key=_META_KEY, what="MEND editor", fix=fix)
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: MEND editor format {meta.get('format')} is not {FORMAT}")
+            raise IntegrityError(f"{path}: MEND editor format {meta.get('format')} is not {FORMAT} (an older "
+                                 f"workbench's editor, trained with other gradient factors); {fix}")
         hp = MendHyperParams.from_dict(meta["hparams"])
         editor = cls(hp, [EditedWeight(**w) for w in meta["weights"]], meta.get("model_fingerprint"),
                      meta.get("model_spec"), meta.get("info"))
         editor.load_state_dict(tensors, strict=True)
+        editor.source = str(path)
         editor.eval()
         if model is not None:
             editor.check_model(model)

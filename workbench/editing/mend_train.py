@@ -11,24 +11,30 @@ averaged over the batch; Adam updates the network (``lr``) and the per-weight st
 (``lr_lr``), after clipping the gradient norm to ``grad_clip``. Every ``val_every`` steps the
 editor is scored on fixed validation edits (edit success on the edit prompt and on an
 equivalent prompt, and locality: the unrelated prompt's top token unchanged); the best editor
-by validation edit success (locality breaks ties) is kept, and training stops after
+by ``early_stop_key`` is kept (the lowest validation loss, as the originals; or the highest edit
+success, locality breaking ties), and training stops after
 ``early_stop_patience`` validations without improvement or at ``max_steps``.
 
 Data. A training edit is a :class:`~workbench.facts.Fact` with ``target_new``: its prompt is the
 edit prompt, a random one of its ``paraphrases`` the equivalent prompt, a random one of its
 ``neighborhood`` prompts the unrelated prompt (CounterFact: paraphrase and neighborhood prompts).
 For the bundled world, :func:`toy_training_facts` generates **new subjects** that are not in the
-world (names of three of its words, while its subjects have two), so no evaluated fact, subject
-or prompt is ever a training edit: their edit prompt is one of the relation's six phrasings
-(either kind), the equivalent prompts are the other five, and the unrelated prompts are other
-training subjects' prompts. ``val_fraction`` of the training facts' subjects are held out of the
-training batches for validation.
+world (names of three of its words, while its subjects have two), phrased with **templates the
+evaluation never probes** (``templates="held-out"``, :func:`toy_training_templates`): the
+relation's biography clauses (``"{} hails from"``), alone or after a biography opener
+(``"People say that {} hails from"``). The model read them in its training biographies; the
+evaluation's probes (the relation's six templates, :mod:`workbench.perspective`) share none
+of them. So no evaluated fact, subject, prompt or template is ever a training edit.
+``templates="probes"`` phrases them with the relation's six templates instead (what an earlier
+workbench did; kept to compare). ``val_fraction`` of the training facts' subjects are held out of
+the training batches for validation.
 
 Checkpoints. ``out/checkpoint.pt`` holds everything the run depends on (editor, both optimisers,
 step, best score, patience counter, history, elapsed time) and is replaced atomically every
-``checkpoint_every`` steps and at every validation. Batches are drawn from a generator seeded by
-(seed, step), so a run killed at any point and restarted with the same ``out`` ends in exactly the
-state of an uninterrupted run. ``out/editor.safetensors`` is the best editor and
+``checkpoint_every`` steps and at every validation, sealed by a SHA-256
+(:func:`workbench.integrity.save_torch`): a damaged checkpoint is an error naming the file.
+Batches are drawn from a generator seeded by (seed, step), so a run killed at any point and
+restarted with the same ``out`` ends in exactly the state of an uninterrupted run. ``out/editor.safetensors`` is the best editor and
 ``out/report.json`` the training report.
 """
 
@@ -41,11 +47,12 @@ import random
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
 from ..facts import Fact, facts_hash
+from ..integrity import load_torch, save_torch
 from .common import _pad_id
 from .mend import collect_factors, edit_rows, logits_of, target_correct, target_nll
 from .mend_hparams import MendHyperParams, mend_hparams_for
@@ -56,7 +63,24 @@ TOY_TRAIN = "toy-train"
 
 
 # ----------------------------------------------------------------------------- data
-def toy_training_facts(world=None, n_subjects: int = 300, seed: int = 0, n_unrelated: int = 6) -> list[Fact]:
+TRAINING_TEMPLATES = ("held-out", "probes")
+"""Phrasings of :func:`toy_training_facts`: ``"held-out"`` (biography clauses, never probed) or
+``"probes"`` (the relation's six templates, which the evaluation probes)."""
+
+
+def toy_training_templates(relation) -> list[str]:
+    """Templates of a world relation that the evaluation never probes: each biography clause cut
+    before its object (``"{} hails from"``, subject first), and the same after each biography
+    opener (``"People say that {} hails from"``)."""
+    from ..toyworld.world import _BIO_OPENERS
+
+    clauses = [c.split("{o}")[0].strip() for c in relation.bio_clauses]
+    plain = [f"{{}} {c}" for c in clauses]
+    return plain + [f"{opener} {t}" for opener in _BIO_OPENERS for t in plain]
+
+
+def toy_training_facts(world=None, n_subjects: int = 300, seed: int = 0, n_unrelated: int = 6,
+                       templates: str = "held-out") -> list[Fact]:
     """Training edits about ``n_subjects`` new subjects of the bundled world, one per relation.
 
     The subjects are new names made of the world's own words, a first name and two different
@@ -65,23 +89,34 @@ def toy_training_facts(world=None, n_subjects: int = 300, seed: int = 0, n_unrel
     a subject of the world (those have one surname). Each (subject, relation) gives one
     :class:`Fact`: a random phrasing as the edit prompt, the relation's other phrasings as
     ``paraphrases``, a random "true" and a different new object, and ``n_unrelated`` prompts
-    of other training subjects (any relation) as ``neighborhood``.
+    of other training subjects (any relation) as ``neighborhood``. ``templates``: ``"held-out"``
+    phrases everything with :func:`toy_training_templates` (no template the evaluation probes);
+    ``"probes"`` with the relation's own six templates. Held-out edit prompts are subject-first
+    or opener-first with equal chance.
     """
     from ..loading import bundled_path
     from ..toyworld.world import World
 
+    if templates not in TRAINING_TEMPLATES:
+        raise ValueError(f"templates must be one of {TRAINING_TEMPLATES}, not {templates!r}")
     world = world or World.load(str(bundled_path() / "world.json"))
     firsts = sorted({s.split(" ")[0] for s in world.subjects})
     lasts = sorted({s.split(" ")[-1] for s in world.subjects})
     names = [f"{f} {a} {b}" for f in firsts for a in lasts for b in lasts if a != b]
     rng = random.Random(f"mend-subjects-{world.seed}-{seed}")
     subjects = rng.sample(names, n_subjects)
-    prompts = [(s, rel.templates[i].fill(s)) for s in subjects for rel in world.relations
-               for i in range(len(rel.templates))]
+    phrasings = {rel.id: (toy_training_templates(rel) if templates == "held-out" else [t.text for t in rel.templates])
+                 for rel in world.relations}
+    prompts = [(s, t.format(s)) for s in subjects for rel in world.relations for t in phrasings[rel.id]]
     facts = []
     for s in subjects:
         for rel in world.relations:
-            k = rng.randrange(len(rel.templates))
+            own = phrasings[rel.id]
+            if templates == "held-out":  # subject-first (the clauses) or after an opener, equally often
+                n_plain = len(rel.bio_clauses)
+                k = rng.randrange(n_plain) if rng.random() < 0.5 else rng.randrange(n_plain, len(own))
+            else:
+                k = rng.randrange(len(own))
             true = rng.choice(rel.objects)
             new = rng.choice([o for o in rel.objects if o != true])
             unrelated = []
@@ -89,11 +124,38 @@ def toy_training_facts(world=None, n_subjects: int = 300, seed: int = 0, n_unrel
                 other, p = prompts[rng.randrange(len(prompts))]
                 if other != s:
                     unrelated.append(p)
-            facts.append(Fact(subject=s, template=rel.templates[k].text, target_true=true, target_new=new,
+            facts.append(Fact(subject=s, template=own[k], target_true=true, target_new=new,
                               relation_id=rel.id, id=f"mend-train-{len(facts)}",
-                              paraphrases=tuple(t.fill(s) for j, t in enumerate(rel.templates) if j != k),
+                              paraphrases=tuple(t.format(s) for j, t in enumerate(own) if j != k),
                               neighborhood=tuple(unrelated)))
     return facts
+
+
+def training_templates(facts: Sequence[Fact]) -> set[str]:
+    """Every template the training edits use: edit prompts, equivalent prompts and unrelated
+    prompts, with their subject (any training subject, for unrelated prompts) as ``{}``."""
+    subjects = sorted({f.subject for f in facts}, key=len, reverse=True)
+    out: set[str] = set()
+    for f in facts:
+        out.add(f.template)
+        out.update(p.replace(f.subject, "{}") for p in f.paraphrases)
+        for p in f.neighborhood:
+            s = next((s for s in subjects if s in p), None)
+            if s is not None:
+                out.add(p.replace(s, "{}"))
+    return out
+
+
+def probe_templates(facts: Sequence[Fact]) -> set[str]:
+    """Every template the evaluation probes for ``facts`` (both phrasing families of each fact,
+    :func:`workbench.perspective.phrasings`; bleed and locality use the same templates)."""
+    from ..perspective import phrasings
+
+    out: set[str] = set()
+    for f in facts:
+        ph = phrasings(f)
+        out.update(p.replace(f.subject, "{}") for p in (*ph.entity, *ph.relation) if p.count(f.subject) == 1)
+    return out
 
 
 @dataclass(frozen=True)
@@ -162,7 +224,7 @@ def edit_losses(model, editor: MendEditor, modules, examples: Sequence[MendExamp
     b = len(examples)
     dev = model.cfg.device
     edit = edit_rows(model, [(e.edit_prompt, e.target) for e in examples])
-    factors, _ = collect_factors(model, editor.weights, modules, edit)
+    factors, _ = collect_factors(model, editor.weights, modules, edit, hp.factor_positions)
     tf = editor.transform(factors)
 
     outer_pairs = [(e.equiv_prompt, e.target) for e in examples]
@@ -235,15 +297,12 @@ class MendTrainResult:
     report: dict
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _better(score: dict, best: dict | None) -> bool:
+def _better(score: dict, best: dict | None, key: str = "loss") -> bool:
+    """Whether ``score`` beats ``best`` by ``key`` (:data:`~workbench.editing.mend_hparams.EARLY_STOP_KEYS`)."""
     if best is None:
         return True
+    if key == "loss":
+        return score["loss"] < best["loss"]
     return (score["edit_success"], score["locality"]) > (best["edit_success"], best["locality"])
 
 
@@ -283,10 +342,16 @@ def _train(model, facts, hp: MendHyperParams, out: Path, val_facts, val_fraction
     from ..loading import model_fingerprint
 
     data_name = facts if isinstance(facts, str) else "facts"
+    overlap: dict = {}
     if isinstance(facts, str):
         if facts != TOY_TRAIN:
             raise ValueError(f"facts must be a list of Facts or {TOY_TRAIN!r}, got {facts!r}")
         facts = toy_training_facts(seed=hp.seed)
+        from ..facts import load_facts
+
+        used = training_templates(facts)
+        overlap = {"templates": "held-out", "training_templates": len(used),
+                   "probe_templates_shared": len(used & probe_templates(load_facts("toy-facts")))}
     facts = list(facts)
     if not facts:
         raise ValueError("no training facts")
@@ -310,7 +375,8 @@ def _train(model, facts, hp: MendHyperParams, out: Path, val_facts, val_fraction
     state = {"step": 0, "best": None, "best_step": None, "bad_rounds": 0, "history": [], "elapsed_s": 0.0,
              "done": False, "stopped": None}
     if ckpt_path.exists():
-        saved = torch.load(ckpt_path, map_location=model.cfg.device, weights_only=False)
+        saved = load_torch(ckpt_path, what="MEND training checkpoint", map_location=model.cfg.device,
+                           fix=f"delete it (or the whole folder {out}) to train from the start, or use another --out")
         if saved["signature"] != signature:
             diff = [k for k in signature if saved["signature"].get(k) != signature[k]]
             raise RuntimeError(f"{out} holds a MEND run with other {', '.join(diff)}; use a fresh --out folder "
@@ -324,8 +390,8 @@ def _train(model, facts, hp: MendHyperParams, out: Path, val_facts, val_fraction
         say(f"resuming from step {state['step']} ({out})")
 
     def checkpoint() -> None:
-        _atomic_torch_save({"signature": signature, "editor": editor.state_dict(), "opt": opt.state_dict(),
-                            "lr_opt": lr_opt.state_dict(), "state": state}, ckpt_path)
+        save_torch(ckpt_path, {"signature": signature, "editor": editor.state_dict(), "opt": opt.state_dict(),
+                    "lr_opt": lr_opt.state_dict(), "state": state}, what="MEND training checkpoint")
 
     def finish() -> MendTrainResult:
         best = MendEditor.load(out / "best.safetensors", device=model.cfg.device) \
@@ -333,7 +399,7 @@ def _train(model, facts, hp: MendHyperParams, out: Path, val_facts, val_fraction
         report = {
             "model": getattr(model, "workbench_spec", None), "model_fingerprint": fingerprint,
             "hparams": hp.to_dict(), "data": {"facts": data_name, "n_train_facts": len(train_facts),
-                                              "n_val_facts": len(val_list), "n_val_edits": len(val_ex)},
+                                              "n_val_facts": len(val_list), "n_val_edits": len(val_ex), **overlap},
             "steps": state["step"], "stopped": state["stopped"], "best_step": state["best_step"],
             "validation": state["best"], "train_seconds": round(state["elapsed_s"], 1),
             "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
@@ -342,6 +408,7 @@ def _train(model, facts, hp: MendHyperParams, out: Path, val_facts, val_fraction
         best.info = {"training": {k: report[k] for k in ("steps", "best_step", "validation", "train_seconds",
                                                            "data", "stopped")}}
         path = best.save(out / "editor.safetensors")
+        best.source = str(path)
         report["editor_bytes"] = path.stat().st_size
         (out / "report.json").write_text(json.dumps(report, indent=1))
         best.eval()
@@ -378,7 +445,7 @@ def _train(model, facts, hp: MendHyperParams, out: Path, val_facts, val_fraction
                 score["step"] = state["step"]
                 score["elapsed_s"] = round(elapsed0 + time.perf_counter() - t_start, 1)
                 state["history"].append(score)
-                if _better(score, state["best"]):
+                if _better(score, state["best"], hp.early_stop_key):
                     state["best"], state["best_step"], state["bad_rounds"] = score, state["step"], 0
                     editor.save(out / "best.safetensors")
                 else:

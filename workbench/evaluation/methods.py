@@ -133,6 +133,11 @@ def preset_name(name: str, model, kwargs: dict | None) -> str:
     from ..editing.presets import NOT_HYPERPARAMETERS, UnknownModelError, choose_preset, has_presets
 
     kwargs = kwargs or {}
+    if name == "mend" and _builtin_mend():  # the editor is the preset: rows name it (and its SHA-256, info_editor_sha256)
+        try:
+            return f"mend:{_mend_editor(model, kwargs).label}"
+        except (OSError, ValueError):  # no usable editor: the edit fails and its row says why
+            return "mend:unavailable"
     if has_presets(name):
         try:
             return _resolved(name, model, kwargs).preset
@@ -148,12 +153,63 @@ def preset_name(name: str, model, kwargs: dict | None) -> str:
     return "custom" if any(k not in NOT_HYPERPARAMETERS for k in kwargs) else "default"
 
 
+def _builtin_mend() -> bool:
+    """Whether ``"mend"`` is the workbench's own MEND (not a callable registered under that name)."""
+    return METHODS.get("mend") == "workbench.editing.mend:mend"
+
+
+def _mend_editor(model, kwargs: dict | None):
+    """The MEND editor an evaluation of ``model`` uses (``kwargs["editor"]`` or the shipped one)."""
+    from ..editing.mend import resolve_editor
+
+    return resolve_editor(model, (kwargs or {}).get("editor"))
+
+
+def method_problem(name: str, fn: Callable, model, kwargs: dict | None) -> Exception | None:
+    """Why every edit of a built-in method would fail on ``model`` (checked once, before any edit),
+    or ``None``. MEND: its editor is missing, damaged, or was trained for another model."""
+    if name != "mend" or not _builtin_mend():
+        return None
+    try:
+        _mend_editor(model, kwargs).check_model(model)
+    except (OSError, ValueError) as err:  # FileNotFoundError, IntegrityError, MendModelMismatch
+        hint = ("" if (kwargs or {}).get("editor") else
+                " (no editor given: the one shipped for the bundled model was tried)")
+        return type(err)(f"MEND cannot edit this model{hint}: {err}. Pass a MEND editor trained for it "
+                         "(method_kwargs={'mend': {'editor': DIR}}, --mend-editor DIR) or leave MEND out")
+    return None
+
+
+def usable_methods(model, resolved: Sequence[tuple[str, Callable]], method_kwargs: dict[str, dict],
+                   explicit: bool) -> list[tuple[str, Callable]]:
+    """``resolved`` without the methods that could not edit ``model`` at all (:func:`method_problem`):
+    an explicitly chosen one raises the problem up front; one of the default methods is left out
+    with a warning that says why."""
+    out = []
+    for name, fn in resolved:
+        problem = method_problem(name, fn, model, method_kwargs.get(name))
+        if problem is None:
+            out.append((name, fn))
+        elif explicit:
+            raise problem
+        else:
+            warnings.warn(f"{name} is left out of the default methods: {problem}", stacklevel=3)
+    return out
+
+
 def resolved_hparams(name: str, model, kwargs: dict | None = None) -> dict | None:
     """The hyperparameters (with the preset's name) a built-in method will use with ``kwargs`` on ``model``
     (``None``: a method without registered presets, or kwargs the method will reject anyway, which its
     rows record as failed). An unknown model under strict presets raises here."""
     from ..editing.presets import UnknownModelError
 
+    if name == "mend" and _builtin_mend():  # the editor's content is what MEND's rows depend on
+        try:
+            editor = _mend_editor(model, kwargs)
+        except (OSError, ValueError):  # no usable editor: every edit fails, its rows say why
+            return None
+        return {**editor.hparams.to_dict(), "editor": editor.label, "editor_sha256": editor.content_hash,
+                "preset": preset_name(name, model, kwargs)}
     try:
         resolved = _resolved(name, model, kwargs)
     except UnknownModelError:

@@ -19,7 +19,7 @@ from ..identity import model_identity
 from ..perspective import (DEFAULT_LOCUS, PERSPECTIVES, Phrasings, Probes, bleed_subjects, other_relations,
                            phrasings, probes, relation_index, request_fact, subject_index)
 from .methods import (BASELINE, METHODS, _takes, check_method_kwargs, default_methods, make_edit, preset_name,
-                      resolve_method, resolved_hparams, stats_key, with_shared_stats)
+                      resolve_method, resolved_hparams, stats_key, usable_methods, with_shared_stats)
 from .scoring import score_probes
 from .statistics import summarize
 
@@ -287,7 +287,8 @@ def _evaluate(model, facts, methods, requests, loci, n, out, seed, method_kwargs
     chosen = select_facts(facts, n, seed)
     check_unique_ids(chosen, "facts")  # rows (and the prompts each row is scored on) are looked up by fact id
     index, by_subject = relation_index(facts), subject_index(facts)
-    resolved = [resolve_method(m) for m in (methods if methods is not None else default_methods())]
+    asked = [resolve_method(m) for m in (methods if methods is not None else default_methods())]
+    resolved = usable_methods(model, asked, method_kwargs, explicit=methods is not None)  # e.g. no MEND editor
     # one preset resolution per method, here: an unknown model warns (or, strict, fails) before any edit
     presets = {name: preset_name(name, model, method_kwargs.get(name)) for name, _ in resolved}
     bos = editing_prepend_bos(model, prepend_bos)
