@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from workbench.architecture import FAMILY_NAMES
 from workbench.tracing import TraceResult, trace, trace_dataset, window_layers
 from workbench.tracing.api import TraceParameterError
 
@@ -20,8 +21,8 @@ def model64():
     return random_model(n_layers=3, d_model=64, n_heads=4, seed=0, device="cpu", dtype=torch.float64)
 
 
-def relative_error(model, nu: float, window: int = 1) -> dict[str, float]:
-    kw = dict(subject=SUBJECT, samples=3, noise=nu, window=window)
+def relative_error(model, nu: float, window: int = 1, samples: int = 3) -> dict[str, float]:
+    kw = dict(subject=SUBJECT, samples=samples, noise=nu, window=window)
     exact = trace(model, PROMPT, engine="batched", **kw)
     approx = trace(model, PROMPT, method="attribution", **kw)
     return {k: float(np.abs(exact.ie(k) - approx.ie(k)).max() / np.abs(exact.ie(k)).max()) for k in exact.kinds}
@@ -35,6 +36,18 @@ def test_equals_the_exact_effect_to_first_order(model64):
     for kind in coarse:
         assert fine[kind] < 0.05, (kind, fine)
         assert fine[kind] < coarse[kind] / 5, (kind, coarse, fine)
+
+
+@pytest.mark.parametrize("model_type", FAMILY_NAMES)
+def test_first_order_on_every_family(model_type):
+    """The hook points' gradients are the right ones in every family (parallel blocks, rotary, GQA)."""
+    from workbench.architecture import random_bridge
+
+    model = random_bridge(model_type, n_layers=2, d_model=64, n_heads=4, initializer_range=0.3,
+                          dtype=torch.float64, device="cpu")
+    coarse, fine = relative_error(model, 1e-2, samples=2), relative_error(model, 1e-3, samples=2)
+    for kind in coarse:
+        assert fine[kind] < 0.1 and fine[kind] < coarse[kind] / 3, (model_type, kind, coarse, fine)
 
 
 def test_windows_sum_their_layers(model64):
