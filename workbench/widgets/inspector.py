@@ -118,7 +118,7 @@ class Inspector:
                                               layout=small)
         self.noise = widgets.Text(value=t.noise, description="noise", style=STYLE, layout=small,
                                   tooltip='"s3" (3 x embedding std), a number, or "u0.5" (uniform)')
-        self.window = widgets.BoundedIntText(value=t.window, min=1, max=int(model.cfg.n_layers),
+        self.window = widgets.BoundedIntText(value=t.window, min=1, max=int(self.state.model.cfg.n_layers),
                                              description="window", style=STYLE, layout=small,
                                              tooltip="layers restored together by MLP/attention cells "
                                                      "(default min(10, ceil(n_layers/2)))")
