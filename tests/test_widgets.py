@@ -504,7 +504,7 @@ def test_locality_as_in_the_evaluation(tiny_model):
     assert probes.count("bleed: other subject, subject-first") == 3
     assert probes.count("bleed: other subject, relation-first") == 3
     rel_template = ph.relation_template
-    bleed_rel = [p for p, probe in rows if probe.endswith("relation-first")]
+    bleed_rel = [p for p, probe in rows if probe == "bleed: other subject, relation-first"]
     assert all(fact.subject not in p for p in bleed_rel)
     assert any(p == rel_template.format(other.subject) for p in bleed_rel for other in facts
                if other.relation_id == fact.relation_id)
@@ -516,4 +516,4 @@ def test_locality_as_in_the_evaluation(tiny_model):
     ins.prompt.value, ins.subject.value = rel_template.format("Varo Keltin"), "Varo Keltin"
     typed = ins.current_fact()
     assert typed.relation_id == fact.relation_id
-    assert any(probe.endswith("relation-first") for _, probe in ins.state.probe_rows(typed))
+    assert "bleed: other subject, relation-first" in [probe for _, probe in ins.state.probe_rows(typed)]

@@ -320,28 +320,27 @@ class InspectorState:
 
         As in the evaluation (:mod:`workbench.perspective`): **bleed** = up to ``k`` other subjects of
         the fact's relation in both request phrasings (a relation-keyed edit leaks there), and
-        **locality** = the subject's other relations (which should keep their answers). For a typed
+        **locality** = the subject's other relations in both phrasings (which should keep their answers). For a typed
         prompt whose relation no example shares, the other subjects are asked in the typed phrasing.
         """
-        from ..perspective import PERSPECTIVES, bleed_subjects, phrasings, probes, relation_index
+        from ..perspective import (bleed_subjects, other_relations, phrasings, probes, relation_index,
+                                   subject_index)
 
         own = set(self.edit_prompts())
-        rows: list[tuple[str, str]] = []
         kind_name = {"entity": "subject-first", "relation": "relation-first"}
+        relations = other_relations(fact, subject_index(self.facts), k=k)
         if fact.relation_id:
             others = bleed_subjects(fact, relation_index(self.facts), k=k)
-            ph = phrasings(fact)
-            rows += [(p, f"bleed: other subject, {kind_name[kind]}") for p, _, kind in probes(fact, others, ph=ph).bleed
-                     if kind in PERSPECTIVES]
+            found = probes(fact, others, ph=phrasings(fact), relations=relations)
+            rows = [(p, f"bleed: other subject, {kind_name[kind]}") for p, _, kind in found.bleed]
         else:
+            found = probes(fact, relations=relations)
             subjects = [f.subject for f in self.facts if f.subject != fact.subject
                         and fact.subject not in f.subject and f.subject not in fact.subject]
-            rows += [(fact.template.format(s), "bleed: other subject, same phrasing")
-                     for s in list(dict.fromkeys(subjects))[:k]]
-        other_relations = [f.prompt for f in self.facts if f.subject == fact.subject
-                           and (f.relation_id != fact.relation_id or not fact.relation_id)
-                           and f.template != fact.template]
-        rows += [(p, "locality: other relation of the subject") for p in list(dict.fromkeys(other_relations))[:k]]
+            rows = [(fact.template.format(s), "bleed: other subject, same phrasing")
+                    for s in list(dict.fromkeys(subjects))[:k]]
+        rows += [(p, f"locality: other relation of the subject, {kind_name[kind]}")
+                 for p, _, _, kind in found.relations]
         seen: set[str] = set()
         out = []
         for p, probe in rows:
