@@ -311,7 +311,10 @@ def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                     shapes[name] = tuple(fh.get_slice(name).get_shape())
         else:
             try:
-                state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+                try:
+                    state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+                except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped: read it
+                    state = torch.load(str(file), map_location="cpu", weights_only=True)
             except Exception as err:  # noqa: BLE001
                 raise ModelLoadError(f"{file} is not a readable PyTorch weight file ({type(err).__name__}: {err}); "
                                      f"fetch the file again") from None
