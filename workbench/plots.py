@@ -180,7 +180,9 @@ def traces_title(rows: Sequence[tuple[str, Any]]) -> str:
     for label, r in rows:
         bits = []
         if not same_answer:
-            bits.append(f"→ {esc(getattr(r, 'answer', ''))}, p_clean {float(r.p_clean):.3f}")
+            answer = esc(getattr(r, "answer", ""))
+            bits.append(f"p_clean {float(r.p_clean):.3f}" if answer in _html.escape(label, quote=False)
+                        else f"→ {answer}, p_clean {float(r.p_clean):.3f}")
         span = esc(span_text(list(r.tokens), _positions(getattr(r, "corrupted_span", None))))
         corrupt = _html.escape(str(getattr(r, "corrupt", "")), quote=False)
         bits.append(span if f"{corrupt} corrupted" in label else f"corrupted ({corrupt}) {span}")

@@ -316,31 +316,14 @@ class InspectorState:
         return ""
 
     def probe_rows(self, fact: Any, k: int = N_NEIGHBOURS) -> list[tuple[str, str]]:
-        """``(prompt, probe)`` rows checked after an edit beside the prompt and its paraphrases.
-
-        As in the evaluation (:mod:`workbench.perspective`): **bleed** = up to ``k`` other subjects of
-        the fact's relation in both request phrasings (a relation-keyed edit leaks there), and
-        **locality** = the subject's other relations in both phrasings (which should keep their answers). For a typed
-        prompt whose relation no example shares, the other subjects are asked in the typed phrasing.
+        """``(prompt, probe)`` rows checked after an edit beside the prompt and its paraphrases: bleed (other
+        subjects of the relation, both phrasings) and locality (the subject's other relations), as in the
+        evaluation (:func:`workbench.report.edit_probe_rows`), from the example facts.
         """
-        from ..perspective import (bleed_subjects, other_relations, phrasings, probes, relation_index,
-                                   subject_index)
+        from ..report import edit_probe_rows
 
         own = set(self.edit_prompts())
-        kind_name = {"entity": "subject-first", "relation": "relation-first"}
-        relations = other_relations(fact, subject_index(self.facts), k=k)
-        if fact.relation_id:
-            others = bleed_subjects(fact, relation_index(self.facts), k=k)
-            found = probes(fact, others, ph=phrasings(fact), relations=relations)
-            rows = [(p, f"bleed: other subject, {kind_name[kind]}") for p, _, kind in found.bleed]
-        else:
-            found = probes(fact, relations=relations)
-            subjects = [f.subject for f in self.facts if f.subject != fact.subject
-                        and fact.subject not in f.subject and f.subject not in fact.subject]
-            rows = [(fact.template.format(s), "bleed: other subject, same phrasing")
-                    for s in list(dict.fromkeys(subjects))[:k]]
-        rows += [(p, f"locality: other relation of the subject, {kind_name[kind]}")
-                 for p, _, _, kind in found.relations]
+        rows = edit_probe_rows(fact, self.facts, k)
         seen: set[str] = set()
         out = []
         for p, probe in rows:
