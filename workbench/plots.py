@@ -8,6 +8,16 @@ instead of importing it from a CDN.
 Colours follow ROME's figures: hidden states purple, MLP green, attention red.
 Token maps put tokens on the y axis in prompt order (top to bottom) and mark the
 corrupted tokens with a trailing ``*``.
+
+Sizing: no figure has a fixed width (each fills its container; :func:`figure_html` turns on
+Plotly's responsive mode), titles and axis titles are on short lines, and margins and gaps are
+computed in pixels from the number of title lines, so that labels stay clear of each other in a
+notebook column of about 550-650 px (JupyterLab at 1000 px with its file browser open) as well as
+in a full-width report (``tests/browser/test_figures_browser.py`` checks 640, 900 and 1300 px).
+
+This module is over 500 lines on purpose: every figure uses the same helpers (token labels,
+colour ranges, title and margin sizing), and keeping them in one file keeps one set of layout
+rules.
 """
 
 from __future__ import annotations
