@@ -459,6 +459,7 @@ def test_cancelled_rerun_keeps_the_previous_map(inspector):
     assert inspector.run_trace() is None
     assert inspector.figure is shown and len(inspector.trace_out.outputs) == 1
     assert "previous" in inspector.status.value and "samples" in inspector.trace_stale.value
+    assert "The map shown was computed for the earlier inputs" in inspector.trace_stale.value
 
 
 def test_out_of_date_note_names_what_changed(tiny_model):
@@ -469,6 +470,7 @@ def test_out_of_date_note_names_what_changed(tiny_model):
     note = ins.edit_stale.value
     assert note.count("out of date") == 1 and "prompt or subject" in note and "new object" in note
     assert "since this was computed" not in note
+    assert "The table and maps shown were computed for the earlier inputs; run again" in note
 
 
 def test_one_value_toggle(inspector):

@@ -449,10 +449,10 @@ class Inspector:
             self._render_tokens()
             self._render_progress()
             self.status.value = views.trace_status(s)
-            self.trace_stale.value = views.stale_note(s.trace_stale(), "the map")
+            self.trace_stale.value = views.stale_note(s.trace_stale(), "the map shown was")
             self.edit_target.value = views.edit_target(s)
             self.edit_status.value = views.edit_status(s)
-            self.edit_stale.value = views.stale_note(s.edit_stale(), "the table and maps")
+            self.edit_stale.value = views.stale_note(s.edit_stale(), "the table and maps shown were")
             busy = s.busy
             self.run_button.disabled = self.apply_button.disabled = busy
             self.undo_button.disabled = busy or not s.applied_edits
