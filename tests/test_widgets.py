@@ -519,3 +519,17 @@ def test_locality_as_in_the_evaluation(tiny_model):
     typed = ins.current_fact()
     assert typed.relation_id == fact.relation_id
     assert "bleed: other subject, relation-first" in [probe for _, probe in ins.state.probe_rows(typed)]
+
+
+def test_probe_facts_widen_the_rows_beyond_the_examples(tiny_model):
+    """Few examples in the dropdown, the whole dataset for bleed and locality rows."""
+    from workbench.facts import load_facts
+
+    facts = load_facts("toy-facts")
+    few = Inspector(tiny_model, facts[:3], samples=2)
+    full = Inspector(tiny_model, facts[:3], samples=2, probe_facts=facts)
+    assert len(full.fact_picker.options) == len(few.fact_picker.options) == 4
+    labels = [probe for _, probe in full.state.probe_rows(facts[0])]
+    assert labels.count("bleed: other subject, relation-first") == 3
+    assert any(label.startswith("locality") for label in labels)
+    assert len(few.state.probe_rows(facts[0])) < len(labels)

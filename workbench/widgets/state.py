@@ -182,9 +182,11 @@ class InspectorState:
     """
 
     def __init__(self, model: Any, facts: Sequence[Any] = (), *, trace: TraceSettings, edit: EditSettings,
-                 seed: int = 1, method_kwargs: dict[str, dict] | None = None) -> None:
+                 seed: int = 1, method_kwargs: dict[str, dict] | None = None,
+                 probe_facts: Sequence[Any] | None = None) -> None:
         self.model = model
         self.facts = list(facts)
+        self.probe_facts = list(probe_facts) if probe_facts is not None else self.facts
         self.seed = seed
         self.method_kwargs: dict[str, dict] = {k: dict(v) for k, v in (method_kwargs or {}).items()}
         self.picked: int = 0 if self.facts and (self.facts[0].prompt, self.facts[0].subject) == (
@@ -309,7 +311,7 @@ class InspectorState:
 
     def _relation_of(self, template: str) -> str:
         """The relation id of the examples that use ``template`` (any of their phrasings), else ``""``."""
-        for f in self.facts:
+        for f in self.probe_facts:
             prompts = (f.prompt, *f.paraphrases, *f.entity_prompts, *f.relation_prompts)
             if any(p.count(f.subject) == 1 and p.replace(f.subject, "{}") == template for p in prompts):
                 return f.relation_id
@@ -318,12 +320,12 @@ class InspectorState:
     def probe_rows(self, fact: Any, k: int = N_NEIGHBOURS) -> list[tuple[str, str]]:
         """``(prompt, probe)`` rows checked after an edit beside the prompt and its paraphrases: bleed (other
         subjects of the relation, both phrasings) and locality (the subject's other relations), as in the
-        evaluation (:func:`workbench.report.edit_probe_rows`), from the example facts.
+        evaluation (:func:`workbench.report.edit_probe_rows`), from ``probe_facts`` (default: the examples).
         """
         from ..report import edit_probe_rows
 
         own = set(self.edit_prompts())
-        rows = edit_probe_rows(fact, self.facts, k)
+        rows = edit_probe_rows(fact, self.probe_facts, k)
         seen: set[str] = set()
         out = []
         for p, probe in rows:
