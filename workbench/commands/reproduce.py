@@ -88,7 +88,7 @@ def run(args) -> int:
     if args.ft_preset:
         kwargs["ft"] = {"preset": args.ft_preset}
     if args.corpus:
-        from ..editing.stats import resolve_corpus
+        from ..editing.corpus import resolve_corpus
 
         resolve_corpus(model, args.corpus)  # a missing file fails here, not once per edit
         for m in ("rome", "memit"):
