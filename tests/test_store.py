@@ -398,3 +398,19 @@ store.append({{"i": 2, "value": 4}})
         store.append({"i": 3, "value": 9})
     with _open(tmp_path) as store:
         assert store.damaged == 0 and [r["value"] for r in store.rows()] == [0, 1, 4, 9]
+
+
+def test_config_edited_to_match_another_run_is_refused(tmp_path):
+    """The store's config.json is sealed: editing its key to match another run's settings (to reuse rows
+    computed with other settings) is detected."""
+    from workbench.store import StoreIntegrityError
+
+    _fill(tmp_path, 2)
+    other = {**KEY, "seed": 1}
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["key"] = other
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(StoreIntegrityError, match="config.json does not match its recorded SHA-256"):
+        _open(tmp_path, key=other)
+    with pytest.raises(StoreMismatchError, match="key.seed: folder has 1, this run 0"):  # another run: named
+        _open(tmp_path)

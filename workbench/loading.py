@@ -311,7 +311,10 @@ def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
                     shapes[name] = tuple(fh.get_slice(name).get_shape())
         else:
             try:
-                state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+                try:
+                    state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
+                except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped: read it
+                    state = torch.load(str(file), map_location="cpu", weights_only=True)
             except Exception as err:  # noqa: BLE001
                 raise ModelLoadError(f"{file} is not a readable PyTorch weight file ({type(err).__name__}: {err}); "
                                      f"fetch the file again") from None
@@ -421,10 +424,13 @@ def unchecked_config_fields(config) -> list[str]:
     attention weights have the same shape for any head count), found by changing each on a meta model."""
     import copy
 
+    config = _fewer_layers(config)  # every layer has the same shapes: two are enough, and fast on any size
     base = {k: tuple(v.shape) for k, v in _meta_model(config).state_dict().items()}
     out = []
     names = dict(getattr(config, "attribute_map", {}) or {})
     for field in _SIZE_FIELDS:
+        if field == "num_hidden_layers":  # the layer count shows in the tensor names
+            continue
         value = getattr(config, field, None)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             continue
@@ -442,6 +448,24 @@ def unchecked_config_fields(config) -> list[str]:
                 out.append(shown)
             break
     return out
+
+
+def _fewer_layers(config, n: int = 2):
+    """A copy of ``config`` with at most ``n`` layers (``config`` itself when that cannot be built)."""
+    import copy
+
+    layers = getattr(config, "num_hidden_layers", None)
+    if not isinstance(layers, int) or layers <= n:
+        return config
+    small = copy.deepcopy(config)
+    try:
+        small.num_hidden_layers = n
+        if isinstance(getattr(small, "layer_types", None), list):
+            small.layer_types = small.layer_types[:n]
+        _meta_model(small)
+    except Exception:  # noqa: BLE001 - a family whose config ties other fields to the depth
+        return config
+    return small
 
 
 def _manifest_config(config: dict) -> dict:
@@ -747,11 +771,11 @@ def restore_fingerprint(model, token: str, restored: Iterable[str]) -> None:
     cache.key, cache.refs, cache.fingerprint = key, refs, fingerprint
 
 
-def model_info(model) -> dict:
-    """Size facts of a loaded model, for ``workbench info`` and reports, and how far its config was checked
-    (``config_check``: the config fields the weights' shapes cannot confirm, and whether a sealed manifest did)."""
+def model_info(model, config_check: bool = True) -> dict:
+    """Size facts of a loaded model, for ``workbench info`` and reports, and (``config_check``) how far its
+    config was checked: the config fields the weights' shapes cannot confirm, and whether a sealed manifest did."""
     cfg = model.cfg
-    unchecked = unchecked_config_fields(hf_model(model).config)
+    unchecked = unchecked_config_fields(hf_model(model).config) if config_check else []
     if not unchecked:
         check = "every size field confirmed by the weights' shapes"
     elif getattr(model, "workbench_manifest", False):
@@ -771,7 +795,7 @@ def model_info(model) -> dict:
                       if name != "lm_head.weight" or not hf_model(model).config.tie_word_embeddings),
         "device": str(next(hf_model(model).parameters()).device),
         "dtype": str(next(hf_model(model).parameters()).dtype).replace("torch.", ""),
-        "config_check": check,
+        **({"config_check": check} if config_check else {}),
     }
 
 

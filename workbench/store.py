@@ -263,9 +263,7 @@ class ResultStore:
                 f"{folder} was written by an older workbench (store format {old['format_version']}, rows without "
                 f"checksums), so its rows cannot be verified; delete it (or move it away) to recompute, or give "
                 f"this run another --out folder", ["format_version"])
-        verify(old, where=str(cfg_path), error=StoreIntegrityError,
-               fix=f"the folder's settings cannot be trusted: delete {folder} or give this run another --out folder")
-        old = {k: v for k, v in old.items() if k != CHECKSUM_FIELD}
+        sealed, old = old, {k: v for k, v in old.items() if k != CHECKSUM_FIELD}
         fields = []
         if old.get("format_version") != FORMAT_VERSION:
             fields.append("format_version")
@@ -282,6 +280,9 @@ class ResultStore:
                 f"{folder} holds results computed with other settings ({'; '.join(detail)}{more}); their rows "
                 f"cannot be reused. Give this run another --out folder, or delete {folder} to start over",
                 fields)
+        # the same settings: the config must also be the one this store wrote (not edited to match)
+        verify(sealed, where=str(cfg_path), error=StoreIntegrityError,
+               fix=f"the folder's settings cannot be trusted: delete {folder} or give this run another --out folder")
 
     # ----------------------------------------------------------------- rows
 
@@ -324,7 +325,7 @@ class ResultStore:
                 self.damaged_lines.append(n)
                 continue
             if ident in self._rows:
-                if self._rows[ident] != row:
+                if self._rows[ident][CHECKSUM_FIELD] != row[CHECKSUM_FIELD]:  # (NaN != NaN: compare sums)
                     raise StoreIntegrityError(
                         f"{self.path} holds two different rows for {dict(zip(self.id_fields, ident))} (lines "
                         f"{first_line[ident]} and {n}); a store never writes an id twice, so the file was edited "

@@ -189,7 +189,7 @@ def trace(model, prompt: str, *, subject: str | None = None, corrupt: SpanSpec =
     """
     kinds = tuple(kinds)
     engine = check_method(method, engine)
-    window = resolve_window(model, window)
+    window = check_window(resolve_window(model, window), int(model.cfg.n_layers))  # before any forward pass
     for kind in kinds:
         if kind not in KINDS:
             raise ValueError(f"unknown trace kind {kind!r}; use any of {KINDS}")
