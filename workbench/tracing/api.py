@@ -9,6 +9,7 @@ import numpy as np
 
 from ..predict import object_token_ids
 from ..spans import Span, SpanSpec, Tokenized, relation_span, resolve_span, subject_span, tokenize
+from .attribution import AttributionEngine
 from .engine import KINDS, Engine, Plan, kind_plan, make_engine, severed_plan
 from .noise import Corruption, NoiseSpec, draw_noise, noise_level, parse_noise
 from .results import SeveredResult, TraceResult
@@ -129,7 +130,10 @@ def prepare(model, prompt: str, *, subject: str | None = None, corrupt: SpanSpec
     eps = draw_noise(samples, len(span), model.cfg.d_model, nu, seed=seed, uniform=kind == "uniform")
     corruption = Corruption(span.positions, eps, replace=replace)
     ids = tokens.tensor(model.cfg.device)
-    eng = make_engine(model, ids, corruption, engine=engine, precision=precision, max_batch=max_batch)
+    if engine == "attribution":  # first-order estimates (method="attribution"), any bridge
+        eng: Engine = AttributionEngine(model, ids, corruption, precision=precision, max_batch=max_batch)
+    else:
+        eng = make_engine(model, ids, corruption, engine=engine, precision=precision, max_batch=max_batch)
     return Prepared(tokens, span, subj, rel, nu, eng, rule)
 
 

@@ -608,10 +608,6 @@ def make_engine(model, ids: torch.Tensor, corruption: Corruption, *, engine: str
     with any attached it falls back to the batched engine (which runs them) with a warning;
     the engine used is ``engine.name`` (recorded on results).
     """
-    if engine == "attribution":  # first-order estimates (trace(method="attribution")), any bridge
-        from .attribution import AttributionEngine
-
-        return AttributionEngine(model, ids, corruption, precision=precision, max_batch=max_batch)
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
     if engine == "auto":
