@@ -27,9 +27,12 @@ import torch
 
 def count_hashes():
     """A counter of fingerprints computed from the weights (``None`` if the cache does not exist)."""
-    from workbench import loading
+    try:
+        from workbench import weights as module  # where the fingerprint lives
+    except ImportError:  # an older workbench: in loading
+        from workbench import loading as module
 
-    compute = getattr(loading, "_compute_fingerprint", None)
+    compute = getattr(module, "_compute_fingerprint", None)
     if compute is None:
         return None
     calls = [0]
@@ -38,7 +41,7 @@ def count_hashes():
         calls[0] += 1
         return compute(*args, **kwargs)
 
-    loading._compute_fingerprint = counted
+    module._compute_fingerprint = counted
     return calls
 
 

@@ -8,7 +8,7 @@ import torch
 
 from workbench.architecture import FAMILY_NAMES
 from workbench.tracing import severed_trace, trace
-from workbench.tracing.engine import IncrementalEngine
+from workbench.tracing.incremental import IncrementalEngine
 
 PROMPT, SUBJECT = "Miles Davis plays the", "Miles Davis"
 KW = dict(subject=SUBJECT, samples=3, window=2, noise=0.5)

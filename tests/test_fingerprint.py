@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 
-from workbench import loading
+from workbench import weights
 from workbench.architecture import FAMILY_NAMES
 from workbench.editing import Edit
 from workbench.loading import canonical_hf_name, hf_model, hf_state_dict, model_fingerprint, random_model
 
 W_OUT = "transformer.h.1.mlp.c_proj.weight"
-HASH = loading._compute_fingerprint  # the uncached hash (the counting fixture replaces the module's)
+HASH = weights._compute_fingerprint  # the uncached hash (the counting fixture replaces the module's)
 
 
 @pytest.fixture
@@ -26,13 +26,13 @@ def model():
 def hashes(monkeypatch):
     """How many fingerprints were hashed from the weights (not answered from the cache)."""
     calls = [0]
-    compute = loading._compute_fingerprint
+    compute = weights._compute_fingerprint
 
     def counted(tensors):
         calls[0] += 1
         return compute(tensors)
 
-    monkeypatch.setattr(loading, "_compute_fingerprint", counted)
+    monkeypatch.setattr(weights, "_compute_fingerprint", counted)
     return calls
 
 
@@ -165,7 +165,7 @@ def reference_state_dict(model) -> dict[str, torch.Tensor]:
     found: dict[str, torch.Tensor] = {}
     for name, tensor in hf_model(model).state_dict(keep_vars=True).items():
         found.setdefault(canonical_hf_name(name), tensor)
-    return {n: found[n] for n in loading._hf_names(model)}
+    return {n: found[n] for n in weights._hf_names(model)}
 
 
 @pytest.mark.parametrize("model_type", FAMILY_NAMES)

@@ -142,3 +142,73 @@ def test_lost_reply_does_not_hang(tmp_path):
     assert dropped and client.lost_replies == ["x = 1"]
     assert book.cells[0].outputs[0]["text"] == "first\n" and book.cells[1].outputs[0]["text"] == "2\n"
     assert time.perf_counter() - started < 50
+
+
+# --------------------------------------------------------------------------- what the notebooks say (issue 22, problem 8)
+
+
+def _markdown(stem: str, kinds: tuple[str, ...] = ("markdown",)) -> list[str]:
+    nbformat = pytest.importorskip("nbformat")
+    book = nbformat.read(next(p for p in NOTEBOOKS if p.stem == stem), as_version=4)
+    return [c.source for c in book.cells if c.cell_type in kinds]
+
+
+def _teaching_fact(toy_model):
+    import workbench as wb
+    from workbench.report import diverse_order, known_facts
+
+    return known_facts(toy_model, diverse_order(wb.load_facts("toy-facts")), limit=1)[0]
+
+
+def test_quickstart_points_newcomers_to_the_teaching_demo():
+    """The "Next" list names the teaching demo first (it explains what the other notebooks assume)."""
+    nxt = next(s for s in _markdown("01_quickstart") if s.startswith("Next"))
+    assert nxt.index("05_teaching_demo") < min(nxt.index(n) for n in ("02_inspector", "03_entity", "04_editing"))
+
+
+def test_teaching_demo_suggests_substrings_of_its_prompt(toy_model):
+    """Every ``corrupt="..."`` the teaching demo suggests (text or code) occurs once in the prompt it traces."""
+    import re
+
+    fact = _teaching_fact(toy_model)
+    cells = _markdown("05_teaching_demo", ("markdown", "code"))
+    suggested = [w for s in cells for w in re.findall(r'corrupt="([^"]+)"', s)]
+    suggested = [w for w in suggested if w not in ("subject", "relation")]
+    assert suggested
+    for word in suggested:
+        assert fact.prompt.count(word) == 1, (word, fact.prompt)
+
+
+def test_teaching_demo_window_claims_hold(toy_model):
+    """Step 3's text, on the map it shows: one MLP (window 1) at the subject's last token brings back about
+    what the whole hidden state does there; at the last token a window brings back more than one layer."""
+    from workbench.tracing import default_window, trace
+
+    fact = _teaching_fact(toy_model)
+    kw = dict(subject=fact.subject, samples=10)
+    hidden = trace(toy_model, fact.prompt, kinds=("hidden",), **kw)
+    narrow = trace(toy_model, fact.prompt, kinds=("mlp", "attn"), window=1, **kw)
+    wide = trace(toy_model, fact.prompt, kinds=("mlp", "attn"), window=default_window(toy_model.cfg.n_layers), **kw)
+    s, last = max(hidden.subject_span.positions), len(hidden.tokens) - 1
+    assert narrow.scores["mlp"][s].max() >= 0.8 * hidden.scores["hidden"][s].max() > hidden.p_corrupt + 0.2
+    assert narrow.scores["attn"][s].max() < hidden.p_corrupt + 0.05  # next to nothing
+    for kind in ("mlp", "attn"):
+        assert wide.scores[kind][last].max() > narrow.scores[kind][last].max() + 0.1
+    text = " ".join(_markdown("05_teaching_demo"))
+    assert "layer 0" in text and "changes\nlittle, and ROME" in text  # the small-model reading, GPT-2 XL's aside
+
+
+def test_entity_vs_relation_names_buckets_each_map_has():
+    """Notebook 03 asks about the relation map only in the relation map's own buckets."""
+    import re
+
+    from workbench.tracing.results import BUCKETS, RELATION_BUCKETS
+
+    text = " ".join(_markdown("03_entity_vs_relation")).replace("\n", " ")
+    checked = 0
+    for sentence in re.split(r"(?<=[.?!])\s+", text):
+        names = [n for n in re.findall(r"\*([a-z ]+)\*", sentence) if n in BUCKETS or n in RELATION_BUCKETS]
+        if names and re.search(r"relation (corrupted|sweep|span|map)", sentence):
+            checked += 1
+            assert all(n in RELATION_BUCKETS for n in names), (sentence, names)
+    assert checked

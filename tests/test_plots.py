@@ -320,8 +320,11 @@ def test_plot_edit_eval_real_summary(tiny_model):
     fig = plot_edit_eval(summary)
     names = [t.name for t in fig.data if t.xaxis == "x"]
     assert names[0] == "unedited" and len(names) == 3 and all("@" in n for n in names[1:])
-    assert [a.text for a in fig.layout.annotations] == ["entity", "relation", "request", "transfer", "bleed",
-                                                        "locality"]
+    families = ["entity", "relation", "request", "transfer", "bleed", "other_relations", "locality"]
+    assert [a.text for a in fig.layout.annotations] == families  # the rates; not the "*_adj" differences
+    adjusted = plot_edit_eval(summary, families=["entity_adj"])
+    assert [a.text for a in adjusted.layout.annotations] == ["entity_adj"]
+    assert adjusted.layout.yaxis.range[0] <= min(0.0, min(min(t.y) for t in adjusted.data))
 
 
 # --------------------------------------------------------------------------- sizing, scales, tooltips (issue problems 3, 5, 8)

@@ -86,3 +86,24 @@ def test_demo_command_on_bundled_model(tmp_path):
     html = out.read_text()
     _check_page(html)
     assert "known to the model" in html
+
+
+def test_edit_probe_rows_bleed_and_other_relations():
+    """The report's and the Inspector's rows beyond the edited fact: other subjects of the relation in both
+    phrasings (bleed) and the subject's other relations (locality), as the evaluation probes them."""
+    from workbench.facts import load_facts
+    from workbench.perspective import phrasings
+    from workbench.report import edit_probe_rows
+
+    facts = load_facts("toy-facts")
+    fact = facts[0]
+    rows = edit_probe_rows(fact, facts)
+    labels = [probe for _, probe in rows]
+    assert labels.count("bleed: other subject, subject-first") == labels.count("bleed: other subject, relation-first") == 3
+    ph = phrasings(fact)
+    others = {f.subject for f in facts if f.relation_id == fact.relation_id and f.subject != fact.subject}
+    bleed = [p for p, probe in rows if probe.startswith("bleed")]
+    assert all(any(p == t.format(s) for s in others for t in (ph.entity_template, ph.relation_template)) for p in bleed)
+    local = [p for p, probe in rows if probe.startswith("locality")]
+    assert local and all(p.count(fact.subject) == 1 for p in local)
+    assert len({p for p, _ in rows}) == len(rows)

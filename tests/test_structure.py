@@ -1,4 +1,5 @@
-"""The package's shape: no import cycle anywhere (function-level imports included)."""
+"""The package's shape: no import cycle anywhere (function-level imports included), no long module
+without a reason."""
 
 from __future__ import annotations
 
@@ -77,3 +78,16 @@ def test_the_graph_sees_relative_and_lazy_imports():
 def test_no_import_cycle():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+MAX_LINES = 500
+
+
+def test_long_modules_say_why():
+    """A module over 500 lines states in its docstring why it stays one file ("over 500 lines")."""
+    unexplained = []
+    for mod, (path, _) in _modules().items():
+        text = path.read_text()
+        if text.count("\n") > MAX_LINES and "over 500 lines" not in (ast.get_docstring(ast.parse(text)) or ""):
+            unexplained.append(f"{mod} ({text.count(chr(10))} lines)")
+    assert not unexplained, "split these modules or say why in their docstring: " + ", ".join(unexplained)

@@ -459,6 +459,7 @@ def test_cancelled_rerun_keeps_the_previous_map(inspector):
     assert inspector.run_trace() is None
     assert inspector.figure is shown and len(inspector.trace_out.outputs) == 1
     assert "previous" in inspector.status.value and "samples" in inspector.trace_stale.value
+    assert "The map shown was computed for the earlier inputs" in inspector.trace_stale.value
 
 
 def test_out_of_date_note_names_what_changed(tiny_model):
@@ -469,6 +470,7 @@ def test_out_of_date_note_names_what_changed(tiny_model):
     note = ins.edit_stale.value
     assert note.count("out of date") == 1 and "prompt or subject" in note and "new object" in note
     assert "since this was computed" not in note
+    assert "The table and maps shown were computed for the earlier inputs; run again" in note
 
 
 def test_one_value_toggle(inspector):
@@ -504,7 +506,7 @@ def test_locality_as_in_the_evaluation(tiny_model):
     assert probes.count("bleed: other subject, subject-first") == 3
     assert probes.count("bleed: other subject, relation-first") == 3
     rel_template = ph.relation_template
-    bleed_rel = [p for p, probe in rows if probe.endswith("relation-first")]
+    bleed_rel = [p for p, probe in rows if probe == "bleed: other subject, relation-first"]
     assert all(fact.subject not in p for p in bleed_rel)
     assert any(p == rel_template.format(other.subject) for p in bleed_rel for other in facts
                if other.relation_id == fact.relation_id)
@@ -516,4 +518,18 @@ def test_locality_as_in_the_evaluation(tiny_model):
     ins.prompt.value, ins.subject.value = rel_template.format("Varo Keltin"), "Varo Keltin"
     typed = ins.current_fact()
     assert typed.relation_id == fact.relation_id
-    assert any(probe.endswith("relation-first") for _, probe in ins.state.probe_rows(typed))
+    assert "bleed: other subject, relation-first" in [probe for _, probe in ins.state.probe_rows(typed)]
+
+
+def test_probe_facts_widen_the_rows_beyond_the_examples(tiny_model):
+    """Few examples in the dropdown, the whole dataset for bleed and locality rows."""
+    from workbench.facts import load_facts
+
+    facts = load_facts("toy-facts")
+    few = Inspector(tiny_model, facts[:3], samples=2)
+    full = Inspector(tiny_model, facts[:3], samples=2, probe_facts=facts)
+    assert len(full.fact_picker.options) == len(few.fact_picker.options) == 4
+    labels = [probe for _, probe in full.state.probe_rows(facts[0])]
+    assert labels.count("bleed: other subject, relation-first") == 3
+    assert any(label.startswith("locality") for label in labels)
+    assert len(few.state.probe_rows(facts[0])) < len(labels)

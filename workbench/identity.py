@@ -177,7 +177,8 @@ def _config_of(target) -> tuple[dict, Any]:
     if isinstance(target, dict):
         return target, None
     if isinstance(target, (str, os.PathLike)):
-        from .loading import _read_config, bundled_path, is_bundled_name
+        from .folders import _read_config
+        from .loading import bundled_path, is_bundled_name
 
         path = bundled_path() if is_bundled_name(target, note=False) else Path(target).expanduser()
         if not path.is_dir():

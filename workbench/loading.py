@@ -16,21 +16,30 @@ for GPT-2), not the folded/centred copies that compatibility mode makes. Weight 
 (ROME, MEMIT, FT, KN) therefore act on exactly the parameters the original methods
 edit, show up in the wrapped model at once, and can be saved back in Hugging Face
 format.
+
+Folder checks live in :mod:`workbench.folders`, the weights' Hugging Face names and fingerprint in
+:mod:`workbench.weights`; their public names are importable from here too.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import warnings
-import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
 
 import torch
+
+from .folders import (MANIFEST, TOKENIZER_FILES, ModelLoadError, check_model_folder, check_weights_match_config,
+                      unchecked_config_fields, write_manifest)
+from .weights import (canonical_hf_name, hf_model, hf_parameter, hf_state_dict, model_fingerprint, remember_fingerprint,
+                      restore_fingerprint)
+
+__all__ = ["BUNDLED", "BUNDLED_PREFIX", "MANIFEST", "REQUIRED_HOOKS", "TOKENIZER_FILES", "ModelLoadError", "assets_dir",
+           "bundled_path", "canonical_hf_name", "check_device", "check_hooks", "check_model_folder", "check_tokenizer",
+           "check_weights_match_config", "default_device", "hf_model", "hf_parameter", "hf_state_dict",
+           "is_bundled_name", "load_model", "model_fingerprint", "model_info", "random_model", "remember_fingerprint",
+           "resolve_spec", "restore_fingerprint", "save_hf", "unchecked_config_fields", "write_manifest"]
 
 BUNDLED = "toy-facts"
 """Name of the bundled model and world."""
@@ -41,17 +50,7 @@ BUNDLED_PREFIX = "bundled:"
 REQUIRED_HOOKS = ("hook_embed", "blocks.{l}.hook_resid_post", "blocks.{l}.hook_mlp_out", "blocks.{l}.hook_attn_out")
 """Hook names tracing and editing rely on; a model whose bridge lacks one is refused at load."""
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-"""Files of which a model folder needs at least one for its tokenizer."""
-
-_CACHE_ATTR = "_workbench_weights_cache"
-"""Attribute of the HF module holding :func:`hf_state_dict`'s and :func:`model_fingerprint`'s cache."""
-
 log = logging.getLogger(__name__)
-
-
-class ModelLoadError(RuntimeError):
-    """A model spec could not be resolved to a usable model; the message names the file and the fix."""
 
 
 def is_bundled_name(spec: str | os.PathLike, *, note: bool = True) -> bool:
@@ -241,271 +240,6 @@ def load_model(
     return bridge
 
 
-def _read_config(path: Path) -> dict:
-    cfg_path = path / "config.json"
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, ValueError) as err:
-        raise ModelLoadError(f"{cfg_path} is not a readable JSON config ({err}); restore it from the model's source "
-                             f"or re-save the folder with save_pretrained") from None
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise ModelLoadError(f"{cfg_path} has no 'model_type'; it is not a Hugging Face model config")
-    return config
-
-
-def _weight_files(path: Path) -> list[Path]:
-    return sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin"))
-
-
-def check_model_folder(path: str | os.PathLike) -> dict:
-    """Check a Hugging Face model folder before loading it; returns its parsed ``config.json``.
-
-    Raises :class:`ModelLoadError` naming the file at fault when the config does not parse,
-    no tokenizer file is present, or no weight file (or a weight file whose safetensors
-    header is unreadable) is found.
-    """
-    path = Path(path)
-    config = _read_config(path)
-    if not any((path / name).exists() for name in TOKENIZER_FILES):
-        raise ModelLoadError(
-            f"{path} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); without them every prompt would "
-            f"be tokenized wrongly. Copy the tokenizer files of the model's source into {path}, or save the folder "
-            f"with save_hf / tokenizer.save_pretrained")
-    weights = _weight_files(path)
-    if not weights:
-        raise ModelLoadError(f"{path} has no weight files (*.safetensors or pytorch_model*.bin)")
-    from safetensors import safe_open
-
-    for file in weights:
-        if file.suffix != ".safetensors":
-            continue
-        try:
-            with safe_open(str(file), framework="pt") as fh:
-                fh.keys()
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type
-            raise ModelLoadError(f"{file} is not a readable safetensors file ({type(err).__name__}: {err}); "
-                                 f"the download or copy is probably incomplete: fetch the file again") from None
-    return config
-
-
-MANIFEST = "workbench_manifest.json"
-"""A sealed copy of ``config.json`` that :func:`save_hf` (and ``train-toy``) write next to the weights, so that
-config fields the weights' shapes cannot confirm (``n_head``, ...) are checked too."""
-
-_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "use_cache", "architectures")
-
-_SIZE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
-                "vocab_size", "max_position_embeddings", "head_dim", "rotary_dim", "n_inner")
-"""Config sizes :func:`unchecked_config_fields` tries (under each family's own names via ``attribute_map``)."""
-
-
-def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """``{tensor name: shape}`` over every weight file of a folder, read from headers (no weights loaded)."""
-    from safetensors import safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in _weight_files(path):
-        if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt") as fh:
-                for name in fh.keys():
-                    shapes[name] = tuple(fh.get_slice(name).get_shape())
-        else:
-            try:
-                state = torch.load(str(file), map_location="cpu", mmap=True, weights_only=True)
-            except Exception as err:  # noqa: BLE001
-                raise ModelLoadError(f"{file} is not a readable PyTorch weight file ({type(err).__name__}: {err}); "
-                                     f"fetch the file again") from None
-            shapes.update({k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)})
-    return shapes
-
-
-def _meta_model(config):
-    """The model class ``config`` describes, built on the meta device (no memory, whatever its size)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return AutoModelForCausalLM.from_config(config)
-
-
-def check_weights_match_config(path: str | os.PathLike, limit: int = 4) -> None:
-    """Refuse a folder whose ``config.json`` disagrees with its weight files, before building the model.
-
-    The model the config describes is built on the meta device (no memory) and compared with the
-    weight files' headers: every parameter present with its shape, no unexpected tensor. A sealed
-    :data:`MANIFEST` (written by :func:`save_hf`) also checks the fields no shape shows (``n_head``).
-    Raises :class:`ModelLoadError` naming the folder, what differs and the fix.
-    """
-    import re
-
-    from transformers import AutoConfig
-
-    path = Path(path)
-    fix = (f"make {path / 'config.json'} match the weight files (model_type, n_layer, n_head, n_embd, vocab_size, "
-           f"...), e.g. restore it from the model's source")
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-        meta = _meta_model(config)
-    except Exception as err:  # noqa: BLE001 - transformers raises many types
-        raise ModelLoadError(f"{path / 'config.json'} does not describe a model transformers can build "
-                             f"({type(err).__name__}: {' '.join(str(err).split())[:300]}); {fix}") from None
-    rename, exact = _checkpoint_renames(meta)
-    params = {k: tuple(v.shape) for k, v in meta.named_parameters()}  # tied weights once
-    allowed = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-    allowed.update(params)
-    prefix = getattr(meta, "base_model_prefix", "") or ""
-    found: dict[str, tuple[int, ...]] = {}
-    for name, shape in _file_shapes(path).items():
-        name = rename(name)
-        if name not in allowed and prefix:
-            if f"{prefix}.{name}" in allowed:
-                name = f"{prefix}.{name}"
-            elif name.startswith(prefix + ".") and name[len(prefix) + 1:] in allowed:
-                name = name[len(prefix) + 1:]
-        found[name] = shape
-    ignore_unexpected = [re.compile(p) for p in (getattr(meta, "_keys_to_ignore_on_load_unexpected", None) or [])]
-    ignore_missing = [re.compile(p) for p in (getattr(meta, "_keys_to_ignore_on_load_missing", None) or [])]
-    missing = [n for n in params if n not in found and not any(p.search(n) for p in ignore_missing)]
-    unexpected = [n for n in found if n not in allowed and not any(p.search(n) for p in ignore_unexpected)]
-    if not exact:  # the family converts tensors on load (fuses, splits): only shapes of matching names are checked
-        missing, unexpected = [], []
-    wrong = [f"{n} is {found[n]}, config gives {allowed[n]}" for n in found if n in allowed and found[n] != allowed[n]]
-    if not (missing or unexpected or wrong):
-        _check_manifest(path)  # the fields no shape shows
-        return
-    problems = []
-    n_layers = getattr(config, "num_hidden_layers", None)
-    layer_ids = {int(m.group(1)) for n in found for m in [re.search(r"\.(?:h|layers|layer|blocks)\.(\d+)\.", n)] if m}
-    if n_layers is not None and layer_ids and max(layer_ids) + 1 != n_layers:
-        problems.append(f"the config has {n_layers} layers but the weights hold {max(layer_ids) + 1}")
-    for label, items in (("shapes differ", wrong), ("tensors missing from the weights", missing),
-                         ("unexpected tensors in the weights", unexpected)):
-        if items:
-            more = f" and {len(items) - limit} more" if len(items) > limit else ""
-            problems.append(f"{label}: {', '.join(items[:limit])}{more}")
-    raise ModelLoadError(f"{path / 'config.json'} (model_type {config.model_type!r}) does not match the weight files "
-                         f"in {path}: {'; '.join(problems)}. {fix[0].upper() + fix[1:]}")
-
-
-def _checkpoint_renames(meta) -> tuple[Any, bool]:
-    """``(rename, exact)``: the key renames transformers applies when loading ``meta``'s family (e.g. GPT-NeoX's
-    ``embed_out`` -> ``lm_head``), and whether renames are all it applies (other conversions fuse tensors)."""
-    import re
-
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming
-
-        transforms = get_model_conversion_mapping(meta)
-    except Exception:  # noqa: BLE001 - an older transformers without conversions: names are as saved
-        return (lambda name: name), True
-    pairs, exact = [], True
-    for t in transforms:
-        if type(t) is not WeightRenaming:
-            exact = False
-            continue
-        targets = list(t.target_patterns)
-        for i, source in enumerate(t.source_patterns):
-            pairs.append((re.compile(source), targets[i] if i < len(targets) else targets[-1]))
-
-    def rename(name: str) -> str:
-        for pattern, target in pairs:
-            name = pattern.sub(target, name, count=1)
-        return name
-
-    return rename, exact
-
-
-def unchecked_config_fields(config) -> list[str]:
-    """Config size fields whose value the weights' shapes do not determine (e.g. GPT-2's ``n_head``: the
-    attention weights have the same shape for any head count), found by changing each on a meta model."""
-    import copy
-
-    config = _fewer_layers(config)  # every layer has the same shapes: two are enough, and fast on any size
-    base = {k: tuple(v.shape) for k, v in _meta_model(config).state_dict().items()}
-    out = []
-    names = dict(getattr(config, "attribute_map", {}) or {})
-    for field in _SIZE_FIELDS:
-        if field == "num_hidden_layers":  # the layer count shows in the tensor names
-            continue
-        value = getattr(config, field, None)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            continue
-        shown = names.get(field, field)
-        for trial in (value * 2, value // 2):
-            if trial < 1:
-                continue
-            other = copy.deepcopy(config)
-            try:
-                setattr(other, field, trial)
-                shapes = {k: tuple(v.shape) for k, v in _meta_model(other).state_dict().items()}
-            except Exception:  # noqa: BLE001 - an inconsistent size (e.g. not a divisor): try the other
-                continue
-            if shapes == base:
-                out.append(shown)
-            break
-    return out
-
-
-def _fewer_layers(config, n: int = 2):
-    """A copy of ``config`` with at most ``n`` layers (``config`` itself when that cannot be built)."""
-    import copy
-
-    layers = getattr(config, "num_hidden_layers", None)
-    if not isinstance(layers, int) or layers <= n:
-        return config
-    small = copy.deepcopy(config)
-    try:
-        small.num_hidden_layers = n
-        if isinstance(getattr(small, "layer_types", None), list):
-            small.layer_types = small.layer_types[:n]
-        _meta_model(small)
-    except Exception:  # noqa: BLE001 - a family whose config ties other fields to the depth
-        return config
-    return small
-
-
-def _manifest_config(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
-
-
-def write_manifest(folder: str | os.PathLike) -> Path:
-    """Seal the folder's ``config.json`` into :data:`MANIFEST` (what :func:`check_weights_match_config` reads)."""
-    from .integrity import atomic_write, seal
-
-    folder = Path(folder)
-    config = json.loads((folder / "config.json").read_text())
-    record = seal({"format": 1, "config": _manifest_config(config)})
-    return atomic_write(folder / MANIFEST, json.dumps(record, indent=1, sort_keys=True).encode(), what="manifest")
-
-
-def _check_manifest(path: Path) -> bool:
-    """Check ``config.json`` against a sealed :data:`MANIFEST`, if there is one; whether there was."""
-    from .integrity import IntegrityError, verify
-
-    file = path / MANIFEST
-    if not file.exists():
-        return False
-    try:
-        record = json.loads(file.read_text())
-        verify(record, where=str(file), error=ModelLoadError,
-               fix=f"restore it, or delete it if {path / 'config.json'} is known to be right")
-    except ValueError as err:
-        raise ModelLoadError(f"{file} is not readable JSON ({err}); restore it, or delete it if "
-                             f"{path / 'config.json'} is known to be right") from None
-    except IntegrityError as err:
-        raise ModelLoadError(str(err)) from None
-    saved = record.get("config", {})
-    now = _manifest_config(_read_config(path))
-    differ = sorted(k for k in set(saved) | set(now) if saved.get(k, "<absent>") != now.get(k, "<absent>"))
-    if differ:
-        detail = "; ".join(f"{k}: config.json has {now.get(k, '<absent>')!r}, saved {saved.get(k, '<absent>')!r}"
-                           for k in differ[:5])
-        raise ModelLoadError(f"{path / 'config.json'} differs from the config the weights were saved with ({detail}; "
-                             f"recorded in {file}); restore config.json, or delete {file} if the change is intended")
-    return True
-
-
 def _load_folder(path: Path, dtype: torch.dtype):
     """Model and tokenizer of a local folder, every failure as a ModelLoadError naming the folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -556,223 +290,11 @@ def check_hooks(bridge, source: str = "the model") -> None:
             f"tracing and editing need (transformer blocks with attention and MLP outputs)")
 
 
-def hf_model(model):
-    """The wrapped Hugging Face model of a bridge (shares its parameters).
-
-    Its module tree has been rewired by the bridge, so use :func:`hf_state_dict` for
-    the parameters under their Hugging Face names.
-    """
-    return model.original_model
-
-
-def _hf_names(model) -> list[str]:
-    cached = getattr(model, "_workbench_hf_names", None)
-    if cached is None:
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            fresh = AutoModelForCausalLM.from_config(hf_model(model).config)
-        cached = list(fresh.state_dict().keys())
-        model._workbench_hf_names = cached
-    return cached
-
-
-def canonical_hf_name(name: str) -> str:
-    """A parameter name as Hugging Face writes it (the bridge inserts ``_original_component``)."""
-    return name.replace("._original_component", "").replace("_original_component.", "")
-
-
-def hf_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's live tensors under their Hugging Face names (no copies).
-
-    The bridge wraps each HF module in a component whose state-dict keys contain
-    ``_original_component`` and adds aliases (``mlp.in``, ``attn.q``...); stripping the
-    wrappers and keeping the names a fresh HF model would have gives e.g.
-    ``transformer.h.5.mlp.c_proj.weight`` -> the tensor that ``blocks[5].mlp.W_out`` is.
-    Where each name lives (module and attribute) is found once and read live on every call,
-    so a parameter replaced on its module is seen; the walk is redone when any module,
-    parameter or buffer is registered anywhere (:func:`_structure_generation`).
-    """
-    cache = _weights_cache(model)
-    if cache.slots is None or cache.generation != _structure_generation():
-        cache.slots, cache.generation = _find_slots(model), _structure_generation()
-    try:
-        return {name: getattr(owner, store)[key] for name, owner, store, key in cache.slots}
-    except KeyError:  # an entry was deleted without registering anything: walk again
-        cache.slots = None
-        return hf_state_dict(model)
-
-
-def _find_slots(model) -> list[tuple[str, torch.nn.Module, str, str]]:
-    """``(hf_name, module, "_parameters" | "_buffers", attribute)`` of every HF name, in the
-    order and with the first-seen-wins choice of ``hf_model(model).state_dict()``."""
-    wanted = _hf_names(model)
-    found: dict[str, tuple[torch.nn.Module, str, str]] = {}
-    for prefix, module in hf_model(model).named_modules(remove_duplicate=False):
-        entries = [("_parameters", k, t) for k, t in module._parameters.items()]
-        entries += [("_buffers", k, t) for k, t in module._buffers.items()
-                    if k not in module._non_persistent_buffers_set]
-        for store, key, tensor in entries:
-            if tensor is not None:
-                found.setdefault(canonical_hf_name(f"{prefix}.{key}" if prefix else key), (module, store, key))
-    missing = [n for n in wanted if n not in found]
-    if missing:
-        raise RuntimeError(f"cannot map bridge parameters to Hugging Face names; missing {missing[:5]}")
-    return [(n, *found[n]) for n in wanted]
-
-
-def hf_parameter(model, name: str) -> torch.Tensor:
-    """The live tensor of one Hugging Face parameter, e.g. ``transformer.h.5.mlp.c_proj.weight``."""
-    params = hf_state_dict(model)
-    if name not in params:
-        raise KeyError(f"{name!r} is not a parameter of this model")
-    return params[name]
-
-
-def model_fingerprint(model, refresh: bool = False) -> str:
-    """A short hash of the model's current weights (identity for on-disk caches and edits).
-
-    Computed once per weight state and cached on the model until a weight changes: the cache
-    is keyed on every tensor's identity, storage, shape, dtype, device and autograd version
-    counter, which every in-place change through the parameter or a view of it advances
-    (``p.add_``, ``p[i] = x`` or ``p.copy_`` under ``no_grad``, ``load_state_dict``, optimizer
-    steps, :meth:`~workbench.editing.Edit.apply`); replacing a parameter, or its ``.data``,
-    changes its identity or storage. In-place writes *into* ``p.data`` (``p.data.add_(x)``) are
-    the one change PyTorch hides from version counters: after one, pass ``refresh=True``.
-    :meth:`~workbench.editing.Edit.revert` restores the pre-edit value without hashing again
-    (:func:`remember_fingerprint`).
-    """
-    cache = _weights_cache(model)
-    tensors = hf_state_dict(model)
-    key = _weights_key(tensors)
-    if not refresh and _cache_valid(cache, tensors, key):
-        return cache.fingerprint
-    fingerprint = _compute_fingerprint(tensors)
-    cache.key, cache.fingerprint = key, fingerprint
-    cache.refs = _refs(tensors) if key is not None else None
-    return fingerprint
-
-
-def _compute_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
-    """The fingerprint of :func:`model_fingerprint`, hashed from the weights."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(tensors.items()):
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        flat = tensor.detach().reshape(-1)
-        # A strided sample keeps hashing fast on multi-GB models while any real edit,
-        # which moves whole rows/columns, still changes the digest.
-        step = max(1, flat.numel() // 65536)
-        digest.update(flat[::step].to("cpu", torch.float32).numpy().tobytes())
-        digest.update(flat.to(torch.float64).sum().item().hex().encode())
-    return digest.hexdigest()[:16]
-
-
-@dataclass
-class _WeightsCache:
-    """Per-model state of :func:`hf_state_dict` and :func:`model_fingerprint` (on the HF module)."""
-
-    slots: list | None = None
-    generation: int = -1
-    key: tuple | None = None
-    refs: list | None = None           # _refs of the tensors the key was taken from
-    fingerprint: str | None = None
-    remembered: dict = field(default_factory=dict)   # token -> (key, refs, fingerprint): remember_fingerprint
-
-
-def _weights_cache(model) -> _WeightsCache:
-    hf = hf_model(model)
-    cache = hf.__dict__.get(_CACHE_ATTR)
-    if cache is None:
-        cache = _WeightsCache()
-        object.__setattr__(hf, _CACHE_ATTR, cache)  # not a submodule, not in the state dict
-    return cache
-
-
-def _weights_key(tensors: dict[str, torch.Tensor]) -> tuple | None:
-    """What identifies the weights' current values short of reading them (``None``: no version counters)."""
-    try:
-        return tuple((n, t.data_ptr(), t._version, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
-                      t.device) for n, t in tensors.items())
-    except RuntimeError:  # inference tensors have no version counter: never cached
-        return None
-
-
-def _refs(tensors: dict[str, torch.Tensor]) -> list[tuple[weakref.ref, weakref.ref]]:
-    """Weak references to each tensor and its storage: a key taken from other tensors or storages
-    (a replaced parameter, a ``p.data = ...`` at a reused address) never matches."""
-    return [(weakref.ref(t), weakref.ref(t.untyped_storage())) for t in tensors.values()]
-
-
-def _same_objects(refs: list | None, tensors: dict[str, torch.Tensor]) -> bool:
-    return refs is not None and len(refs) == len(tensors) and all(
-        tr() is t and sr() is t.untyped_storage() for (tr, sr), t in zip(refs, tensors.values()))
-
-
-def _cache_valid(cache: _WeightsCache, tensors: dict[str, torch.Tensor], key: tuple | None) -> bool:
-    return key is not None and cache.key == key and _same_objects(cache.refs, tensors)
-
-
-_generation = [0]
-_watching = [False]
-
-
-def _bump_generation(*_args) -> None:
-    _generation[0] += 1
-
-
-def _structure_generation() -> int:
-    """A counter that any registration of a module, parameter or buffer on any module advances
-    (PyTorch's global registration hooks, installed on first use)."""
-    if not _watching[0]:
-        from torch.nn.modules import module as torch_module
-
-        torch_module.register_module_module_registration_hook(_bump_generation)
-        torch_module.register_module_parameter_registration_hook(_bump_generation)
-        torch_module.register_module_buffer_registration_hook(_bump_generation)
-        _watching[0] = True
-    return _generation[0]
-
-
-def remember_fingerprint(model, token: str) -> None:
-    """Before changing weights that will be restored bit-identically (an edit's apply), keep the
-    current cached fingerprint under ``token``; nothing is hashed (no-op if none is cached)."""
-    if not hasattr(model, "original_model"):
-        return
-    cache = _weights_cache(model)
-    tensors = hf_state_dict(model)
-    key = _weights_key(tensors)
-    if _cache_valid(cache, tensors, key):
-        cache.remembered[token] = (key, cache.refs, cache.fingerprint)
-
-
-def restore_fingerprint(model, token: str, restored: Iterable[str]) -> None:
-    """After the tensors named ``restored`` were copied back bit-identically to their values at
-    :func:`remember_fingerprint` (an edit's revert), cache that fingerprint again for the new
-    state, provided no other tensor changed in between (else the next call hashes)."""
-    if not hasattr(model, "original_model"):
-        return
-    cache = _weights_cache(model)
-    memo = cache.remembered.pop(token, None)
-    if memo is None:
-        return
-    old_key, refs, fingerprint = memo
-    tensors = hf_state_dict(model)
-    key = _weights_key(tensors)
-    if key is None or len(key) != len(old_key) or not _same_objects(refs, tensors):
-        return
-    restored = set(restored)
-    for now, then in zip(key, old_key):
-        if now != then if now[0] not in restored else now[:2] + now[3:] != then[:2] + then[3:]:
-            return
-    cache.key, cache.refs, cache.fingerprint = key, refs, fingerprint
-
-
-def model_info(model) -> dict:
-    """Size facts of a loaded model, for ``workbench info`` and reports, and how far its config was checked
-    (``config_check``: the config fields the weights' shapes cannot confirm, and whether a sealed manifest did)."""
+def model_info(model, config_check: bool = True) -> dict:
+    """Size facts of a loaded model, for ``workbench info`` and reports, and (``config_check``) how far its
+    config was checked: the config fields the weights' shapes cannot confirm, and whether a sealed manifest did."""
     cfg = model.cfg
-    unchecked = unchecked_config_fields(hf_model(model).config)
+    unchecked = unchecked_config_fields(hf_model(model).config) if config_check else []
     if not unchecked:
         check = "every size field confirmed by the weights' shapes"
     elif getattr(model, "workbench_manifest", False):
@@ -792,7 +314,7 @@ def model_info(model) -> dict:
                       if name != "lm_head.weight" or not hf_model(model).config.tie_word_embeddings),
         "device": str(next(hf_model(model).parameters()).device),
         "dtype": str(next(hf_model(model).parameters()).dtype).replace("torch.", ""),
-        "config_check": check,
+        **({"config_check": check} if config_check else {}),
     }
 
 

@@ -8,6 +8,16 @@ instead of importing it from a CDN.
 Colours follow ROME's figures: hidden states purple, MLP green, attention red.
 Token maps put tokens on the y axis in prompt order (top to bottom) and mark the
 corrupted tokens with a trailing ``*``.
+
+Sizing: no figure has a fixed width (each fills its container; :func:`figure_html` turns on
+Plotly's responsive mode), titles and axis titles are on short lines, and margins and gaps are
+computed in pixels from the number of title lines, so that labels stay clear of each other in a
+notebook column of about 550-650 px (JupyterLab at 1000 px with its file browser open) as well as
+in a full-width report (``tests/browser/test_figures_browser.py`` checks 640, 900 and 1300 px).
+
+This module is over 500 lines on purpose: every figure uses the same helpers (token labels,
+colour ranges, title and margin sizing), and keeping them in one file keeps one set of layout
+rules.
 """
 
 from __future__ import annotations
@@ -147,10 +157,12 @@ def _trace_title(result: Any, tokens: Sequence[str], corrupted: Sequence[int]) -
     answer = getattr(result, "answer", "")
     prompt = getattr(result, "prompt", "")
     span = span_text(tokens, corrupted)
-    return (f"{_html.escape(repr(prompt), quote=False)} → {_html.escape(repr(answer), quote=False)}:"
-            f" p_clean {float(result.p_clean):.3f}, p_corrupt {float(result.p_corrupt):.3f}"
-            f"<br><sup>corrupted ({_html.escape(str(getattr(result, 'corrupt', '')), quote=False)}): "
-            f"{_html.escape(repr(span), quote=False)} — tokens marked *; {getattr(result, 'samples', '?')} samples,"
+    # short lines: Plotly does not wrap titles, and a notebook column can be 550 px wide
+    return (f"{_html.escape(repr(prompt), quote=False)} → {_html.escape(repr(answer), quote=False)}"
+            f"<br><sup>p_clean {float(result.p_clean):.3f}, p_corrupt {float(result.p_corrupt):.3f}; corrupted "
+            f"({_html.escape(str(getattr(result, 'corrupt', '')), quote=False)}): "
+            f"{_html.escape(repr(span), quote=False)}, tokens marked *</sup>"
+            f"<br><sup>{getattr(result, 'samples', '?')} samples,"
             f" noise {float(getattr(result, 'noise_level', float('nan'))):.3g}{_method_note([result])}</sup>")
 
 
@@ -178,7 +190,9 @@ def traces_title(rows: Sequence[tuple[str, Any]]) -> str:
     for label, r in rows:
         bits = []
         if not same_answer:
-            bits.append(f"→ {esc(getattr(r, 'answer', ''))}, p_clean {float(r.p_clean):.3f}")
+            answer = esc(getattr(r, "answer", ""))
+            bits.append(f"p_clean {float(r.p_clean):.3f}" if answer in _html.escape(label, quote=False)
+                        else f"→ {answer}, p_clean {float(r.p_clean):.3f}")
         span = esc(span_text(list(r.tokens), _positions(getattr(r, "corrupted_span", None))))
         corrupt = _html.escape(str(getattr(r, "corrupt", "")), quote=False)
         bits.append(span if f"{corrupt} corrupted" in label else f"corrupted ({corrupt}) {span}")
@@ -268,7 +282,7 @@ def plot_traces(results: Sequence[Any] | Mapping[str, Any], kind: str | Sequence
     if title is None:
         title = traces_title(rows)
     n_tok = max(len(m[3]) for m in metas)
-    title_px = 34 + 15 * title.count("<br>")  # the title's first line, then one line per <br>
+    title_px = 38 + 15 * title.count("<br>")  # the title's first line, then one line per <br>
     menu_px = MENU_PX if buttons else 0
     panel_title_px = 40 if any(label for label, _ in rows) else 24  # two lines (kind, row label) or one
     top, bottom, gap = title_px + 14 + menu_px + panel_title_px, 72, 50 + panel_title_px  # px
@@ -325,7 +339,7 @@ def plot_traces(results: Sequence[Any] | Mapping[str, Any], kind: str | Sequence
         )])
     fig.update_layout(
         title=dict(text=title, x=0.0, xanchor="left", xref="paper", y=1.0, yref="container", yanchor="top",
-                   pad=dict(t=12), font=dict(size=15)),
+                   pad=dict(t=16), font=dict(size=15)),
         height=fig_height, autosize=True,
         margin=dict(l=10, r=50, t=top, b=bottom),
         plot_bgcolor="white",
@@ -570,7 +584,7 @@ def plot_severed(result: Any | Sequence[Any], *, value: str = "p", title: str | 
 # --------------------------------------------------------------------------- edit evaluation
 
 _ROW_KEYS = ("method", "request", "locus")
-KNOWN_FAMILIES = ("entity", "relation", "request", "transfer", "bleed", "locality", "n")
+KNOWN_FAMILIES = ("entity", "relation", "request", "transfer", "bleed", "other_relations", "locality", "n")
 
 
 def edit_eval_long(df: pd.DataFrame) -> pd.DataFrame:
@@ -649,7 +663,8 @@ def plot_edit_eval(df: pd.DataFrame, *, measure: str | None = "acc", title: str 
     ``df`` is what :func:`workbench.evaluate` returns; see :func:`edit_eval_long` for the
     accepted layouts. ``measure`` keeps the metrics ending in ``_acc`` (accuracy, default)
     or ``_score`` (CounterFact's P(new) > P(old)); ``None`` shows all. ``families`` picks
-    panels (default: every family but the counts, family ``n``). Bars of edits keyed at the
+    panels (default: every family of rates, i.e. not the counts ``n`` nor the evaluation's
+    ``*_adj`` differences; an axis reaches below 0 when a chosen one is negative). Bars of edits keyed at the
     relation are hatched; the unedited baseline is grey; every panel has its own numeric
     axis on one range.
     """
@@ -662,11 +677,13 @@ def plot_edit_eval(df: pd.DataFrame, *, measure: str | None = "acc", title: str 
             raise ValueError(f"no metric ends with {suffix!r}; metrics are {sorted(set(long['metric']))}")
         long = long[keep].assign(metric=lambda d: d["metric"].str[: -len(suffix)])
     all_families = list(dict.fromkeys(long["family"]))
-    if families is not None:
+    if families is None:  # the rates; the evaluation's "*_adj" families are differences of rates
+        families = [f for f in all_families if not f.endswith("_adj")] or all_families
+    else:
         unknown = [f for f in families if f not in all_families]
         if unknown:
             raise ValueError(f"families {unknown} are not in the table (it has {all_families})")
-        long = long[long["family"].isin(list(families))]
+    long = long[long["family"].isin(list(families))]
     families = [f for f in all_families if f in set(long["family"])]
     requests = list(dict.fromkeys(long["request"]))
     bars = list(dict.fromkeys(zip(long["method"], long["locus"])))
@@ -681,7 +698,8 @@ def plot_edit_eval(df: pd.DataFrame, *, measure: str | None = "acc", title: str 
                         vertical_spacing=0.16 if n_rows > 1 else 0.1,
                         subplot_titles=[fam for _ in requests for fam in families])
     values = long["value"].dropna()
-    top = 100.0 if values.size and values.max() > 1.0 else 1.0
+    top = 100.0 if values.size and values.abs().max() > 1.0 else 1.0
+    bottom = min(0.0, float(values.min()) * 1.12) if values.size else 0.0
     legend_seen: set[str] = set()
     for row, req in enumerate(requests, start=1):
         for col, fam in enumerate(families, start=1):
@@ -708,7 +726,7 @@ def plot_edit_eval(df: pd.DataFrame, *, measure: str | None = "acc", title: str 
     unit = "%" if top == 100.0 else "rate"
     axis_title = {"acc": "accuracy", "score": "score (P(new) > P(old))"}.get(measure or "", "value") + f" ({unit})"
     # Numeric axes on one range in every panel; tick labels only on the first column.
-    fig.update_yaxes(type="linear", range=[0, top * 1.12], showgrid=True, gridcolor="#eee")
+    fig.update_yaxes(type="linear", range=[bottom, top * 1.12], showgrid=True, gridcolor="#eee")
     for col in range(2, n_cols + 1):
         fig.update_yaxes(showticklabels=False, col=col)
     for row in range(1, n_rows + 1):

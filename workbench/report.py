@@ -67,6 +67,33 @@ def before_after(before: pd.DataFrame, after: pd.DataFrame) -> pd.DataFrame:
     return pd.concat({"before": before, "after": after}, axis=1)
 
 
+def edit_probe_rows(fact: Any, facts: Sequence[Any], k: int = 3) -> list[tuple[str, str]]:
+    """``(prompt, probe)`` rows that show an edit's reach beyond its fact, as the evaluation probes it
+    (:mod:`workbench.perspective`): **bleed**, up to ``k`` other subjects of the fact's relation in both
+    request phrasings (a relation-keyed edit leaks there), and **locality**, up to ``k`` of the subject's
+    other relations in both phrasings (which should keep their answers). ``facts`` supplies the other
+    subjects and relations. A fact without a relation id is asked about other subjects in its own phrasing.
+    """
+    from .perspective import bleed_subjects, other_relations, phrasings, probes, relation_index, subject_index
+
+    kind_name = {"entity": "subject-first", "relation": "relation-first"}
+    relations = other_relations(fact, subject_index(facts), k=k)
+    if fact.relation_id:
+        others = bleed_subjects(fact, relation_index(facts), k=k)
+        found = probes(fact, others, ph=phrasings(fact), relations=relations)
+        rows = [(p, f"bleed: other subject, {kind_name[kind]}") for p, _, kind in found.bleed]
+    else:
+        found = probes(fact, relations=relations)
+        subjects = [f.subject for f in facts if f.subject != fact.subject
+                    and fact.subject not in f.subject and f.subject not in fact.subject]
+        rows = [(fact.template.format(s), "bleed: other subject, same phrasing") for s in list(dict.fromkeys(subjects))[:k]]
+    rows += [(p, f"locality: other relation of the subject, {kind_name[kind]}") for p, _, _, kind in found.relations]
+    labels: dict[str, str] = {}
+    for prompt, probe in rows:
+        labels.setdefault(prompt, probe)  # each prompt once, with its first label
+    return list(labels.items())
+
+
 # --------------------------------------------------------------------------- assembly
 
 
@@ -299,7 +326,7 @@ def build_report(model: Any, facts: Sequence[Any] | None = None, *, n_prompts: i
     t0 = time.perf_counter()
     sec = Section("edit", "4. One edit, before and after")
     if edit:
-        _edit_section(model, sec, known or shown, common, say, rome_kwargs or {})
+        _edit_section(model, sec, known or shown, common, say, rome_kwargs or {}, facts)
     else:
         sec.add("<p class='note'>Editing was switched off for this report.</p>")
     timings["edit"] = time.perf_counter() - t0
@@ -338,7 +365,7 @@ def _version() -> str:
 
 
 def _edit_section(model: Any, sec: Section, facts: Sequence[Any], common: dict, say: Callable[[str], None],
-                  rome_kwargs: dict) -> None:
+                  rome_kwargs: dict, all_facts: Sequence[Any] = ()) -> None:
     try:
         from .editing import rome
     except ImportError:
@@ -365,11 +392,13 @@ def _edit_section(model: Any, sec: Section, facts: Sequence[Any], common: dict, 
                      ("relation-first phrasing", list(fact.relation_prompts[:3]))]
     else:
         rephrased = [("paraphrase", list(fact.paraphrases[:3]))]
-    groups = [("edit prompt", [fact.prompt]), *rephrased, ("other subject (locality)", list(fact.neighborhood[:3]))]
+    groups = [("edit prompt", [fact.prompt]), *rephrased]
     kind_of: dict[str, str] = {}
     for group, ps in groups:
         for p in ps:
             kind_of.setdefault(p, group)  # the edit prompt also appears among its phrasings
+    for p, probe in edit_probe_rows(fact, all_facts):
+        kind_of.setdefault(p, probe)
     prompts = list(kind_of)
     objects = [fact.target_true, new]
     before = predictions_table(model, prompts, objects=objects)
@@ -381,7 +410,9 @@ def _edit_section(model: Any, sec: Section, facts: Sequence[Any], common: dict, 
     table.insert(0, ("", "probe"), [kind_of[p] for p in table.index])
     sec.add(f"<p>ROME rewrites <b>{_esc(fact.prompt)} → {_esc(fact.target_true)}</b> to <b>{_esc(new)}</b>, "
             f"keyed at the subject's last token ({_esc(', '.join(edit_obj.param_names))}). Top predictions and the "
-            "probabilities of the old and new object, before and after:</p>")
+            "probabilities of the old and new object, before and after, on the fact's phrasings, on other subjects "
+            "of the relation (bleed: they should not move to the new object) and on the subject's other relations "
+            "(locality: they should keep their answers):</p>")
     sec.add(table_html(table))
     sec.add("<p>The trace before the edit (top row, answer = the old object) and after it (bottom row, answer = "
             "the new object), subject corrupted, on one colour scale:</p>")
@@ -400,5 +431,6 @@ def write_report(html_text: str, path: str | Path) -> Path:
     return path
 
 
-__all__ = ["build_report", "write_report", "predictions_table", "before_after", "known_facts", "diverse_order",
+__all__ = ["build_report", "write_report", "predictions_table", "before_after", "edit_probe_rows", "known_facts",
+           "diverse_order",
            "page", "Section"]

@@ -325,7 +325,7 @@ class ResultStore:
                 self.damaged_lines.append(n)
                 continue
             if ident in self._rows:
-                if self._rows[ident] != row:
+                if self._rows[ident][CHECKSUM_FIELD] != row[CHECKSUM_FIELD]:  # (NaN != NaN: compare sums)
                     raise StoreIntegrityError(
                         f"{self.path} holds two different rows for {dict(zip(self.id_fields, ident))} (lines "
                         f"{first_line[ident]} and {n}); a store never writes an id twice, so the file was edited "

@@ -78,7 +78,7 @@ def lab(tmp_path_factory):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"JupyterLab did not start: {(base / 'lab.log').read_text()[-2000:]}")
             time.sleep(1)
-        yield {"url": url, "token": token, "log": base / "lab.log"}
+        yield {"url": url, "token": token, "log": base / "lab.log", "root": root}
     finally:
         try:  # shuts down the kernels, then the server
             req = urllib.request.Request(f"{url}/api/shutdown", method="POST",
@@ -219,3 +219,102 @@ def test_inspector_in_jupyterlab(lab, page, shots):
     assert inspector.locator(".widget-html", has_text="reverted").count() >= 1
     page.screenshot(path=str(shots / "inspector_undo.png"))
     assert not [e for e in errors if "workbench" in e.lower()], errors
+
+
+TABS_NOTEBOOK = ("import workbench as wb\n"
+                 "from workbench.widgets import Inspector\n"
+                 "model = wb.load_model('toy-facts', device='cpu')\n"
+                 "facts = wb.load_facts('toy-facts')[:40]\n"
+                 "inspector = Inspector(model, facts, samples=2)\n"
+                 "inspector.run_trace()\n"
+                 "inspector.new_object.value = facts[0].target_new\n"
+                 "inspector.apply_edit()\n"
+                 "inspector",
+                 "again = Inspector(model, facts, samples=2)  # the cell run again: the model is still edited\n"
+                 "again")
+
+
+def _plot_sizes(inspector) -> list[dict]:
+    """Width and height of every figure in the inspector's visible tab, and of its output area."""
+    return inspector.evaluate("""el => Array.from(el.querySelectorAll('.js-plotly-plot'))
+        .filter(g => g.offsetParent !== null)
+        .map(g => { const r = g.getBoundingClientRect();
+                    const out = g.closest('.widget-output') || g.parentElement;
+                    const svg = g.querySelector('.main-svg');
+                    return {width: r.width, height: r.height, svg_height: svg ? svg.getBoundingClientRect().height : 0,
+                            area: out.getBoundingClientRect().width}; })""")
+
+
+def test_inspector_tabs_and_a_recreated_inspector(lab, browser, shots):
+    """Issue 22 problems 3 and 1 in JupyterLab at 1000 px with the file browser open: every map keeps
+    its height after each tab switch and fits its output area; an Inspector created again on the
+    edited model shows the badge and undoes the edit."""
+    import nbformat
+
+    root = Path(lab["root"])
+    book = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(src) for src in TABS_NOTEBOOK])
+    book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(book, root / "tabs.ipynb")
+    context = browser.new_context(viewport={"width": 1000, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(f"{lab['url']}/lab/tree/tabs.ipynb?token={lab['token']}")
+        # JupyterLab may restore notebooks opened earlier in this server: use the visible one only
+        panel = page.locator(".jp-NotebookPanel >> visible=true").filter(has_text="again = Inspector")
+        panel.locator(".jp-Cell .cm-content").first.wait_for(timeout=RUN_TIMEOUT_MS)
+        page.locator(".jp-StatusBar-Widget", has_text="Idle").first.wait_for(timeout=RUN_TIMEOUT_MS)
+        if not page.locator(".jp-FileBrowser").first.is_visible():  # JupyterLab's file browser, open
+            page.keyboard.press("Control+Shift+F")
+        prompt = panel.locator(".jp-InputPrompt").first
+        for _ in range(3):  # run the first cell (a key press before the editor is ready is lost: press again)
+            panel.locator(".jp-Cell .cm-content").first.click()
+            page.keyboard.press("Control+Enter")
+            try:
+                page.wait_for_function("e => /\\[(\\*|\\d+)\\]/.test(e.textContent)", arg=prompt.element_handle(),
+                                       timeout=20_000)
+                break
+            except Exception:  # noqa: BLE001 - playwright's TimeoutError: try the key again
+                continue
+        first = panel.locator(".workbench-inspector").first
+        first.wait_for(timeout=RUN_TIMEOUT_MS)
+        first.locator(".js-plotly-plot").first.wait_for(timeout=RUN_TIMEOUT_MS)
+        panel.locator(".jp-Cell").nth(1).locator(".cm-content").click()
+        page.keyboard.press("Control+Enter")
+        second = panel.locator(".workbench-inspector").nth(1)
+        second.wait_for(timeout=RUN_TIMEOUT_MS)
+        news = page.locator(".Toastify").get_by_role("button", name="No", exact=True)
+        if news.count():
+            news.first.click()
+
+        def check(tab: str, n: int, name: str) -> None:
+            first.locator(".lm-TabBar-tab", has_text=tab).first.click()
+            page.wait_for_timeout(1500)  # the kernel redraws the tab's figures
+            first.scroll_into_view_if_needed()
+            sizes = _plot_sizes(first)
+            first.screenshot(path=str(shots / f"inspector_tabs_{name}.png"))
+            assert len(sizes) == n, sizes
+            for s in sizes:
+                assert s["height"] > 100 and s["svg_height"] > 100, (name, sizes)
+                assert s["width"] <= s["area"] + 1, (name, sizes)
+
+        check("Edit", 1, "1_edit")  # the before/after maps
+        check("Trace", 1, "2_trace")  # the map traced before the edit
+        check("Edit", 1, "3_edit_again")
+        check("Trace", 1, "4_trace_again")
+
+        badge = second.locator(".workbench-badge")
+        assert "edited model: 1 edit(s) applied" in badge.text_content()
+        second.scroll_into_view_if_needed()
+        page.screenshot(path=str(shots / "inspector_recreated.png"))
+        second.locator(".lm-TabBar-tab", has_text="Edit").first.click()
+        undo = second.get_by_role("button", name="Undo")
+        assert undo.is_enabled()
+        undo.click()
+        badge.wait_for(state="detached", timeout=60_000)
+        assert second.locator(".widget-html", has_text="reverted the rome edit; 0 edit(s) applied").count() == 1
+        assert not [e for e in errors if "workbench" in e.lower()], errors
+    finally:
+        context.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 
-from workbench.editing import stats
+from workbench.editing import corpus
 from workbench.loading import assets_dir
 
 
@@ -24,11 +24,11 @@ def test_world_text_generated_once_per_file_version(tmp_path, monkeypatch):
         return load(cls, path)
 
     monkeypatch.setattr(World, "load", classmethod(counted))
-    first = stats.resolve_corpus(None, "toy-facts")
-    second = stats.resolve_corpus(None, "toy-facts")
+    first = corpus.resolve_corpus(None, "toy-facts")
+    second = corpus.resolve_corpus(None, "toy-facts")
     assert first == second and len(loads) == 1
     second[1].append("changed by a caller")  # callers get their own list
-    assert stats.resolve_corpus(None, "toy-facts") == first
+    assert corpus.resolve_corpus(None, "toy-facts") == first
     stat = os.stat(folder / "world.json")
     os.utime(folder / "world.json", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the file changed
-    assert stats.resolve_corpus(None, "toy-facts") == first and len(loads) == 2
+    assert corpus.resolve_corpus(None, "toy-facts") == first and len(loads) == 2

@@ -13,7 +13,7 @@ import torch
 
 from workbench.architecture import FAMILY_NAMES, mlp_weights
 from workbench.editing import Edit, ft, kn, layer_stats, memit, rome
-from workbench.editing.stats import token_rows
+from workbench.editing.corpus import token_rows
 from workbench.evaluation import score_objects
 from workbench.facts import Fact
 from workbench.loading import hf_state_dict, load_model

@@ -47,7 +47,7 @@ def test_ig_batches_agree_and_skip_prompts_without_subject(tiny_model):
         integrated_gradients(tiny_model, ["Mira Dos speaks"], FACT.subject, tok)
 
 
-def test_original_baseline_settings():
+def test_original_baseline_settings(tiny_model):
     """kn-original is kmeng01/rome hparams/KN/gpt2-xl.json with knowledge_neurons' arithmetic: adaptive threshold
     0.2, p = 0.4 (prompt sharing, unused without refine), 20 steps, the last token, c_fc's output (before the
     nonlinearity), every object token, the edit -2 E[top] + sum E[o*_j]."""
@@ -64,6 +64,8 @@ def test_original_baseline_settings():
         KNHyperParams(attribution_at="middle").validate()
     with pytest.raises(HyperParameterError, match="difference"):
         KNHyperParams(lam="auto").validate()
+    with pytest.raises(HyperParameterError, match="no scale"):
+        kn(tiny_model, FACT, lam=4.0)  # the original rule is not scaled: refused, not ignored
 
 
 def _reference_kn(model, prompt: str, old: str, new: str, steps: int = 20, threshold: float = 0.2):

@@ -3,6 +3,8 @@ against a direct re-derivation of the originals' edit (eric-mitchell/mend ``algs
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::workbench.editing.edit.EditNot
               pytest.mark.filterwarnings("ignore:Full backward hook is firing")]  # the reference's hooks
 
 
-def original_state(d_model: int = 64, d_mlp: int = 256, prefix: str = "mend", seed: int = 0) -> dict:
+def original_state(d_model: int = 64, d_mlp: int = 256, prefix: str = "mend", seed: int = 0, n_blocks: int = 2) -> dict:
     """A MEND.state_dict() as the originals write it: shared networks keyed by shape, combine,
     n_hidden = 1 (two LRLinear layers), two modes per shape, statistics, edit_lrs (nonzero U so the
     network is not the identity)."""
@@ -35,8 +37,8 @@ def original_state(d_model: int = 64, d_mlp: int = 256, prefix: str = "mend", se
             state[f"{base}.u"] = torch.randn(width, RANK, generator=g) * 0.05
             state[f"{base}.v"] = torch.randn(RANK, width, generator=g)
             state[f"{base}.bias"] = torch.randn(width, generator=g) * 0.01
-            state[f"{base}.mode_scale.weight"] = 1 + 0.1 * torch.randn(2, width, generator=g)
-            state[f"{base}.mode_shift.weight"] = 0.01 * torch.randn(2, width, generator=g)
+            state[f"{base}.mode_scale.weight"] = 1 + 0.1 * torch.randn(n_blocks, width, generator=g)
+            state[f"{base}.mode_shift.weight"] = 0.01 * torch.randn(n_blocks, width, generator=g)
         k = torch.tensor([57.0])
         for side, dim in (("u", d_in), ("v", d_out)):
             s = torch.rand(dim, generator=g) * (k - 1) + 1e-3
@@ -44,7 +46,7 @@ def original_state(d_model: int = 64, d_mlp: int = 256, prefix: str = "mend", se
             state[f"{key}.{side}_s"] = s
             state[f"{key}.{side}_std"] = (s / (k - 1)) ** 0.5
         state[f"{key}.k"] = k
-    state["edit_lrs"] = torch.tensor([1e-2, 2e-2, 3e-2, 4e-2])
+    state["edit_lrs"] = torch.tensor([1e-2 * (i + 1) for i in range(2 * n_blocks)])
     return state
 
 
@@ -144,3 +146,23 @@ def test_romes_gtn_prefix_and_refusals(tiny_model, tmp_path):
     torch.save({"model": {"something": torch.zeros(1)}}, tmp_path / "other.pt")
     with pytest.raises(OriginalCheckpointError, match="edit_lrs"):
         load_original(tmp_path / "other.pt", tiny_model, MendHyperParams(inner_params=INNER))
+
+
+def test_an_originals_checkpoint_serves_as_the_editor_of_an_evaluation(tiny_model, tmp_path):
+    """``editor="....pt"`` (``--mend-editor``) converts the originals' checkpoint for the model with its
+    MEND preset (here the generic one: the last three blocks, c_proj and c_fc in the originals' order)."""
+    from workbench.editing.presets import UnknownModelWarning
+    from workbench.evaluation import evaluate
+
+    path = tmp_path / "mend-tiny.pt"
+    write_checkpoint(path, original_state(n_blocks=3), tiny_model)
+    facts = [wb.Fact(subject="Varo Keltin", template="The birthplace of {} is", target_true="Rome",
+                     target_new="Paris", relation_id="P19", id=0,
+                     entity_prompts=("Varo Keltin was born in",), relation_prompts=("The birthplace of Varo Keltin is",))]
+    with pytest.warns(UnknownModelWarning):
+        table = evaluate(tiny_model, facts, methods=("mend",), requests=("entity",), progress=False, n_boot=10,
+                         raise_errors=True, baseline=False, out=tmp_path / "run",
+                         method_kwargs={"mend": {"editor": str(path)}})
+    assert table.loc[("mend", "entity", "subject"), ("n", "failed")] == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "details.jsonl").read_text().splitlines() if line]
+    assert rows[0]["info_editor"] == "mend-tiny.pt" and rows[0]["preset"] == "mend:mend-tiny.pt"

@@ -95,7 +95,7 @@ def test_count_is_inside_the_checksum(tiny_model, tmp_path, change):
 
 def test_corpus_file_enters_the_key_by_content(tiny_model, tmp_path):
     """Issue 21: replacing the corpus file in place must not reuse statistics of the old text."""
-    from workbench.editing.stats import corpus_id
+    from workbench.editing.corpus import corpus_id
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(TEXTS))

@@ -11,7 +11,8 @@ import torch
 import workbench.editing.stats as stats_mod
 from workbench.cli import main
 from workbench.editing import rome
-from workbench.editing.stats import LayerStats, layer_stats, npz_layer_stats, resolve_corpus
+from workbench.editing.corpus import resolve_corpus
+from workbench.editing.stats import LayerStats, layer_stats, npz_layer_stats
 from workbench.evaluation.run import evaluation_key, resolve_method
 from workbench.facts import Fact
 from workbench.loading import save_hf

@@ -65,7 +65,7 @@ def _set_threads(model, threads: int | None) -> None:
     from ..loading import model_info
 
     if threads is None:
-        info = model_info(model)
+        info = model_info(model, config_check=False)
         if info["device"] != "cpu" or info["params"] >= SMALL_MODEL_PARAMS:
             return
         threads = 1

@@ -49,8 +49,8 @@ def register(sub) -> None:
     p.add_argument("--ft-preset", default=None,
                    help="FT preset: ft-gpt2-xl, ft-gpt-j, ft-toy, ft-generic (default: by the model's identity)")
     p.add_argument("--mend-editor", default=None,
-                   help="MEND editor (file or `workbench train-mend` output folder; default: the one shipped for "
-                        "the bundled model)")
+                   help="MEND editor (file or `workbench train-mend` output folder, or a .pt checkpoint of the "
+                        "originals' code; default: the one shipped for the bundled model)")
     p.add_argument("--bleed-subjects", type=int, default=5,
                    help="other subjects of the relation probed for bleed per fact (x 2 phrasings; default 5)")
     p.add_argument("--other-relations", type=nonnegative_int, default=None,
@@ -88,7 +88,7 @@ def run(args) -> int:
     if args.ft_preset:
         kwargs["ft"] = {"preset": args.ft_preset}
     if args.corpus:
-        from ..editing.stats import resolve_corpus
+        from ..editing.corpus import resolve_corpus
 
         resolve_corpus(model, args.corpus)  # a missing file fails here, not once per edit
         for m in ("rome", "memit"):

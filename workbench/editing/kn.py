@@ -96,9 +96,9 @@ class KNHyperParams:
                                       "(a fraction of the largest attribution)")
         if not isinstance(self.steps, int) or self.steps < 2:
             raise HyperParameterError(f"KNHyperParams.steps = {self.steps!r}: must be an integer >= 2")
-        if self.lam == "auto" and self.edit_rule != "difference":
-            raise HyperParameterError("KNHyperParams.lam = 'auto' scales the 'difference' edit rule; the original "
-                                      "rule has no scale")
+        if self.edit_rule != "difference" and self.lam != 2.0:
+            raise HyperParameterError(f"KNHyperParams.lam = {self.lam!r} scales the 'difference' edit rule; the "
+                                      "original rule has no scale (use preset='kn-subject' or edit_rule='difference')")
         return self
 
     def to_dict(self) -> dict:

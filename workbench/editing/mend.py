@@ -27,6 +27,7 @@ The editor network that transforms the factors, and its persistence, are in
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -171,9 +172,31 @@ def shipped_editor_path() -> Path:
     return assets_dir() / SHIPPED / "editor.safetensors"
 
 
+ORIGINAL_SUFFIXES = (".pt", ".pth", ".ckpt")
+"""File endings read as a checkpoint of the originals' code (:func:`~workbench.editing.mend_original.load_original`)."""
+
+_ORIGINALS: dict[tuple, tuple[weakref.ref, MendEditor]] = {}
+
+
+def _original_for(model, path: Path) -> MendEditor:
+    """The originals' checkpoint at ``path`` converted for ``model`` (once per file version and model)."""
+    from .mend_original import load_original
+
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, id(model))
+    hit = _ORIGINALS.get(key)
+    if hit is not None and hit[0]() is model:
+        return hit[1]
+    editor = load_original(path, model)
+    _ORIGINALS.clear()  # one converted editor at a time (they can be large)
+    _ORIGINALS[key] = (weakref.ref(model), editor)
+    return editor
+
+
 def resolve_editor(model, editor: "MendEditor | str | os.PathLike | None") -> MendEditor:
-    """``editor`` itself, the editor saved at a path, or (``None``) the shipped editor, which is
-    for the bundled model only."""
+    """``editor`` itself, the editor saved at a path (a workbench editor file or folder, or a
+    checkpoint of the originals' code ending in ``.pt``/``.pth``/``.ckpt``, converted for ``model``
+    with its MEND preset), or (``None``) the shipped editor, which is for the bundled model only."""
     if isinstance(editor, MendEditor):
         return editor
     if editor is None:
@@ -187,6 +210,8 @@ def resolve_editor(model, editor: "MendEditor | str | os.PathLike | None") -> Me
             path = path / "editor.safetensors"
         if not path.exists():
             raise FileNotFoundError(f"{path}: no MEND editor there (build one with `workbench train-mend`)")
+        if path.suffix in ORIGINAL_SUFFIXES:
+            return _original_for(model, path)
     stat = path.stat()
     loaded = _load_cached(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     return loaded.to(model.cfg.device)

@@ -184,7 +184,7 @@ def evaluation_key(model, facts: Sequence[Fact], resolved: Sequence[tuple[str, C
     so a larger ``n`` reuses the rows of a smaller one; each method contributes its kwargs and
     resolved hyperparameters with the preset name (a custom callable is known by its name and
     kwargs only: change its name when its code changes); ROME's and MEMIT's covariance corpus
-    enters by content (:func:`workbench.editing.stats.corpus_id`), not by path.
+    enters by content (:func:`workbench.editing.corpus.corpus_id`), not by path.
     """
     from ..loading import model_fingerprint
 
@@ -200,7 +200,7 @@ def evaluation_key(model, facts: Sequence[Fact], resolved: Sequence[tuple[str, C
                          "kwargs": recorded, "hparams": hparams}
         if (isinstance(hparams, dict) and "mom2_dataset" in hparams and hparams.get("mom2_adjustment", True)
                 and "stats" not in kwargs):
-            from ..editing.stats import corpus_id
+            from ..editing.corpus import corpus_id
 
             # by content: a corpus file replaced in place must not reuse rows computed with the old text
             methods[name]["corpus"] = corpus_id(model, hparams["mom2_dataset"])

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Sequence, Union
 
 import numpy as np
+import torch
 
 from ..predict import object_token_ids
 from ..spans import Span, SpanSpec, Tokenized, relation_span, resolve_span, subject_span, tokenize
-from .engine import KINDS, Engine, Plan, kind_plan, make_engine, severed_plan
+from .attribution import AttributionEngine
+from .engine import ENGINES, KINDS, BridgeEngine, Engine, LoopEngine, Plan, kind_plan, severed_plan
+from .incremental import IncrementalEngine
 from .noise import Corruption, NoiseSpec, draw_noise, noise_level, parse_noise
 from .results import SeveredResult, TraceResult
 from .window import resolve_window
@@ -20,6 +24,41 @@ METHODS = ("exact", "attribution")
 """How :func:`trace` computes its cells: ``"exact"`` restores each one (the engines of
 :mod:`~workbench.tracing.engine`); ``"attribution"`` estimates them all to first order
 (:mod:`~workbench.tracing.attribution`)."""
+
+
+def user_hooks(model) -> list[str]:
+    """Hook points of the bridge with hooks attached (by the user: engines remove their own)."""
+    return [name for name, hp in model.hook_dict.items()
+            if getattr(hp, "_forward_hooks", None) or getattr(hp, "_forward_pre_hooks", None)]
+
+
+
+def make_engine(model, ids: torch.Tensor, corruption: Corruption, *, engine: str = "auto",
+                precision: str = "exact", max_batch: int | None = None) -> Engine:
+    """Pick and build an engine: ``auto`` = incremental for the families it supports, else batched.
+
+    Hooks attached to the bridge would see partial sequences in the incremental engine, so
+    with any attached it falls back to the batched engine (which runs them) with a warning;
+    the engine used is ``engine.name`` (recorded on results).
+    """
+    if engine == "attribution":  # first-order estimates (trace(method="attribution")), any bridge
+        return AttributionEngine(model, ids, corruption, precision=precision, max_batch=max_batch)
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, not {engine!r}")
+    if engine == "auto":
+        engine = "incremental" if IncrementalEngine.supports(model) else "batched"
+    if engine == "incremental" and not IncrementalEngine.supports(model):
+        raise ValueError("the incremental engine supports the families of workbench.architecture "
+                         "(GPT-2, GPT-J, GPT-NeoX, GPT-Neo, Llama, Mistral, Qwen2); use engine='batched'")
+    if engine == "incremental":
+        attached = user_hooks(model)
+        if attached:
+            warnings.warn(f"hooks are attached to the bridge ({', '.join(attached[:3])}"
+                          f"{', ...' if len(attached) > 3 else ''}): tracing with the batched engine, which runs them "
+                          "(the incremental engine would show them partial sequences)", stacklevel=3)
+            engine = "batched"
+    cls = {"incremental": IncrementalEngine, "batched": BridgeEngine, "loop": LoopEngine}[engine]
+    return cls(model, ids, corruption, precision=precision, max_batch=max_batch)
 
 
 class TraceParameterError(ValueError):
@@ -189,7 +228,7 @@ def trace(model, prompt: str, *, subject: str | None = None, corrupt: SpanSpec =
     """
     kinds = tuple(kinds)
     engine = check_method(method, engine)
-    window = resolve_window(model, window)
+    window = check_window(resolve_window(model, window), int(model.cfg.n_layers))  # before any forward pass
     for kind in kinds:
         if kind not in KINDS:
             raise ValueError(f"unknown trace kind {kind!r}; use any of {KINDS}")

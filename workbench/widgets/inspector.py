@@ -43,8 +43,9 @@ class Inspector:
     """Interactive causal tracing and editing of one model (see :mod:`workbench.widgets`).
 
     ``facts`` (optional) fills a dropdown of example facts that set the prompt, subject,
-    paraphrases and a suggested new object; they also supply the other subjects of a relation
-    (bleed) and the subject's other relations (locality) checked after an edit, so pass many.
+    paraphrases and a suggested new object. ``probe_facts`` (default: ``facts``) supply the other
+    subjects of a relation (bleed) and the subject's other relations (locality) checked after an
+    edit: pass the whole dataset for as many rows as the evaluation has.
     ``window`` defaults to :func:`workbench.tracing.default_window`. ``method_kwargs`` maps a
     method name to keyword arguments for it (``rome_kwargs`` is the same for ``"rome"``: e.g.
     ``hparams=`` or ``stats=`` for a model without a preset corpus). ``background``: run button
@@ -56,7 +57,7 @@ class Inspector:
                  subject: str | None = None, samples: int = 10, noise: str | float = "s3",
                  window: int | None = None, kinds: Sequence[str] = KINDS, seed: int = 1,
                  rome_kwargs: dict | None = None, method_kwargs: dict[str, dict] | None = None,
-                 background: bool | None = None) -> None:
+                 background: bool | None = None, probe_facts: Sequence[Any] | None = None) -> None:
         from ..tracing.window import resolve_window
 
         facts = list(facts or [])
@@ -72,7 +73,8 @@ class Inspector:
         edit = EditSettings(method="rome" if "rome" in methods else methods[0],
                             new_object=(picked.target_new or "") if picked is not None else "",
                             paraphrases=tuple(picked.paraphrases) if picked is not None else ())
-        self.state = InspectorState(model, facts, trace=trace, edit=edit, seed=seed, method_kwargs=method_kwargs)
+        self.state = InspectorState(model, facts, trace=trace, edit=edit, seed=seed, method_kwargs=method_kwargs,
+                                    probe_facts=probe_facts)
         if rome_kwargs:
             self.state.method_kwargs.setdefault("rome", {}).update(rome_kwargs)
         self.background = _in_kernel() if background is None else background
@@ -449,10 +451,10 @@ class Inspector:
             self._render_tokens()
             self._render_progress()
             self.status.value = views.trace_status(s)
-            self.trace_stale.value = views.stale_note(s.trace_stale(), "the map")
+            self.trace_stale.value = views.stale_note(s.trace_stale(), "the map shown was")
             self.edit_target.value = views.edit_target(s)
             self.edit_status.value = views.edit_status(s)
-            self.edit_stale.value = views.stale_note(s.edit_stale(), "the table and maps")
+            self.edit_stale.value = views.stale_note(s.edit_stale(), "the table and maps shown were")
             busy = s.busy
             self.run_button.disabled = self.apply_button.disabled = busy
             self.undo_button.disabled = busy or not s.applied_edits

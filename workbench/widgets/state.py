@@ -182,9 +182,11 @@ class InspectorState:
     """
 
     def __init__(self, model: Any, facts: Sequence[Any] = (), *, trace: TraceSettings, edit: EditSettings,
-                 seed: int = 1, method_kwargs: dict[str, dict] | None = None) -> None:
+                 seed: int = 1, method_kwargs: dict[str, dict] | None = None,
+                 probe_facts: Sequence[Any] | None = None) -> None:
         self.model = model
         self.facts = list(facts)
+        self.probe_facts = list(probe_facts) if probe_facts is not None else self.facts
         self.seed = seed
         self.method_kwargs: dict[str, dict] = {k: dict(v) for k, v in (method_kwargs or {}).items()}
         self.picked: int = 0 if self.facts and (self.facts[0].prompt, self.facts[0].subject) == (
@@ -309,39 +311,21 @@ class InspectorState:
 
     def _relation_of(self, template: str) -> str:
         """The relation id of the examples that use ``template`` (any of their phrasings), else ``""``."""
-        for f in self.facts:
+        for f in self.probe_facts:
             prompts = (f.prompt, *f.paraphrases, *f.entity_prompts, *f.relation_prompts)
             if any(p.count(f.subject) == 1 and p.replace(f.subject, "{}") == template for p in prompts):
                 return f.relation_id
         return ""
 
     def probe_rows(self, fact: Any, k: int = N_NEIGHBOURS) -> list[tuple[str, str]]:
-        """``(prompt, probe)`` rows checked after an edit beside the prompt and its paraphrases.
-
-        As in the evaluation (:mod:`workbench.perspective`): **bleed** = up to ``k`` other subjects of
-        the fact's relation in both request phrasings (a relation-keyed edit leaks there), and
-        **locality** = the subject's other relations (which should keep their answers). For a typed
-        prompt whose relation no example shares, the other subjects are asked in the typed phrasing.
+        """``(prompt, probe)`` rows checked after an edit beside the prompt and its paraphrases: bleed (other
+        subjects of the relation, both phrasings) and locality (the subject's other relations), as in the
+        evaluation (:func:`workbench.report.edit_probe_rows`), from ``probe_facts`` (default: the examples).
         """
-        from ..perspective import PERSPECTIVES, bleed_subjects, phrasings, probes, relation_index
+        from ..report import edit_probe_rows
 
         own = set(self.edit_prompts())
-        rows: list[tuple[str, str]] = []
-        kind_name = {"entity": "subject-first", "relation": "relation-first"}
-        if fact.relation_id:
-            others = bleed_subjects(fact, relation_index(self.facts), k=k)
-            ph = phrasings(fact)
-            rows += [(p, f"bleed: other subject, {kind_name[kind]}") for p, _, kind in probes(fact, others, ph=ph).bleed
-                     if kind in PERSPECTIVES]
-        else:
-            subjects = [f.subject for f in self.facts if f.subject != fact.subject
-                        and fact.subject not in f.subject and f.subject not in fact.subject]
-            rows += [(fact.template.format(s), "bleed: other subject, same phrasing")
-                     for s in list(dict.fromkeys(subjects))[:k]]
-        other_relations = [f.prompt for f in self.facts if f.subject == fact.subject
-                           and (f.relation_id != fact.relation_id or not fact.relation_id)
-                           and f.template != fact.template]
-        rows += [(p, "locality: other relation of the subject") for p in list(dict.fromkeys(other_relations))[:k]]
+        rows = edit_probe_rows(fact, self.probe_facts, k)
         seen: set[str] = set()
         out = []
         for p, probe in rows:

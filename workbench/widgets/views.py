@@ -74,13 +74,13 @@ def badge(state: InspectorState) -> str:
             f"padding:3px 10px;border-radius:4px;font-weight:600'>{html.escape(text)}</div>")
 
 
-def stale_note(why: list[str], what: str = "this map") -> str:
-    """The "out of date" note: every reason, then what to do."""
+def stale_note(why: list[str], shown: str = "the map shown was") -> str:
+    """The "out of date" note: every reason, then what the shown results belong to and what to do."""
     if not why:
         return ""
     return ("<div class='workbench-stale' style='background:#fff6e5;border-left:4px solid #e6a100;padding:4px 10px'>"
-            f"out of date: {html.escape('; '.join(why))}. {html.escape(what)} shows the inputs it was computed "
-            "from; run again for the current ones.</div>")
+            f"out of date: {html.escape('; '.join(why))}. {html.escape(shown[:1].upper() + shown[1:])} computed "
+            "for the earlier inputs; run again for the current ones.</div>")
 
 
 def trace_status(state: InspectorState) -> str:
@@ -118,10 +118,11 @@ def token_bar(state: InspectorState) -> tuple[list[str], set[int]]:
 def trace_title(state: InspectorState) -> str:
     r = state.traced.result
     edited = " <b>[edited model]</b>" if state.traced.edits else ""
-    return (f"{html.escape(repr(r.prompt), quote=False)} → {html.escape(repr(r.answer), quote=False)}{edited}:"
-            f" p_clean {r.p_clean:.3f}, p_corrupt {r.p_corrupt:.3f}"
-            f"<br><sup>corrupted ({html.escape(str(r.corrupt), quote=False)}) — tokens marked *;"
-            f" {r.samples} samples, noise {float(r.noise_level):.3g}, window {r.window}</sup>")
+    # short lines: the title is not wrapped by Plotly, and a notebook's output area can be 550 px wide
+    return (f"{html.escape(repr(r.prompt), quote=False)} → {html.escape(repr(r.answer), quote=False)}{edited}"
+            f"<br><sup>p_clean {r.p_clean:.3f}, p_corrupt {r.p_corrupt:.3f}; corrupted "
+            f"({html.escape(str(r.corrupt), quote=False)}), tokens marked *</sup>"
+            f"<br><sup>{r.samples} samples, noise {float(r.noise_level):.3g}, window {r.window}</sup>")
 
 
 def trace_figure(state: InspectorState) -> Any:
@@ -141,11 +142,12 @@ def edit_figure(state: InspectorState) -> Any:
         rows[f"original model → {out.before.answer!r}"] = out.before
     rows[f"edited model → {out.after.answer!r}"] = out.after
     r = out.after
-    title = (f"{html.escape(repr(r.prompt), quote=False)} before and after the edit to "
-             f"{html.escape(repr(out.settings.new_object.strip()), quote=False)} "
-             f"({html.escape(out.settings.method)} at the {html.escape(out.settings.locus)})"
-             f"<br><sup>each row traces its own top answer; one colour scale; corrupted "
-             f"({html.escape(str(r.corrupt), quote=False)}), {r.samples} samples, window {r.window}</sup>")
+    title = (f"{html.escape(repr(r.prompt), quote=False)} before and after"
+             f"<br><sup>the edit to {html.escape(repr(out.settings.new_object.strip()), quote=False)} "
+             f"({html.escape(out.settings.method)} at the {html.escape(out.settings.locus)}); each row traces "
+             "its own top answer</sup>"
+             f"<br><sup>one colour scale; corrupted ({html.escape(str(r.corrupt), quote=False)}), {r.samples} samples,"
+             f" window {r.window}</sup>")
     return plot_traces(rows, value=state.value, title=title, buttons=False)
 
 
@@ -189,4 +191,6 @@ def table_html(df: Any) -> Any:
 
     if df is None:
         return HTML("")
-    return HTML(df.to_html(float_format=lambda x: f"{x:.3f}", border=0))
+    # its own horizontal scroll: a wide table never widens the notebook's output area
+    return HTML("<div class='workbench-table' style='max-width:100%;overflow-x:auto;font-size:0.9em'>"
+                + df.to_html(float_format=lambda x: f"{x:.3f}", border=0) + "</div>")
