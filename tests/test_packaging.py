@@ -79,8 +79,11 @@ def installed(wheel, tmp_path_factory) -> Path:
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
           str(wheel)])
     purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
-    deps = [p for p in dict.fromkeys(site.getsitepackages() + [site.getusersitepackages()])
-            if os.path.isdir(p) and not Path(p).resolve().is_relative_to(REPO)]
+    # This environment's site-packages may lie inside the checkout (CI's .venv does): that is fine, since an
+    # editable install's finder is a .pth file there, which a .pth line does not run; what must not be
+    # reachable is the source package itself, checked here and on the installed side below.
+    deps = [p for p in dict.fromkeys(site.getsitepackages() + [site.getusersitepackages()]) if os.path.isdir(p)]
+    assert not [p for p in deps if (Path(p) / "workbench" / "__init__.py").exists()], deps
     (Path(purelib) / "_workbench_test_deps.pth").write_text("\n".join(deps) + "\n")
     return venv
 
@@ -120,7 +123,9 @@ def test_installed_wheel_runs_offline_without_the_source_tree(installed, tmp_pat
     venv = installed.resolve()
     for key in ("module", "assets", "editor"):
         assert Path(out[key]).resolve().is_relative_to(venv), f"{key} {out[key]} is not inside the fresh venv"
-    assert not any(Path(p).resolve().is_relative_to(REPO) for p in out["sys_path"] if p), out["sys_path"]
+    sources = [p for p in out["sys_path"] if p and not Path(p).resolve().is_relative_to(venv)
+               and (Path(p).resolve() == REPO or (Path(p) / "workbench" / "__init__.py").exists())]
+    assert not sources, f"the source tree is on the installed side's path: {sources}"
     assert out["version"] == out["dist_version"] == workbench.__version__
     assert out["p_clean"] > 0.5 and out["mlp_cells"][1] == 6
     assert out["rome_reached"] and out["mend_reached"]
