@@ -141,6 +141,21 @@ def _wait_done(page, finished: str, shot) -> None:
         raise AssertionError(f"the Inspector shows an error: {error.first.text_content()}")
 
 
+def _run_first_cell(page, scope, key: str) -> None:
+    """Run the first cell under ``scope`` (the page or one notebook panel) with ``key``; a key press that
+    lands before the editor is ready is lost, so press again until the cell's prompt shows it ran."""
+    prompt = scope.locator(".jp-Cell .jp-InputPrompt").first
+    for _ in range(3):
+        scope.locator(".jp-Cell .cm-content").first.click()
+        page.keyboard.press(key)
+        try:
+            page.wait_for_function("e => /\\[(\\*|\\d+)\\]/.test(e.textContent)", arg=prompt.element_handle(),
+                                   timeout=20_000)
+            return
+        except Exception:  # noqa: BLE001 - playwright's TimeoutError: try the key again
+            continue
+
+
 def test_inspector_in_jupyterlab(lab, page, shots):
     fact = _fact()
     errors: list[str] = []
@@ -149,16 +164,7 @@ def test_inspector_in_jupyterlab(lab, page, shots):
     page.wait_for_selector(".jp-NotebookPanel .jp-Cell .cm-content", timeout=RUN_TIMEOUT_MS)
     # the kernel is up when the status bar says so
     page.locator(".jp-StatusBar-Widget", has_text="Idle").first.wait_for(timeout=RUN_TIMEOUT_MS)
-    prompt = page.locator(".jp-Cell .jp-InputPrompt").first
-    for _ in range(3):  # a key press that lands before the editor is ready is lost: press again
-        page.locator(".jp-Cell .cm-content").first.click()
-        page.keyboard.press("Shift+Enter")
-        try:
-            page.wait_for_function("e => /\\[(\\*|\\d+)\\]/.test(e.textContent)", arg=prompt.element_handle(),
-                                   timeout=20_000)
-            break
-        except Exception:  # noqa: BLE001 - playwright's TimeoutError: try the key again
-            continue
+    _run_first_cell(page, page, "Shift+Enter")
     inspector = page.locator(".workbench-inspector")
     inspector.wait_for(timeout=RUN_TIMEOUT_MS)
     # JupyterLab's "get notified about news?" toast (exact name: "No" is also inside the token "␣Bruno")
@@ -268,16 +274,7 @@ def test_inspector_tabs_and_a_recreated_inspector(lab, browser, shots):
         page.locator(".jp-StatusBar-Widget", has_text="Idle").first.wait_for(timeout=RUN_TIMEOUT_MS)
         if not page.locator(".jp-FileBrowser").first.is_visible():  # JupyterLab's file browser, open
             page.keyboard.press("Control+Shift+F")
-        prompt = panel.locator(".jp-InputPrompt").first
-        for _ in range(3):  # run the first cell (a key press before the editor is ready is lost: press again)
-            panel.locator(".jp-Cell .cm-content").first.click()
-            page.keyboard.press("Control+Enter")
-            try:
-                page.wait_for_function("e => /\\[(\\*|\\d+)\\]/.test(e.textContent)", arg=prompt.element_handle(),
-                                       timeout=20_000)
-                break
-            except Exception:  # noqa: BLE001 - playwright's TimeoutError: try the key again
-                continue
+        _run_first_cell(page, panel, "Control+Enter")
         first = panel.locator(".workbench-inspector").first
         first.wait_for(timeout=RUN_TIMEOUT_MS)
         first.locator(".js-plotly-plot").first.wait_for(timeout=RUN_TIMEOUT_MS)

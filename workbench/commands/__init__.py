@@ -21,26 +21,24 @@ def add_bos_arg(parser: argparse.ArgumentParser) -> None:
                              "--no-prepend-bos as the original ROME/MEMIT code)")
 
 
-def nonnegative_int(text: str) -> int:
-    """An argparse type: an integer >= 0 (``--limit -5`` used to mean "all but the last 5")."""
+def _int_at_least(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
     return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (``--limit -5`` used to mean "all but the last 5")."""
+    return _int_at_least(text, 0)
 
 
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1 (``-k 0`` or ``--top -3`` would print nothing, or everything)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return _int_at_least(text, 1)
 
 
 def add_scale_args(parser: argparse.ArgumentParser) -> None:
