@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import itertools
 import logging
 import os
@@ -48,6 +47,7 @@ import torch
 from jaxtyping import Float
 
 from ..architecture import key_hook, mlp_weights
+from ..integrity import file_sha256
 from ..loading import model_fingerprint
 from .corpus import Articles, resolve_corpus, token_rows
 
@@ -372,7 +372,7 @@ def npz_layer_stats(source: str | os.PathLike, layer: int, model=None) -> LayerS
                              f"model has {d_mlp} MLP units; these statistics are another model's")
     if count <= 0 or not torch.isfinite(total).all():
         raise ValueError(f"{path}: non-positive mom2.count ({count}) or non-finite values")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     stats = LayerStats(mom2=total / count, n_tokens=count, layer=int(layer), corpus=f"npz-{digest[:12]}",
                        fingerprint="npz", path=path,
                        info={"source": "npz", "sha256": digest, "sample_size": sample_size, "cached": True})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from ..facts import Fact
 
